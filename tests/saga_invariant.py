@@ -1,0 +1,825 @@
+"""The saga correctness invariant (``SAGA_INVARIANT.md``) as an executable checker.
+
+The engine's history (``TransitionLog``) is mapped onto the invariant's events:
+
+=====================================  =============================================
+history row                            event
+=====================================  =============================================
+instance ``accept``                    ``WF_CREATED``
+instance ``start``                     ``WF_STARTED``
+instance ``begin_compensation``        ``WF_COMPENSATING``
+instance ``complete``                  ``WF_COMPLETED``
+instance ``finish_compensation``       ``WF_COMPENSATED``
+instance ``hold``                      ``WF_NEEDS_ATTENTION``
+instance, a transition with a          ``MANUAL_<NAME>`` (``MANUAL_RETRY_STEP``,
+permission (operator action)           ``MANUAL_COMPENSATE``, ``MANUAL_CANCEL`` ...)
+step ``state`` ``schedule``            ``STEP_SCHEDULED(i)``
+step ``state`` ``retry_now``           ``STEP_SCHEDULED(i)`` (manual)
+step ``state`` ``begin_attempt``       ``STEP_STARTED(i, a)``, ``a = data["attempt"]``
+step ``state`` ``succeed`` / ``wait``  ``STEP_SUCCEEDED(i, a)`` / ``STEP_WAITING``
+step ``state`` ``fail`` / ``retry``    ``STEP_FAILED(i, a, for good|retryable)``
+step ``state`` ``time_out``            ``STEP_TIMED_OUT(i, a)``
+step ``state`` ``mark_done``           ``STEP_SKIPPED(i)`` (manual: done by hand)
+``compensation_state`` transitions     ``COMP_SCHEDULED`` / ``COMP_STARTED`` /
+                                       ``COMP_SUCCEEDED`` / ``COMP_FAILED`` /
+                                       ``COMP_NOT_NEEDED``
+note ``message_ignored``               ``DUPLICATE_IGNORED``
+note ``stale_outcome_ignored``         ``CALLBACK_IGNORED(stale)``
+note ``flag_stuck``                    ``STUCK_FLAGGED``
+note ``alert_opened`` / ``_resolved``  ``ALERT_SENT`` / ``ALERT_RESOLVED``
+=====================================  =============================================
+
+The ledger is the demo participants' ``ParticipantEffect`` table: one row per
+idempotency key with ``applied``, the raw call count and the first-applied
+time, never read by the engine.
+
+What is checked (rule names as in the spec; "fold" = the state replayed from
+the history so far):
+
+- S1: the history starts with ``WF_CREATED``; every row continues its object's
+  fold (source = folded state) along an edge of the django-fsm table derived
+  from the models; notes change nothing; with ``replay`` the persisted states
+  and attempt counters equal the fold.
+- S2: no state change after a terminal outcome; at most one outcome.
+- S3: forward work (schedule, claim) only while the fold says ``running``,
+  never after ``WF_COMPENSATING``, and step ``i`` only after step ``i-1`` is
+  done (succeeded, or skipped by an operator: "done by hand").
+- S4: attempt numbers go 1, 2, ...; a claim only when no attempt of the step
+  and direction is open; an outcome row names the open attempt.
+- S5: at most one applied effect per step and direction, whatever the keys.
+- S6: compensation only while ``compensating``, only of started steps before
+  the pivot that have a compensation; a started one is never skipped; no
+  ``WF_COMPENSATING`` once a step at or after the pivot started.
+- S7 (stronger than the spec's pairwise form): a compensation is scheduled or
+  started only when every later step's compensation is done or not needed,
+  and no action is in flight.
+- S8, S9: ``WF_COMPENSATED`` / ``WF_COMPLETED`` as in the spec.
+- S10: operator rows have a user; a permissioned (manual) transition is made
+  by an operator with a user or a named API client.
+- S12: no effect (and no raw call) without a claim: raw calls <= claims;
+  ``STEP_SUCCEEDED`` => effT = 1; ``COMP_SUCCEEDED`` => effT = effC; an undo
+  never applies without its action, nor before it.
+- L1 (safety part): a hold needs a failed/unknown step or a failed
+  compensation (or a passed deadline); alerts open and resolve alternately,
+  one per incident.
+- At quiescence: L1 (completed, compensated, cancelled before any step ran,
+  or needs_attention with an open alert) and G over the ledger's word.
+
+Not checked here: S11 (callbacks; the property test asserts replays itself)
+and the timing bounds of L3 (the property test drives with a round bound).
+
+:func:`check_history` works on plain values, so hand-made histories can prove
+that each rule really fires; :func:`check_instance` loads an instance from the
+database and checks it. Both raise ``AssertionError`` naming every violated
+rule, followed by a dump of the history and the ledger.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from workflows_app.models import (
+    ActorKind,
+    ParticipantEffect,
+    StepDefinition,
+    StepExecution,
+    TransitionLog,
+    WorkflowInstance,
+)
+
+ACTION = "action"
+COMPENSATION = "compensation"
+TERMINAL = frozenset({"completed", "compensated", "cancelled", "failed"})
+STEP_DONE = frozenset({"succeeded", "skipped"})
+IN_FLIGHT = frozenset({"running", "waiting"})
+COMP_RESOLVED = frozenset({"done", "not_needed"})
+# Action outcomes that close the open attempt (``wait`` keeps it open).
+ACTION_OUTCOMES = frozenset({"succeed", "fail", "time_out", "retry"})
+COMP_OUTCOMES = frozenset(
+    {"compensation_succeed", "compensation_retry", "compensation_fail"}
+)
+NOTE_KINDS = {
+    "message_ignored": "DUPLICATE_IGNORED",
+    "stale_outcome_ignored": "CALLBACK_IGNORED(stale)",
+    "flag_stuck": "STUCK_FLAGGED",
+    "alert_opened": "ALERT_SENT",
+    "alert_resolved": "ALERT_RESOLVED",
+}
+STEP_KINDS = {
+    "schedule": ("STEP_SCHEDULED", ""),
+    "retry_now": ("STEP_SCHEDULED", "manual"),
+    "begin_attempt": ("STEP_STARTED", ""),
+    "succeed": ("STEP_SUCCEEDED", ""),
+    "wait": ("STEP_WAITING", ""),
+    "fail": ("STEP_FAILED", "for good"),
+    "retry": ("STEP_FAILED", "retryable"),
+    "time_out": ("STEP_TIMED_OUT", ""),
+    "mark_done": ("STEP_SKIPPED", "manual"),
+    "unschedule": ("STEP_UNSCHEDULED", ""),
+    "abandon_retry": ("STEP_RETRY_ABANDONED", ""),
+    "require_compensation": ("COMP_SCHEDULED", ""),
+    "compensation_retry_now": ("COMP_SCHEDULED", "manual"),
+    "begin_compensation_attempt": ("COMP_STARTED", ""),
+    "compensation_succeed": ("COMP_SUCCEEDED", ""),
+    "compensation_retry": ("COMP_FAILED", "retryable"),
+    "compensation_fail": ("COMP_FAILED", "for good"),
+    "skip_compensation": ("COMP_NOT_NEEDED", ""),
+}
+INSTANCE_KINDS = {
+    "accept": "WF_CREATED",
+    "start": "WF_STARTED",
+    "begin_compensation": "WF_COMPENSATING",
+    "complete": "WF_COMPLETED",
+    "finish_compensation": "WF_COMPENSATED",
+    "hold": "WF_NEEDS_ATTENTION",
+}
+
+
+# -- plain values the checker works on -----------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """A step of the pinned definition version."""
+
+    position: int
+    name: str
+    has_compensation: bool = True
+    is_pivot: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One history row (``TransitionLog``); ``position`` is None on instance rows."""
+
+    seq: int
+    position: int | None
+    field: str
+    source: str
+    target: str
+    transition: str
+    actor_kind: str = ActorKind.WORKER
+    actor_label: str = ""
+    user_id: int | None = None
+    data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Effect:
+    """One ledger row of a participant, keyed by idempotency key."""
+
+    step_name: str
+    direction: str  # "action" | "compensation"
+    key: str
+    applied: bool
+    calls: int
+    late_refused: int = 0
+    first_applied_at: datetime | None = None
+    order: int = 0  # tie-breaker: the ledger's insertion order
+
+
+@dataclasses.dataclass(frozen=True)
+class StepColumns:
+    state: str
+    compensation_state: str
+    attempt: int
+    compensation_attempt: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Persisted:
+    """The status columns of an instance and its steps, as stored."""
+
+    state: str
+    steps: Mapping[int, StepColumns]
+
+
+@dataclasses.dataclass
+class Recorded:
+    """Everything the checker reads about one instance."""
+
+    steps: list[StepSpec]
+    rows: list[Row]
+    ledger: list[Effect]
+    persisted: Persisted | None = None
+
+
+# -- the FSM transition table, derived from the models -------------------------
+
+Table = dict[tuple[str, str, str, str], str]
+
+
+@functools.cache
+def fsm_table() -> tuple[Table, frozenset[tuple[str, str]]]:
+    """``(scope, field, transition, source) -> target`` for every django-fsm
+    transition of the runtime models, and the ``(scope, transition)`` pairs that
+    need a permission (operator actions)."""
+    table: Table = {}
+    manual: set[tuple[str, str]] = set()
+    for scope, model in (("instance", WorkflowInstance), ("step", StepExecution)):
+        for field in model._meta.get_fields():
+            transitions = getattr(field, "get_all_transitions", None)
+            if transitions is None:
+                continue
+            for t in transitions(model):
+                assert t.source != "*", "wildcard sources are not modelled"
+                table[(scope, field.name, t.name, t.source)] = t.target
+                if t.permission:
+                    manual.add((scope, t.name))
+    return table, frozenset(manual)
+
+
+# -- the checker -------------------------------------------------------------------
+
+
+def event_kind(row: Row, manual: frozenset[tuple[str, str]] | None = None) -> str:
+    if not row.field:
+        return NOTE_KINDS.get(row.transition, f"NOTE({row.transition})")
+    if row.position is not None:
+        kind, qualifier = STEP_KINDS.get(row.transition, (row.transition.upper(), ""))
+        args = [str(row.position)]
+        if row.data.get("attempt"):
+            args.append(f"a={row.data['attempt']}")
+        if qualifier:
+            args.append(qualifier)
+        return f"{kind}({', '.join(args)})"
+    if manual is not None and ("instance", row.transition) in manual:
+        return f"MANUAL_{row.transition.upper()}"
+    return INSTANCE_KINDS.get(row.transition, row.transition.upper())
+
+
+class _Fold:
+    """The reducer's state while folding the history."""
+
+    def __init__(self, positions: Iterable[int]) -> None:
+        self.instance: str | None = None
+        self.state = dict.fromkeys(positions, "pending")
+        self.comp = dict.fromkeys(positions, "none")
+        self.attempt = dict.fromkeys(self.state, 0)
+        self.comp_attempt = dict.fromkeys(self.state, 0)
+        self.open: dict[tuple[int, str], int | None] = {}
+        self.starts: Counter[int] = Counter()
+        self.comp_starts: Counter[int] = Counter()
+        self.succeeded: set[int] = set()
+        self.comp_succeeded: set[int] = set()
+        self.compensating_since: int | None = None
+        self.terminal: tuple[str, int] | None = None
+        self.outcomes: list[str] = []
+        self.alert_open = False
+
+
+class _Checker:
+    def __init__(self, recorded: Recorded) -> None:
+        self.rec = recorded
+        self.table, self.manual = fsm_table()
+        self.specs = {s.position: s for s in recorded.steps}
+        self.by_name = {s.name: s for s in recorded.steps}
+        pivots = [s.position for s in recorded.steps if s.is_pivot]
+        self.pivot = pivots[0] if pivots else None
+        self.fold = _Fold(self.specs)
+        self.violations: list[str] = []
+
+    def fail(self, rule: str, message: str, row: Row | None = None) -> None:
+        where = f" at #{row.seq} {event_kind(row, self.manual)}" if row else ""
+        self.violations.append(f"{rule}{where}: {message}")
+
+    def before_pivot(self, position: int) -> bool:
+        return self.pivot is None or position < self.pivot
+
+    def needs_compensation(self, position: int) -> bool:
+        return (
+            self.specs[position].has_compensation
+            and self.fold.starts[position] > 0
+            and self.before_pivot(position)
+        )
+
+    # -- S1..S10: every prefix, one event at a time ---------------------------
+    def run(self) -> None:
+        for index, row in enumerate(self.rec.rows):
+            if index == 0 and not (row.transition == "accept" and row.position is None):
+                self.fail("S1", "the history does not start with WF_CREATED", row)
+            if not row.field:
+                self._note(row)
+                continue
+            self._check_actor(row)
+            if self.fold.terminal is not None:
+                state, seq = self.fold.terminal
+                self.fail(
+                    "S2", f"state changed after the outcome {state} (#{seq})", row
+                )
+            if row.position is None:
+                self._instance_row(row)
+            elif row.position not in self.specs:
+                self.fail("S1", f"step {row.position} is not in the definition", row)
+            else:
+                self._step_row(row)
+
+    def _note(self, row: Row) -> None:
+        if row.source or row.target:
+            self.fail("S1", "a note carries a state change", row)
+        # L1: exactly one alert per incident, so never a second one while the
+        # first is open.
+        if row.transition == "alert_opened":
+            if self.fold.alert_open:
+                self.fail("L1", "a second alert while one is open", row)
+            self.fold.alert_open = True
+        elif row.transition == "alert_resolved":
+            if not self.fold.alert_open:
+                self.fail("L1", "an alert resolved that was not open", row)
+            self.fold.alert_open = False
+
+    def _check_actor(self, row: Row) -> None:
+        scope = "instance" if row.position is None else "step"
+        if row.actor_kind == ActorKind.OPERATOR and row.user_id is None:
+            self.fail("S10", "an operator row has no user", row)
+        if (scope, row.transition) not in self.manual:
+            return
+        # A manual action is attributed: an operator with a user, or an API
+        # client (cancel may be asked for through the API) with its name.
+        attributed = (
+            row.actor_kind == ActorKind.OPERATOR and row.user_id is not None
+        ) or (row.actor_kind == ActorKind.API and bool(row.actor_label))
+        if not attributed:
+            self.fail("S10", f"manual action by {row.actor_kind}, unattributed", row)
+
+    def _legal(self, row: Row, scope: str, current: str | None) -> bool:
+        if current != row.source:
+            self.fail(
+                "S1",
+                f"source {row.source!r} but the fold says {current!r}",
+                row,
+            )
+            return False
+        target = self.table.get((scope, row.field, row.transition, row.source))
+        if target != row.target:
+            self.fail(
+                "S1",
+                f"illegal transition {row.transition} {row.source}->{row.target}",
+                row,
+            )
+            return False
+        return True
+
+    def _instance_row(self, row: Row) -> None:
+        fold = self.fold
+        if row.transition == "accept":
+            if fold.instance is not None or row.source or row.target != "accepted":
+                self.fail("S1", "a second or malformed WF_CREATED", row)
+            fold.instance = row.target
+            return
+        if not self._legal(row, "instance", fold.instance):
+            fold.instance = row.target
+            return
+        target = row.target
+        if target == "completed":
+            self._on_completed(row)
+        elif target == "compensating":
+            if fold.compensating_since is None:
+                fold.compensating_since = row.seq
+            past_pivot = [p for p in fold.starts if not self.before_pivot(p)]
+            if past_pivot:
+                self.fail("S6", f"compensating after step {past_pivot} started", row)
+        elif target == "compensated":
+            self._on_compensated(row)
+        elif target == "needs_attention" and row.transition == "hold":
+            blocked = [p for p, s in fold.state.items() if s in {"failed", "unknown"}]
+            comp_failed = [p for p, s in fold.comp.items() if s == "failed"]
+            if not (blocked or comp_failed or "deadline" in row.reason):
+                self.fail("L1", "held while no step or compensation failed", row)
+        elif target == "cancelled" and fold.starts:
+            self.fail("S6", "cancelled without compensating started steps", row)
+        elif (
+            target == "running"
+            and row.transition != "start"
+            and fold.compensating_since is not None
+        ):
+            self.fail("S3", "forward again after WF_COMPENSATING", row)
+        fold.instance = target
+        if target in TERMINAL:
+            fold.terminal = (target, row.seq)
+            fold.outcomes.append(target)
+            if len([o for o in fold.outcomes if o != "failed"]) > 1:
+                self.fail("S2", f"two outcomes: {fold.outcomes}", row)
+
+    def _on_completed(self, row: Row) -> None:
+        fold = self.fold
+        missing = [p for p, s in fold.state.items() if s not in STEP_DONE]
+        if missing:
+            self.fail("S9", f"completed while steps {missing} are not done", row)
+        comp = [p for p, s in fold.comp.items() if s != "none"]
+        if comp:
+            self.fail("S9", f"completed after compensation events for {comp}", row)
+
+    def _on_compensated(self, row: Row) -> None:
+        fold = self.fold
+        for position, spec in self.specs.items():
+            started = fold.starts[position] > 0
+            if started and not self.before_pivot(position):
+                self.fail("S8", f"step {position} at/after the pivot started", row)
+            if (
+                started
+                and spec.has_compensation
+                and position not in (fold.comp_succeeded)
+            ):
+                self.fail(
+                    "S8",
+                    f"step {position} started but has no COMP_SUCCEEDED",
+                    row,
+                )
+            if fold.comp[position] not in COMP_RESOLVED:
+                self.fail("S8", f"step {position} compensation unresolved", row)
+            if fold.state[position] in IN_FLIGHT:
+                self.fail("S8", f"step {position} action still in flight", row)
+
+    def _step_row(self, row: Row) -> None:
+        fold, position = self.fold, row.position
+        assert position is not None
+        if row.field == "state":
+            current = fold.state[position]
+        elif row.field == "compensation_state":
+            current = fold.comp[position]
+        else:
+            self.fail("S1", f"unknown field {row.field!r}", row)
+            return
+        self._legal(row, "step", current)
+        if row.field == "state":
+            self._action_event(row, position)
+            fold.state[position] = row.target
+        else:
+            self._compensation_event(row, position)
+            fold.comp[position] = row.target
+
+    def _forward_allowed(self, row: Row, position: int) -> None:
+        fold = self.fold
+        if fold.instance != "running":
+            self.fail("S3", f"forward work while the instance is {fold.instance}", row)
+        if fold.compensating_since is not None:
+            self.fail(
+                "S3",
+                f"forward work after WF_COMPENSATING #{fold.compensating_since}",
+                row,
+            )
+        previous = fold.state.get(position - 1)
+        if position > 1 and previous not in STEP_DONE:
+            self.fail("S3", f"step {position - 1} is {previous}, not done", row)
+
+    def _action_event(self, row: Row, position: int) -> None:
+        fold, name = self.fold, row.transition
+        key = (position, ACTION)
+        attempt = row.data.get("attempt")
+        if name in {"schedule", "retry_now"}:
+            self._forward_allowed(row, position)
+        elif name == "begin_attempt":
+            self._forward_allowed(row, position)
+            if fold.open.get(key) is not None:
+                self.fail("S4", f"attempt {fold.open[key]} is still open", row)
+            if attempt != fold.attempt[position] + 1:
+                self.fail(
+                    "S4",
+                    f"attempt {attempt} after attempt {fold.attempt[position]}",
+                    row,
+                )
+            fold.attempt[position] = attempt or fold.attempt[position] + 1
+            fold.open[key] = fold.attempt[position]
+            fold.starts[position] += 1
+        elif name in ACTION_OUTCOMES | {"wait"} and row.source in IN_FLIGHT:
+            if fold.open.get(key) is None or attempt != fold.open[key]:
+                self.fail(
+                    "S4",
+                    f"outcome for attempt {attempt}; the open one is "
+                    f"{fold.open.get(key)}",
+                    row,
+                )
+            if name != "wait":
+                fold.open[key] = None
+            if name == "succeed":
+                fold.succeeded.add(position)
+        elif (
+            name == "retry"
+            and attempt is not None
+            and attempt != fold.attempt[position]
+        ):
+            self.fail("S4", f"retry names attempt {attempt}", row)
+
+    def _compensation_event(self, row: Row, position: int) -> None:
+        fold, name = self.fold, row.transition
+        key = (position, COMPENSATION)
+        attempt = row.data.get("attempt")
+        if name in {"require_compensation", "compensation_retry_now"}:
+            self._compensation_allowed(row, position)
+        elif name == "begin_compensation_attempt":
+            self._compensation_allowed(row, position)
+            if fold.open.get(key) is not None:
+                self.fail("S4", f"compensation {fold.open[key]} is still open", row)
+            if attempt != fold.comp_attempt[position] + 1:
+                self.fail(
+                    "S4",
+                    f"compensation attempt {attempt} after "
+                    f"{fold.comp_attempt[position]}",
+                    row,
+                )
+            fold.comp_attempt[position] = attempt or fold.comp_attempt[position] + 1
+            fold.open[key] = fold.comp_attempt[position]
+            fold.comp_starts[position] += 1
+        elif name in COMP_OUTCOMES:
+            if fold.open.get(key) is None or attempt != fold.open[key]:
+                self.fail(
+                    "S4",
+                    f"compensation outcome for attempt {attempt}; the open one "
+                    f"is {fold.open.get(key)}",
+                    row,
+                )
+            fold.open[key] = None
+            if name == "compensation_succeed":
+                fold.comp_succeeded.add(position)
+        elif name == "skip_compensation" and self.needs_compensation(position):
+            self.fail("S6", f"step {position} started but its undo is skipped", row)
+
+    def _compensation_allowed(self, row: Row, position: int) -> None:
+        fold = self.fold
+        if fold.compensating_since is None or fold.instance != "compensating":
+            self.fail("S6", f"compensation while the instance is {fold.instance}", row)
+        if fold.starts[position] == 0:
+            self.fail("S6", f"step {position} was never started", row)
+        if not self.before_pivot(position):
+            self.fail("S6", f"step {position} is at or after the pivot", row)
+        if not self.specs[position].has_compensation:
+            self.fail("S6", f"step {position} has no compensation", row)
+        later = {
+            p: fold.comp[p]
+            for p in self.specs
+            if p > position and fold.comp[p] not in COMP_RESOLVED
+        }
+        if later:
+            self.fail("S7", f"later compensations unresolved: {later}", row)
+        flying = [p for p, s in fold.state.items() if s in IN_FLIGHT]
+        if flying:
+            self.fail("S7", f"actions of steps {flying} are still in flight", row)
+
+    # -- S5, S12: the ledger against the history ------------------------------------
+    def effects(self, position: int, direction: str) -> list[Effect]:
+        name = self.specs[position].name
+        return [
+            e
+            for e in self.rec.ledger
+            if e.step_name == name and e.direction == direction
+        ]
+
+    def check_ledger(self) -> None:
+        fold = self.fold
+        for effect in self.rec.ledger:
+            if effect.step_name not in self.by_name:
+                self.fail("S12", f"an effect for unknown step {effect.step_name!r}")
+        for position in self.specs:
+            t_rows = self.effects(position, ACTION)
+            c_rows = self.effects(position, COMPENSATION)
+            eff_t = sum(e.applied for e in t_rows)
+            eff_c = sum(e.applied for e in c_rows)
+            if eff_t > 1 or eff_c > 1:
+                self.fail("S5", f"step {position}: effT={eff_t} effC={eff_c}")
+            calls_t = sum(e.calls for e in t_rows)
+            calls_c = sum(e.calls for e in c_rows)
+            if calls_t > fold.starts[position] or (eff_t and not fold.starts[position]):
+                self.fail(
+                    "S12",
+                    f"step {position}: {calls_t} forward calls (effT={eff_t}) "
+                    f"from {fold.starts[position]} STEP_STARTED",
+                )
+            if calls_c > fold.comp_starts[position]:
+                self.fail(
+                    "S12",
+                    f"step {position}: {calls_c} compensation calls from "
+                    f"{fold.comp_starts[position]} COMP_STARTED",
+                )
+            if position in fold.succeeded and eff_t != 1:
+                self.fail("S12", f"STEP_SUCCEEDED({position}) but effT={eff_t}")
+            if position in fold.comp_succeeded and eff_t != eff_c:
+                self.fail(
+                    "S12",
+                    f"COMP_SUCCEEDED({position}) but effT={eff_t} effC={eff_c}",
+                )
+            if eff_c and not eff_t:
+                self.fail("S12", f"step {position}: an undo of nothing was applied")
+            first_t = _first_applied(t_rows)
+            first_c = _first_applied(c_rows)
+            if first_t and first_c and first_t > first_c:
+                self.fail("S12", f"step {position}: T applied after its compensation")
+
+    # -- G and L1: at quiescence ---------------------------------------------------
+    def word(self) -> list[str]:
+        applied = sorted(
+            (e for e in self.rec.ledger if e.applied and e.step_name in self.by_name),
+            key=lambda e: (e.first_applied_at is None, e.first_applied_at, e.order),
+        )
+        return [
+            ("T" if e.direction == ACTION else "C")
+            + str(self.by_name[e.step_name].position)
+            for e in applied
+        ]
+
+    def check_terminal(self) -> None:
+        state = self.fold.instance
+        word = self.word()
+        positions = sorted(self.specs)
+        if state not in {"completed", "compensated", "cancelled", "needs_attention"}:
+            self.fail("L1", f"quiescent but {state}: neither finished nor escalated")
+        if state == "needs_attention" and not self.fold.alert_open:
+            # Quiescence includes a sweep, which opens the alert of a held
+            # instance (L3: escalation is visible).
+            self.fail("L3", "waiting for a person without an open alert")
+        if state == "completed":
+            expected = [f"T{p}" for p in positions]
+            if word != expected:
+                self.fail("G", f"completed with word {word}, expected {expected}")
+        elif state == "compensated":
+            candidates = [
+                [f"T{p}" for p in positions[:j]]
+                + [
+                    f"C{p}"
+                    for p in reversed(positions[:j])
+                    if self.specs[p].has_compensation
+                ]
+                for j in range(len(positions) + 1)
+            ]
+            if word not in candidates:
+                self.fail("G", f"compensated with word {word}: not T1..Tj Cj..C1")
+            for p in positions:
+                if self.specs[p].has_compensation:
+                    eff_t = sum(e.applied for e in self.effects(p, ACTION))
+                    eff_c = sum(e.applied for e in self.effects(p, COMPENSATION))
+                    if eff_t != eff_c:
+                        self.fail("L1", f"compensated with effT-effC != 0 at {p}")
+        elif state == "cancelled" and word:
+            self.fail("G", f"cancelled with word {word}")
+
+    def check_replay(self, persisted: Persisted) -> None:
+        fold = self.fold
+        if persisted.state != fold.instance:
+            self.fail(
+                "S1",
+                f"persisted state {persisted.state} != replayed {fold.instance}",
+            )
+        for position, cols in persisted.steps.items():
+            replayed = StepColumns(
+                fold.state.get(position, "?"),
+                fold.comp.get(position, "?"),
+                fold.attempt.get(position, -1),
+                fold.comp_attempt.get(position, -1),
+            )
+            if cols != replayed:
+                self.fail(
+                    "S1", f"step {position}: persisted {cols} != replayed {replayed}"
+                )
+
+    # -- reporting -----------------------------------------------------------------
+    def report(self) -> str:
+        lines = ["saga invariant violated:"]
+        lines += [f"  - {v}" for v in self.violations]
+        lines.append("history:")
+        for row in self.rec.rows:
+            who = row.actor_label or row.actor_kind
+            if row.user_id is not None:
+                who += f" (user {row.user_id})"
+            change = (
+                f"{row.field} {row.source or '-'}->{row.target}"
+                if row.field
+                else "note"
+            )
+            where = f"step {row.position}" if row.position else "instance"
+            lines.append(
+                f"  #{row.seq:<5} {where:<9} {row.transition:<27} {change:<40} "
+                f"{event_kind(row, self.manual):<32} {who} {row.reason[:80]!r}"
+            )
+        lines.append(f"ledger (word {self.word()}):")
+        for e in sorted(self.rec.ledger, key=lambda e: e.order):
+            lines.append(
+                f"  {e.step_name}:{e.direction:<12} applied={e.applied!s:<5} "
+                f"calls={e.calls} late_refused={e.late_refused} "
+                f"first_applied_at={e.first_applied_at}"
+            )
+        if self.rec.persisted is not None:
+            lines.append(f"persisted: {self.rec.persisted}")
+        return "\n".join(lines)
+
+
+def _first_applied(effects: Sequence[Effect]) -> datetime | None:
+    times = [e.first_applied_at for e in effects if e.applied and e.first_applied_at]
+    return min(times) if times else None
+
+
+def check_history(
+    recorded: Recorded, *, quiescent: bool, replay: bool | None = None
+) -> None:
+    """Check S1-S10 and S12 on the history and the ledger; at quiescence also
+    the replay equality of S1 (persisted columns = fold), G and L1."""
+    checker = _Checker(recorded)
+    checker.run()
+    checker.check_ledger()
+    if (quiescent if replay is None else replay) and recorded.persisted is not None:
+        checker.check_replay(recorded.persisted)
+    if quiescent:
+        checker.check_terminal()
+    if checker.violations:
+        raise AssertionError(checker.report())
+
+
+# -- loading from the database ---------------------------------------------------
+
+
+def pinned_steps(definition_id: int) -> list[StepSpec]:
+    """The steps of the definition version an instance pinned."""
+    return [
+        StepSpec(s.position, s.name, bool(s.compensation), s.is_pivot)
+        for s in StepDefinition.objects.filter(definition_id=definition_id).order_by(
+            "position"
+        )
+    ]
+
+
+def load(
+    instance: WorkflowInstance | Any, *, steps: list[StepSpec] | None = None
+) -> Recorded:
+    """Read the history, ledger and status columns of an instance (or its id);
+    ``steps`` saves reading the pinned definition again."""
+    pk = getattr(instance, "pk", instance)
+    current = WorkflowInstance.objects.get(pk=pk)
+    if steps is None:
+        steps = pinned_steps(current.definition_id)
+    rows = [
+        Row(
+            seq=r["id"],
+            position=r["step__position"],
+            field=r["field"],
+            source=r["source"],
+            target=r["target"],
+            transition=r["transition"],
+            actor_kind=r["actor_kind"],
+            actor_label=r["actor_label"],
+            user_id=r["user_id"],
+            data=r["data"],
+            reason=r["reason"],
+        )
+        for r in TransitionLog.objects.filter(instance_id=pk)
+        .order_by("id")
+        .values(
+            "id",
+            "step__position",
+            "field",
+            "source",
+            "target",
+            "transition",
+            "actor_kind",
+            "actor_label",
+            "user_id",
+            "data",
+            "reason",
+        )
+    ]
+    ledger = [
+        Effect(
+            step_name=e.step_name,
+            direction=e.direction,
+            key=e.idempotency_key,
+            applied=e.applied,
+            calls=e.calls,
+            late_refused=e.late_refused,
+            first_applied_at=e.first_applied_at,
+            order=e.id,
+        )
+        for e in ParticipantEffect.objects.filter(instance_id=pk).order_by("id")
+    ]
+    persisted = Persisted(
+        state=current.state,
+        steps={
+            s["position"]: StepColumns(
+                s["state"],
+                s["compensation_state"],
+                s["attempt"],
+                s["compensation_attempt"],
+            )
+            for s in StepExecution.objects.filter(instance_id=pk).values(
+                "position",
+                "state",
+                "compensation_state",
+                "attempt",
+                "compensation_attempt",
+            )
+        },
+    )
+    return Recorded(list(steps), rows, ledger, persisted)
+
+
+def check_instance(
+    instance: WorkflowInstance | Any, *, quiescent: bool, replay: bool | None = None
+) -> None:
+    """Check one instance from the database (see :func:`check_history`).
+
+    ``replay`` (default: ``quiescent``) compares the persisted columns with the
+    fold; only sound when no transaction on the instance is in progress."""
+    check_history(load(instance), quiescent=quiescent, replay=replay)

@@ -1,0 +1,205 @@
+"""Stuck detection and alert mail, delivered to a real SMTP server on loopback."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+import pytest
+from django.test import override_settings
+
+from tests.smtp import SmtpServer, text_of
+from tests.support import advance_clock, make_definition, start, user_in
+from workflows_app.alerts import send_due_alerts
+from workflows_app.engine.commands import alert_acknowledge
+from workflows_app.engine.sweeps import sweep_all
+from workflows_app.models import Alert, TransitionLog
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def smtp():
+    server = SmtpServer()
+    server.start()
+    with override_settings(
+        EMAIL_BACKEND="django.core.mail.backends.smtp.EmailBackend",
+        EMAIL_HOST="127.0.0.1",
+        EMAIL_PORT=server.port,
+        EMAIL_TIMEOUT=5,
+        SAGA_ALERT_GATHER=0,
+        SAGA_ESCALATION_EMAIL="escalation@example.com",
+        SAGA_ALERT_ESCALATE_AFTER=1800,
+        SITE_URL="https://saga.example.com",
+    ):
+        yield server
+    server.stop()
+
+
+def stuck_instances(broker, count=1, key="orders"):
+    make_definition(
+        key,
+        stuck_after=timedelta(minutes=2),
+        alert_recipients="orders-team@example.com",
+    )
+    instances = [start(key, f"order-{n}") for n in range(count)]
+    broker.queue.clear()  # every start message is lost: nothing moves
+    for instance in instances:
+        advance_clock(instance, 300)
+    return instances
+
+
+def run_alerting(rounds=1, instances=(), step=5):
+    for _ in range(rounds):
+        sweep_all()
+        send_due_alerts()
+        for instance in instances:
+            advance_clock(instance, step)
+
+
+def test_one_message_per_episode_across_many_sweeps(broker, smtp):
+    [instance] = stuck_instances(broker)
+    run_alerting(rounds=8, instances=[instance])
+    assert len(smtp.messages) == 1
+    message = smtp.messages[0]
+    assert message["To"] == "orders-team@example.com"
+    assert "order-0" in message["Subject"]
+    body = text_of(message)
+    assert "order-0" in body
+    assert f"https://saga.example.com/instances/{instance.id}/" in body
+    assert "no progress since" in body
+    assert message.is_multipart()  # plain text and HTML
+    alert = Alert.objects.get()
+    assert alert.notified_at and alert.send_attempts == 1
+
+
+def test_a_burst_is_one_digest(broker, smtp):
+    instances = stuck_instances(broker, count=50)
+    run_alerting(rounds=3)
+    assert len(smtp.messages) == 1
+    body = text_of(smtp.messages[0])
+    assert "50 instances need attention" in smtp.messages[0]["Subject"]
+    assert all(f"order-{n}" in body for n in range(50))
+    assert Alert.objects.filter(notified_in_digest=True).count() == len(instances)
+
+
+def test_unacknowledged_alert_escalates_once(broker, smtp):
+    [instance] = stuck_instances(broker)
+    run_alerting()
+    assert len(smtp.messages) == 1
+    advance_clock(instance, 1801)
+    run_alerting(rounds=4, instances=[instance], step=600)
+    assert len(smtp.messages) == 2
+    escalation = smtp.messages[1]
+    assert escalation["To"] == "escalation@example.com"
+    assert "ESCALATED" in escalation["Subject"]
+    assert TransitionLog.objects.filter(transition="alert_escalated").count() == 1
+
+
+def test_acknowledged_alert_does_not_escalate(broker, smtp):
+    [instance] = stuck_instances(broker)
+    run_alerting()
+    operator = user_in("operator")
+    alert_acknowledge(Alert.objects.get().pk, user=operator, reason="on it")
+    advance_clock(instance, 4000)
+    run_alerting(rounds=3, instances=[instance], step=600)
+    assert len(smtp.messages) == 1
+    row = TransitionLog.objects.get(transition="alert_acknowledged")
+    assert (row.user, row.reason) == (operator, "on it")
+
+
+def test_recovery_resolves_the_alert_and_sends_nothing_more(broker, smtp):
+    [instance] = stuck_instances(broker)
+    run_alerting()
+    assert len(smtp.messages) == 1
+    advance_clock(instance, 60)
+    sweep_all()  # re-sends the lost start; the instance runs to the end
+    broker.run()
+    advance_clock(instance, 4000)
+    run_alerting(rounds=3, instances=[instance], step=600)
+    assert len(smtp.messages) == 1
+    alert = Alert.objects.get()
+    assert alert.resolved_at is not None and alert.escalated_at is None
+
+
+def test_recovery_before_the_mail_sends_nothing(broker, smtp):
+    with override_settings(SAGA_ALERT_GATHER=60):
+        [instance] = stuck_instances(broker)
+        sweep_all()  # opens the alert; its mail waits for the gather window
+        assert Alert.objects.filter(resolved_at=None).count() == 1
+        advance_clock(instance, 60)
+        sweep_all()
+        broker.run()  # the instance moves and finishes
+        advance_clock(instance, 120)
+        run_alerting(rounds=2, instances=[instance])
+    assert smtp.messages == []
+    assert Alert.objects.get().resolved_at is not None
+
+
+def test_mail_server_down_keeps_alert_unsent_then_delivers_once(broker, smtp):
+    [instance] = stuck_instances(broker)
+    smtp.stop()
+    counts = sweep_all()  # the sweeper does not care about mail
+    assert counts["alerts_opened"] == 1
+    assert send_due_alerts()["mails_failed"] == 1
+    alert = Alert.objects.get()
+    assert alert.notified_at is None
+    assert alert.last_send_error and alert.send_attempts == 1
+    smtp.start()
+    run_alerting(rounds=1)
+    assert smtp.messages == []  # the retry waits for its backoff
+    advance_clock(instance, 60)
+    run_alerting(rounds=3, instances=[instance])
+    assert len(smtp.messages) == 1
+    alert.refresh_from_db()
+    assert alert.notified_at and alert.last_send_error == ""
+
+
+def test_held_instance_alerts_as_waiting_on_a_person(broker, smtp):
+    make_definition("held", failure_policy="hold")
+    start("held", "order-h", simulate={"one": "fail"})
+    broker.run()
+    run_alerting()
+    assert len(smtp.messages) == 1
+    assert Alert.objects.get().kind == "held"
+    assert "retry the step now" in text_of(smtp.messages[0])
+
+
+def test_check_alerts_command_sends_a_test_message(smtp):
+    from django.core.management import CommandError, call_command
+
+    make_definition("orders", alert_recipients="a@example.com, b@example.com")
+    call_command("check_alerts", "orders")
+    assert len(smtp.messages) == 1
+    assert smtp.messages[0]["X-Envelope-To"] == "a@example.com, b@example.com"
+    assert "Test alert" in smtp.messages[0]["Subject"]
+    smtp.stop()
+    with pytest.raises(CommandError, match="could not be sent"):
+        call_command("check_alerts", "orders")
+
+
+def test_the_mail_link_opens_the_instance_page(broker, smtp, client):
+    [instance] = stuck_instances(broker)
+    run_alerting()
+    link = re.search(r"https://saga\.example\.com(/\S+)", text_of(smtp.messages[0]))
+    client.force_login(user_in("viewer"))
+    response = client.get(link.group(1))
+    assert response.status_code == 200
+    assert "order-0" in response.content.decode()
+
+
+def test_alerts_page_lists_by_status_and_acknowledges(broker, smtp, client):
+    [instance] = stuck_instances(broker)
+    run_alerting()
+    alert = Alert.objects.get()
+    client.force_login(user_in("viewer"))
+    page = client.get("/alerts/").content.decode()
+    assert "order-0" in page and "mailed" in page
+    assert "Acknowledge</button>" not in page  # viewers only look
+    client.force_login(user_in("operator"))
+    assert "Acknowledge</button>" in client.get("/alerts/").content.decode()
+    client.post(f"/alerts/{alert.pk}/acknowledge/", {"reason": "mine"})
+    alert.refresh_from_db()
+    assert alert.acknowledged_at is not None
+    assert "order-0" not in client.get("/alerts/?status=open").content.decode()
+    assert "order-0" in client.get("/alerts/?status=acknowledged").content.decode()

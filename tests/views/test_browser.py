@@ -1,0 +1,210 @@
+"""The dashboard in a real browser: Playwright drives Debian's headless
+Chromium against a live test server on the test database.
+
+Workflow progress comes from the in-memory transport: the live server runs in
+a thread of this process, so the engine's messages land in ``broker.queue``
+and the test delivers them (``broker.run()``) when it wants the work done.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+from django.contrib.auth.models import User
+
+from tests.support import make_definition, start, user_in
+from tests.views.conftest import HOLD_STEPS, fresh, held
+from workflows_app.models import TransitionLog
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    # CI installs Chromium (.ci/run), so there a missing browser is a failure.
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
+        reason="needs Debian's chromium (apt-get install chromium)",
+    ),
+]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT = 10_000
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    # Sync Playwright keeps an event loop in this thread; the ORM calls the
+    # tests make between browser steps are ordinary synchronous code.
+    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    with sync_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield chromium
+        chromium.close()
+    if previous is None:
+        os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+
+
+@pytest.fixture
+def open_session(browser, live_server):
+    """A logged-in browser session per user, each its own cookie jar; every
+    console error (a CSP violation, a failed request) fails the test."""
+    contexts, errors = [], []
+
+    def open_as(user: User):
+        context = browser.new_context(
+            base_url=live_server.url, viewport={"width": 1366, "height": 900}
+        )
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT)
+        page.on("dialog", lambda dialog: dialog.accept())  # hx-confirm
+        page.on(
+            "console",
+            lambda msg: errors.append(msg.text) if msg.type == "error" else None,
+        )
+        page.goto("/login/")
+        page.get_by_label("Username").fill(user.username)
+        page.get_by_label("Password").fill("pw")
+        page.get_by_role("button", name="Log in").click()
+        page.wait_for_url(f"{live_server.url}/")
+        return page
+
+    yield open_as
+    for context in contexts:
+        context.close()
+    # 409 answers are expected in the concurrency test; nothing else is.
+    assert [e for e in errors if "409" not in e] == []
+
+
+@pytest.fixture
+def fast_polling(settings):
+    settings.SAGA_DASHBOARD_POLL_SECONDS = 1
+
+
+def expect(locator):
+    from playwright.sync_api import expect as playwright_expect
+
+    return playwright_expect(locator)
+
+
+def test_viewer_finds_a_stuck_instance_and_reads_its_timeline(broker, wf, open_session):
+    start("wf", "fine-1")
+    stuck = held(broker, "stuck-1")
+    page = open_session(user_in("viewer", "victor"))
+    queue = page.locator("#stuck-queue")
+    expect(queue).to_contain_text("stuck-1")
+    expect(queue).to_contain_text("two: step failed")
+    # Keyboard only: focus the link in the queue and follow it.
+    queue.get_by_role("link", name="stuck-1").focus()
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"**/instances/{stuck.pk}/")
+    expect(page.locator("h1")).to_have_text("stuck-1")
+    expect(page.locator(".instance-head__badges")).to_contain_text("needs attention")
+    expect(page.locator("#state-meaning")).to_contain_text("waiting for a person")
+    timeline = page.locator("#timeline")
+    expect(timeline).to_contain_text("hold")
+    expect(timeline).to_contain_text("fail")
+    # A viewer sees no action at all.
+    expect(page.locator("#actions form")).to_have_count(0)
+    expect(page.locator("#actions")).to_contain_text("needs the operator role")
+    # The list filters in place, and the address bar holds a shareable link.
+    page.goto("/instances/")
+    page.get_by_label("State").select_option("needs_attention")
+    page.wait_for_url("**/instances/?state=needs_attention")
+    expect(page.locator("#instance-table tbody tr")).to_have_count(1)
+    expect(page.locator("#instance-table")).to_contain_text("stuck-1")
+
+
+def test_operator_retries_a_failed_step_and_sees_it_move_on(
+    broker, wf, open_session, fast_polling
+):
+    instance = held(broker, "order-1")
+    page = open_session(user_in("operator", "olga"))
+    page.goto(f"/instances/{instance.pk}/")
+    page.get_by_text("Retry step now: two").click()
+    page.locator("#action-retry_step").get_by_label("Reason").fill("payments is back")
+    page.get_by_role("button", name="Confirm: retry step now").click()
+    expect(page.locator("#action-message")).to_have_text("Retry step now: done.")
+    expect(page.locator("#instance-live")).to_have_attribute("data-state", "running")
+    broker.run()  # the worker runs step two again, then step three
+    # The page refreshes itself (htmx polling): no reload.
+    live = page.locator("#instance-live")
+    expect(live).to_have_attribute("data-state", "completed", timeout=TIMEOUT)
+    expect(page.locator(".instance-head__badges")).to_contain_text("completed")
+    row = page.locator("#timeline tr", has_text="retry_step").first
+    expect(row).to_contain_text("olga")
+    expect(row).to_contain_text("payments is back")
+    assert fresh(instance).state == "completed"
+
+
+def test_operator_compensates_an_instance_on_hold_and_watches_it_undo(
+    broker_no_inline, open_session, fast_polling
+):
+    broker = broker_no_inline
+    make_definition("wf", steps=HOLD_STEPS, failure_policy="hold")
+    instance = start("wf", "order-2", simulate={"three": "fail"})
+    broker.run()
+    instance = fresh(instance)
+    assert instance.state == "needs_attention"
+    page = open_session(user_in("operator", "olga"))
+    page.goto(f"/instances/{instance.pk}/")
+    page.locator("#action-compensate summary").click()
+    page.locator("#action-compensate").get_by_label("Reason").fill("customer left")
+    page.get_by_role("button", name="Confirm: compensate").click()
+    expect(page.locator("#action-message")).to_have_text("Compensate: done.")
+    strip = page.locator("#progress-strip li")
+    expect(page.locator("#instance-live")).to_have_attribute(
+        "data-state", "compensating"
+    )
+    # Newest first: step three's undo (its outcome is uncertain) is queued,
+    # the earlier steps wait their turn.
+    expect(strip.nth(2).locator(".strip__comp")).to_contain_text("pending")
+    expect(strip.nth(1).locator(".strip__comp")).to_contain_text("undo ready")
+    broker.deliver(broker.queue.pop(0))  # step three's compensation runs
+    expect(strip.nth(2).locator(".strip__comp")).to_contain_text("undone")
+    expect(strip.nth(1).locator(".strip__comp")).to_contain_text("pending")
+    expect(strip.nth(0).locator(".strip__comp")).to_contain_text("undo ready")
+    broker.run()  # then step two's, then step one's
+    expect(page.locator("#instance-live")).to_have_attribute(
+        "data-state", "compensated"
+    )
+    for n in range(3):
+        expect(strip.nth(n).locator(".strip__comp")).to_contain_text("undone")
+    expect(page.locator("#timeline")).to_contain_text("finish_compensation")
+
+
+def test_two_sessions_act_at_once_and_the_second_is_told_it_changed(
+    broker, wf, open_session, settings
+):
+    settings.SAGA_DASHBOARD_POLL_SECONDS = 120  # neither page refreshes itself
+    instance = held(broker, "order-3")
+    first = open_session(user_in("operator", "olga"))
+    second = open_session(user_in("operator", "oscar"))
+    url = f"/instances/{instance.pk}/"
+    first.goto(url)
+    second.goto(url)
+    first.get_by_text("Retry step now: two").click()
+    first.locator("#action-retry_step").get_by_label("Reason").fill("payments is back")
+    first.get_by_role("button", name="Confirm: retry step now").click()
+    expect(first.locator("#action-message")).to_have_text("Retry step now: done.")
+    # The second operator still sees the old page and closes it as failed.
+    second.locator("#action-close_as_failed summary").click()
+    second.locator("#action-close_as_failed").get_by_label("Reason").fill("give up")
+    second.get_by_role("button", name="Confirm: close as failed").click()
+    message = second.locator("#action-message")
+    expect(message).to_contain_text("This instance changed meanwhile")
+    # ...with the fresh state in place of the stale one, and no stale button.
+    expect(second.locator("#instance-live")).to_have_attribute("data-state", "running")
+    expect(second.locator("#action-close_as_failed")).to_have_count(0)
+    assert not TransitionLog.objects.filter(transition="close_as_failed").exists()
+    assert TransitionLog.objects.filter(transition="retry_step").count() == 1

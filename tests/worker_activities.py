@@ -1,0 +1,39 @@
+"""Activities used by the real-worker tests (loaded by the worker process via
+SAGA_ACTIVITY_MODULES=tests.worker_activities)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from workflows_app.activities import activity
+from workflows_app.activities.base import ActivityContext, Waiting
+from workflows_app.activities.demo import perform_action, perform_compensation
+
+
+@activity("test.die_once")
+def die_once(ctx: ActivityContext) -> dict[str, object]:
+    """First attempt: tell the test which process runs it, then hang until
+    killed. Later attempts behave like a normal idempotent participant."""
+    if ctx.attempt == 1:
+        Path(ctx.config["pid_file"]).write_text(str(os.getpid()))
+        time.sleep(120)
+    return perform_action(ctx, "fragile")
+
+
+@activity("test.undo")
+def undo(ctx: ActivityContext) -> dict[str, object]:
+    return perform_compensation(ctx, "fragile")
+
+
+@activity("test.accept_later")
+def accept_later(ctx: ActivityContext) -> Waiting:
+    """A participant that answers "accepted" and reports the result later."""
+    return Waiting({"queued": True})
+
+
+@activity("test.poison")
+def poison(ctx: ActivityContext) -> None:
+    """Kills the worker process that runs it, every time."""
+    os.kill(os.getpid(), 9)

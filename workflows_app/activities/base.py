@@ -1,0 +1,49 @@
+"""What an activity receives, what it may return, and what it may raise."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, Literal
+
+
+class ActivityError(Exception):
+    """Raised by an activity when its call failed.
+
+    ``permanent=True`` means retrying cannot help (a declined card, a 4xx):
+    the engine stops retrying at once. Otherwise the attempt is retried per
+    the step's backoff policy until ``max_attempts`` is used up.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclasses.dataclass(frozen=True)
+class Waiting:
+    """Returned by an activity whose participant accepted the work and will
+    report the result later (HTTP 202, a queued job). The step waits for a
+    callback carrying ``ActivityContext.task_token`` or for its awaited event."""
+
+    detail: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivityContext:
+    instance_id: str
+    business_key: str
+    definition_key: str
+    input: Mapping[str, Any]
+    # Outputs of the steps that succeeded so far, by step name.
+    outputs: Mapping[str, Any]
+    step_name: str
+    direction: Literal["action", "compensation"]
+    attempt: int
+    # Stable across attempts: "<instance id>:<step name>:action|compensation".
+    idempotency_key: str
+    deadline: datetime | None
+    task_token: str
+    # Per-step configuration from the definition (URL for the HTTP activity, ...).
+    config: Mapping[str, Any] = dataclasses.field(default_factory=dict)

@@ -1,0 +1,116 @@
+"""Admin for API tokens: created here (the clear token is shown once, in the
+message after saving), listed with their last use, revoked by an action.
+Only the hash is stored; tokens are revoked rather than deleted, so the list
+keeps the record of who had access."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils.html import format_html
+
+from workflows_app.models import ApiToken
+
+
+class ApiTokenForm(forms.ModelForm):  # type: ignore[type-arg]
+    scopes = forms.MultipleChoiceField(
+        choices=ApiToken.Scope.choices,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="start: start instances; read: GET endpoints; "
+        "report: callbacks and events.",
+    )
+
+    class Meta:
+        model = ApiToken
+        fields = ["name", "scopes"]
+
+    def clean_scopes(self) -> list[str]:
+        return sorted(set(self.cleaned_data["scopes"]))
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    form = ApiTokenForm
+    list_display = (
+        "name",
+        "prefix_display",
+        "scopes_display",
+        "last_used_at",
+        "revoked",
+        "created_at",
+        "created_by",
+    )
+    list_filter = (("revoked_at", admin.EmptyFieldListFilter),)
+    list_select_related = ("created_by",)
+    search_fields = ("name", "prefix")
+    ordering = ("name", "id")
+    actions = ("revoke",)
+    readonly_fields = (
+        "prefix_display",
+        "created_at",
+        "created_by",
+        "last_used_at",
+        "revoked_at",
+    )
+
+    def get_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> Any:
+        if obj is None:
+            return ("name", "scopes")
+        return ("name", "scopes", *self.readonly_fields)
+
+    def has_delete_permission(
+        self, request: HttpRequest, obj: ApiToken | None = None
+    ) -> bool:
+        return False
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        if not self.has_change_permission(request):
+            actions.pop("revoke", None)
+        return actions
+
+    @admin.display(description="prefix")
+    def prefix_display(self, obj: ApiToken) -> str:
+        return f"sd_{obj.prefix}…" if obj.prefix else ""
+
+    @admin.display(description="scopes")
+    def scopes_display(self, obj: ApiToken) -> str:
+        return ", ".join(obj.scopes)
+
+    @admin.display(description="revoked", boolean=True)
+    def revoked(self, obj: ApiToken) -> bool:
+        return obj.revoked_at is not None
+
+    def save_model(
+        self, request: HttpRequest, obj: ApiToken, form: Any, change: bool
+    ) -> None:
+        if change:
+            obj.save(update_fields=["name", "scopes"])
+            return
+        row, token = ApiToken.issue(obj.name, obj.scopes, created_by=request.user)
+        # The admin goes on with ``obj`` (log entry, redirect): make it the row.
+        obj.pk = row.pk
+        for field in ("prefix", "token_hash", "scopes", "created_at", "created_by"):
+            setattr(obj, field, getattr(row, field))
+        obj._state.adding = False
+        messages.warning(
+            request,
+            format_html(
+                "The token for “{}” is <code>{}</code>. Copy it now: it is shown "
+                "only this once and cannot be recovered (only its hash is stored).",
+                row.name,
+                token,
+            ),
+        )
+
+    @admin.action(description="Revoke selected tokens", permissions=["change"])
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiToken]) -> None:
+        count = 0
+        for token in queryset.filter(revoked_at__isnull=True):
+            token.revoke()
+            count += 1
+        self.message_user(request, f"Revoked {count} token(s).", messages.SUCCESS)

@@ -1,0 +1,338 @@
+"""Stuck instances -> Alert rows -> one email per episode, digests, escalation.
+
+1. ``sync_alerts`` (run by the sweeper after it flags stuck instances) opens
+   one alert per stuck instance and kind, and resolves alerts whose instance
+   moved on. It sends nothing.
+2. ``send_due_alerts`` (its own beat task, so a slow mail server never
+   delays the sweeper) claims due alerts by compare-and-set on
+   ``next_send_at``, mails them (one digest per definition when a burst is
+   due together), and on failure keeps them visibly unsent and retries with
+   backoff. It then escalates, once, the alerts nobody acknowledged in time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.core.mail import EmailMultiAlternatives, get_connection
+from django.db import connection, transaction
+from django.db.models import QuerySet
+from django.template.loader import render_to_string
+from django.urls import reverse
+
+from workflows_app.engine.transitions import db_now
+from workflows_app.models import (
+    TERMINAL_STATES,
+    ActorKind,
+    Alert,
+    AttentionKind,
+    InstanceState,
+    TransitionLog,
+    WorkflowDefinition,
+    WorkflowInstance,
+)
+
+log = logging.getLogger(__name__)
+SEND_LEASE = timedelta(minutes=2)
+MAX_RETRY_DELAY = timedelta(hours=1)
+
+
+def alert_kind(instance: WorkflowInstance) -> str:
+    """Which episode a stuck instance is in (a new kind is a new alert)."""
+    if instance.state == InstanceState.NEEDS_ATTENTION:
+        if instance.attention_kind == AttentionKind.COMPENSATION_FAILED:
+            return Alert.Kind.COMPENSATION_FAILED
+        if instance.attention_kind == AttentionKind.DEADLINE:
+            return Alert.Kind.DEADLINE
+        return Alert.Kind.HELD
+    if "was not reported within" in instance.stuck_reason:
+        return Alert.Kind.MILESTONE_OVERDUE
+    return Alert.Kind.NO_PROGRESS
+
+
+def instance_url(instance_id: Any) -> str:
+    path = reverse("instance_detail", kwargs={"pk": instance_id})
+    return f"{settings.SITE_URL}{path}"
+
+
+def _note(
+    instance_id: Any, name: str, reason: str, data: dict[str, Any]
+) -> TransitionLog:
+    return TransitionLog(
+        instance_id=instance_id,
+        transition=name,
+        reason=reason,
+        data=data,
+        actor_kind=ActorKind.SYSTEM,
+        actor_label="system:alerts",
+    )
+
+
+# -- 1. opening and resolving --------------------------------------------------
+
+
+def sync_alerts(now: datetime, batch: int) -> dict[str, int]:
+    return {"alerts_resolved": _resolve(now, batch), "alerts_opened": _open(now, batch)}
+
+
+def _resolve(now: datetime, batch: int) -> int:
+    """Close open alerts whose instance moved on (or into another episode)."""
+    resolved = []
+    open_alerts = (
+        Alert.objects.filter(resolved_at__isnull=True)
+        .select_related("instance")
+        .order_by("id")[: batch * 4]
+    )
+    for alert in open_alerts:
+        instance = alert.instance
+        if (
+            instance.stuck
+            and instance.state not in TERMINAL_STATES
+            and (alert_kind(instance) == alert.kind)
+        ):
+            continue
+        resolved.append(alert)
+    with transaction.atomic():
+        for alert in resolved:
+            Alert.objects.filter(pk=alert.pk, resolved_at__isnull=True).update(
+                resolved_at=now, next_send_at=None, escalate_at=None
+            )
+        # Still stuck, but in another episode (e.g. no progress -> held): its
+        # new alert is opened right after.
+        WorkflowInstance.objects.filter(
+            pk__in=[a.instance_id for a in resolved if a.instance.stuck],
+            stuck=True,
+        ).exclude(state__in=TERMINAL_STATES).update(alert_due=True)
+        TransitionLog.objects.bulk_create(
+            _note(
+                a.instance_id,
+                "alert_resolved",
+                f"{a.get_kind_display()} is over",
+                {"alert": a.pk},
+            )
+            for a in resolved
+        )
+    return len(resolved)
+
+
+def _open(now: datetime, batch: int) -> int:
+    """One open alert per stuck instance; the mail waits a little so a burst
+    of the same definition goes out as one digest."""
+    stuck = list(
+        WorkflowInstance.objects.filter(alert_due=True).order_by("stuck_since")[:batch]
+    )
+    gather = timedelta(seconds=settings.SAGA_ALERT_GATHER)
+    alerts = [
+        Alert(
+            instance_id=i.id,
+            definition_key=i.definition_key,
+            kind=alert_kind(i),
+            reason=i.stuck_reason[:300],
+            opened_at=now,
+            next_send_at=now + gather,
+        )
+        for i in stuck
+    ]
+    with transaction.atomic():
+        # A concurrent sweeper may have opened the same alert: the partial
+        # unique constraint keeps one, and ignore_conflicts skips ours.
+        Alert.objects.bulk_create(alerts, ignore_conflicts=True)
+        # Note only the alerts really opened now (a concurrent sweeper's win
+        # was skipped by ignore_conflicts and is noted by that sweeper).
+        opened = list(
+            Alert.objects.filter(
+                instance_id__in=[a.instance_id for a in alerts],
+                opened_at=now,
+                resolved_at__isnull=True,
+            ).values_list("instance_id", "kind", "reason")
+        )
+        TransitionLog.objects.bulk_create(
+            _note(instance_id, "alert_opened", reason, {"kind": kind})
+            for instance_id, kind, reason in opened
+        )
+        WorkflowInstance.objects.filter(pk__in=[i.id for i in stuck]).update(
+            alert_due=False
+        )
+    return len(opened)
+
+
+# -- 2. sending ----------------------------------------------------------------
+
+
+def _claim(due: QuerySet[Alert], column: str, now: datetime, batch: int) -> list[Alert]:
+    """Take due alerts by compare-and-set on ``column``: another sender that
+    read the same rows loses the update and skips them."""
+    if connection.features.has_select_for_update_skip_locked:
+        due = due.select_for_update(skip_locked=True, of=("self",))
+    claimed = []
+    with transaction.atomic():
+        for alert in due.order_by(column)[:batch]:
+            won = Alert.objects.filter(
+                pk=alert.pk, **{column: getattr(alert, column)}
+            ).update(**{column: now + SEND_LEASE})
+            if won:
+                claimed.append(alert)
+    return claimed
+
+
+def _retry_delay(attempts: int) -> timedelta:
+    return min(MAX_RETRY_DELAY, timedelta(seconds=30 * 2 ** max(0, attempts - 1)))
+
+
+def recipients(definition: WorkflowDefinition | None) -> list[str]:
+    listed = definition.recipient_list() if definition else []
+    return listed or [settings.SAGA_ONCALL_EMAIL]
+
+
+def make_message(
+    template: str, to: list[str], context: dict[str, Any]
+) -> EmailMultiAlternatives:
+    """The one way alert mail is built: ``emails/<template>-{subject,body}``."""
+    context = {**context, "site_url": settings.SITE_URL}
+    subject = " ".join(
+        render_to_string(f"emails/{template}-subject.txt", context).split()
+    )
+    message = EmailMultiAlternatives(
+        subject=subject[:250],
+        body=render_to_string(f"emails/{template}-body.txt", context),
+        to=to,
+    )
+    message.attach_alternative(
+        render_to_string(f"emails/{template}-body.html", context), "text/html"
+    )
+    return message
+
+
+def _context(alerts: Iterable[Alert]) -> list[dict[str, Any]]:
+    return [
+        {
+            "alert": a,
+            "instance": a.instance,
+            "url": instance_url(a.instance_id),
+            "definition": a.instance.definition,
+        }
+        for a in alerts
+    ]
+
+
+def send_due_alerts(batch: int | None = None) -> dict[str, int]:
+    size = batch or settings.SAGA_SWEEP_BATCH
+    now = db_now()
+    due = Alert.objects.filter(next_send_at__lte=now, resolved_at__isnull=True)
+    claimed = _claim(due, "next_send_at", now, size)
+    by_definition: dict[str, list[Alert]] = defaultdict(list)
+    for alert in (
+        Alert.objects.filter(pk__in=[a.pk for a in claimed])
+        .select_related("instance__definition")
+        .order_by("opened_at")
+    ):
+        by_definition[alert.definition_key].append(alert)
+    sent = failed = 0
+    mail = get_connection(fail_silently=False)
+    for alerts in by_definition.values():
+        definition = alerts[0].instance.definition
+        digest = len(alerts) >= settings.SAGA_ALERT_DIGEST_MIN
+        groups = [alerts] if digest else [[a] for a in alerts]
+        for group in groups:
+            items = _context(group)
+            template = "digest" if digest else "alert"
+            context = {
+                "items": items,
+                "item": items[0],
+                "definition": definition,
+                "count": len(items),
+            }
+            message = make_message(template, recipients(definition), context)
+            ok = _deliver(mail, message, group, now, digest=digest)
+            sent += ok
+            failed += not ok
+    escalated = _escalate(mail, now, size)
+    return {"mails_sent": sent, "mails_failed": failed, "escalations": escalated}
+
+
+def _deliver(
+    mail: Any,
+    message: EmailMultiAlternatives,
+    alerts: list[Alert],
+    now: datetime,
+    *,
+    digest: bool,
+) -> bool:
+    try:
+        mail.send_messages([message])
+    except Exception as exc:  # any transport error: record it and retry later
+        log.warning("alert mail to %s failed: %s", message.to, exc)
+        for alert in alerts:
+            attempts = alert.send_attempts + 1
+            Alert.objects.filter(pk=alert.pk).update(
+                send_attempts=attempts,
+                last_send_error=f"{type(exc).__name__}: {exc}"[:2000],
+                next_send_at=now + _retry_delay(attempts),
+            )
+        return False
+    escalate = (
+        now + timedelta(seconds=settings.SAGA_ALERT_ESCALATE_AFTER)
+        if settings.SAGA_ESCALATION_EMAIL
+        else None
+    )
+    for alert in alerts:
+        Alert.objects.filter(pk=alert.pk).update(
+            notified_at=now,
+            notified_in_digest=digest,
+            next_send_at=None,
+            send_attempts=alert.send_attempts + 1,
+            last_send_error="",
+            escalate_at=escalate if alert.acknowledged_at is None else None,
+        )
+    TransitionLog.objects.bulk_create(
+        _note(
+            a.instance_id,
+            "alert_sent",
+            f"mailed to {', '.join(message.to)}",
+            {"alert": a.pk, "digest": digest},
+        )
+        for a in alerts
+    )
+    return True
+
+
+def _escalate(mail: Any, now: datetime, batch: int) -> int:
+    due = Alert.objects.filter(
+        escalate_at__lte=now, acknowledged_at__isnull=True, resolved_at__isnull=True
+    )
+    done = 0
+    for alert in _claim(due, "escalate_at", now, batch):
+        alert = Alert.objects.select_related("instance__definition").get(pk=alert.pk)
+        items = _context([alert])
+        message = make_message(
+            "escalation",
+            [settings.SAGA_ESCALATION_EMAIL],
+            {
+                "item": items[0],
+                "alert": alert,
+                "window": timedelta(seconds=settings.SAGA_ALERT_ESCALATE_AFTER),
+            },
+        )
+        try:
+            mail.send_messages([message])
+        except Exception as exc:  # retried at the next run after the lease
+            log.warning("escalation mail failed: %s", exc)
+            Alert.objects.filter(pk=alert.pk).update(
+                escalate_at=now + _retry_delay(alert.send_attempts + 1),
+                last_send_error=f"escalation: {type(exc).__name__}: {exc}"[:2000],
+            )
+            continue
+        Alert.objects.filter(pk=alert.pk).update(escalated_at=now, escalate_at=None)
+        _note(
+            alert.instance_id,
+            "alert_escalated",
+            f"not acknowledged; mailed to {settings.SAGA_ESCALATION_EMAIL}",
+            {"alert": alert.pk},
+        ).save()
+        done += 1
+    return done

@@ -1,0 +1,49 @@
+"""The NinjaAPI object: routers, error handlers, the OpenAPI description."""
+
+from __future__ import annotations
+
+from ninja import NinjaAPI, Swagger
+
+from workflows_app.api import errors, inbound, instances
+from workflows_app.api.body import StrictJSONParser
+
+DESCRIPTION = """\
+Start workflow instances, follow them, and report results to waiting steps.
+
+**Authentication**: `Authorization: Bearer <token>`. Tokens are created in the
+admin or with `manage.py create_api_token NAME --scopes start,read,report`.
+Scopes: `start` (start instances), `read` (GET endpoints), `report`
+(callbacks and events).
+
+**Errors**: every 4xx and 5xx has the body
+`{"error": {"code": "...", "message": "..."}}` (validation errors add
+`details`). Bad input never creates anything. Codes: `invalid_json`,
+`idempotency_key_required`, `invalid_cursor` (400); `unauthorized` (401);
+`forbidden` (403); `not_found`, `unknown_definition`, `unknown_instance`,
+`unknown_task_token` (404); `method_not_allowed` (405);
+`idempotency_conflict`, `already_changed` (409); `payload_too_large` (413);
+`unsupported_media_type` (415); `invalid_request` (422: shape or types),
+`invalid_input` (422: values the engine refuses); `internal_error` (500).
+
+**Replays**: callbacks and events carry an `id`; sending the same id again
+returns the first answer with `replay: true` and changes nothing. Starting
+with a used `Idempotency-Key` returns the existing instance (200).
+
+**Status vocabulary**: accepted, running, needs_attention, compensating,
+completed, compensated, cancelled, failed. *Accepted* means "durably recorded,
+will be worked on"; *completed* means "the business outcome happened".
+"""
+
+api = NinjaAPI(
+    title="Saga Desk API",
+    version="1",
+    description=DESCRIPTION,
+    urls_namespace="api-v1",
+    # Served from the app's own static files ("ninja" is an installed app),
+    # so the docs page works without internet access.
+    docs=Swagger(settings={"persistAuthorization": True}),
+    parser=StrictJSONParser(),
+)
+errors.install(api)
+api.add_router("", instances.router, tags=["instances"])
+api.add_router("", inbound.router, tags=["inbound messages"])

@@ -1,0 +1,112 @@
+"""The demo workflows: used by the demo, the tests and new staff's training."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.db import transaction
+
+from workflows_app.models import StepDefinition, WorkflowDefinition
+
+SECOND = timedelta(seconds=1)
+
+DEMO_DEFINITIONS: list[dict[str, Any]] = [
+    {
+        "key": "order-fulfilment",
+        "title": "Order fulfilment",
+        "description": "Reserve stock, take payment, ship, tell the customer. "
+        "Shipping is the point of no return.",
+        "failure_policy": WorkflowDefinition.FailurePolicy.COMPENSATE,
+        "stuck_after": timedelta(minutes=2),
+        "deadline": timedelta(minutes=30),
+        "alert_recipients": "orders-oncall@example.com",
+        "steps": [
+            {
+                "name": "reserve_inventory",
+                "action": "demo.reserve_inventory",
+                "compensation": "demo.release_inventory",
+                "retry_on_timeout": True,
+            },
+            # Payments must not be charged twice blindly: a timeout waits for a person.
+            {
+                "name": "charge_payment",
+                "action": "demo.charge_payment",
+                "compensation": "demo.refund_payment",
+                "retry_on_timeout": False,
+            },
+            {
+                "name": "create_shipment",
+                "action": "demo.create_shipment",
+                "is_pivot": True,
+                "retry_on_timeout": True,
+            },
+            {
+                "name": "notify_customer",
+                "action": "demo.notify_customer",
+                "retry_on_timeout": True,
+            },
+        ],
+    },
+    {
+        "key": "trip-booking",
+        "title": "Trip booking",
+        "description": "Book a car, a hotel and a flight; cancel what was booked if "
+        "any booking fails.",
+        "failure_policy": WorkflowDefinition.FailurePolicy.COMPENSATE,
+        "stuck_after": timedelta(minutes=2),
+        "deadline": None,
+        "alert_recipients": "travel-oncall@example.com",
+        "steps": [
+            {
+                "name": "book_car",
+                "action": "demo.book_car",
+                "compensation": "demo.cancel_car",
+                "retry_on_timeout": True,
+            },
+            {
+                "name": "book_hotel",
+                "action": "demo.book_hotel",
+                "compensation": "demo.cancel_hotel",
+                "retry_on_timeout": True,
+            },
+            {
+                "name": "book_flight",
+                "action": "demo.book_flight",
+                "compensation": "demo.cancel_flight",
+                "retry_on_timeout": False,
+            },
+        ],
+    },
+]
+
+STEP_DEFAULTS: dict[str, Any] = {
+    "timeout": 3 * SECOND,
+    "max_attempts": 3,
+    "backoff_initial": 0.5 * SECOND,
+    "backoff_multiplier": 2.0,
+    "backoff_max": 5 * SECOND,
+    "backoff_jitter": 0.1,
+}
+
+
+@transaction.atomic
+def load_demo_definitions() -> list[WorkflowDefinition]:
+    """Create and publish version 1 of each demo definition unless it exists."""
+    loaded = []
+    for spec in DEMO_DEFINITIONS:
+        spec = dict(spec)
+        steps = spec.pop("steps")
+        definition, created = WorkflowDefinition.objects.get_or_create(
+            key=spec["key"], version=1, defaults=spec
+        )
+        if created:
+            for position, step in enumerate(steps, start=1):
+                StepDefinition.objects.create(
+                    definition=definition,
+                    position=position,
+                    **{**STEP_DEFAULTS, **step},
+                )
+            definition.publish()
+        loaded.append(definition)
+    return loaded

@@ -1,0 +1,458 @@
+"""Running attempts: claim before the external call, record after it.
+
+The activity itself runs between :func:`attempt_claim` and
+:func:`attempt_record`, outside any transaction. Both commands lock the
+instance row first, so every writer of an instance is serialised, and both
+fence on the attempt number: a duplicate, late or stale message changes
+nothing and is only noted in the timeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import transaction
+
+from workflows_app.activities.base import ActivityContext
+from workflows_app.engine import planning, progress
+from workflows_app.engine.actors import Actor
+from workflows_app.engine.transitions import Change
+from workflows_app.models import (
+    Attempt,
+    CompensationState,
+    InstanceState,
+    StepExecution,
+    StepState,
+)
+
+ACTION = Attempt.Direction.ACTION
+COMPENSATION = Attempt.Direction.COMPENSATION
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    kind: str  # "succeeded" | "waiting" | "failed" | "timed_out"
+    output: Any = None
+    error_class: str = ""
+    error_message: str = ""
+    permanent: bool = False
+
+    @property
+    def error(self) -> str:
+        return (
+            f"{self.error_class}: {self.error_message}"
+            if self.error_class
+            else self.error_message
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    instance_id: str
+    step_id: int
+    timeout: timedelta
+    activity: str
+    context: ActivityContext
+
+
+# Answers "may this worker still run an attempt with this timeout?"
+InlineBudget = Callable[[timedelta], bool]
+
+
+def _claimable(change: Change, step: StepExecution, direction: str) -> str | None:
+    """Why the work cannot be claimed now, or None if it can."""
+    instance = change.instance
+    if direction == ACTION:
+        if instance.state != InstanceState.RUNNING:
+            return f"instance is {instance.state}"
+        if step.state not in {StepState.SCHEDULED, StepState.RETRYING}:
+            return f"action is {step.state}"
+    else:
+        if instance.state != InstanceState.COMPENSATING:
+            return f"instance is {instance.state}"
+        if step.compensation_state not in {
+            CompensationState.PENDING,
+            CompensationState.RETRYING,
+        }:
+            return f"compensation is {step.compensation_state}"
+    if step.next_attempt_at is not None and step.next_attempt_at > change.now:
+        return f"next attempt is not due before {step.next_attempt_at.isoformat()}"
+    return None
+
+
+@transaction.atomic(durable=True)
+def attempt_claim(
+    instance_id: Any, step_id: int, direction: str, *, task_id: str = "", actor: Actor
+) -> Claim | None:
+    """Claim the next attempt of a step (committed as running) or do nothing.
+
+    Returns what the worker needs to call the activity, or None when the
+    message is a duplicate or arrived for work that is no longer claimable."""
+    change = Change.open(instance_id, actor)
+    step = change.step(step_id=step_id)
+    why_not = _claimable(change, step, direction)
+    if why_not is not None:
+        change.note(
+            "message_ignored",
+            step=step,
+            reason=f"{direction} message ignored: {why_not}",
+            data={"task_id": task_id, "direction": direction},
+        )
+        change.save()
+        return None
+    claim = _claim(change, step, direction, task_id)
+    change.save()
+    return claim
+
+
+def _claim(change: Change, step: StepExecution, direction: str, task_id: str) -> Claim:
+    """Start the next attempt: the caller's transaction commits it as running
+    before the activity is called."""
+    definition = step.step_definition
+    data = {"worker": change.actor.label, "task_id": task_id}
+    if direction == ACTION:
+        change.fire(step, "begin_attempt", data={"attempt": step.attempt + 1, **data})
+        number, activity = step.attempt, definition.action
+        config = definition.action_config
+        if definition.is_pivot or any(
+            s.step_definition.is_pivot and s.position < step.position
+            for s in change.steps
+        ):
+            change.instance.pivot_passed = True
+    else:
+        change.fire(
+            step,
+            "begin_compensation_attempt",
+            data={"attempt": step.compensation_attempt + 1, **data},
+        )
+        number, activity = step.compensation_attempt, definition.compensation
+        config = definition.compensation_config
+    step.deadline_at = change.now + definition.timeout
+    attempt = Attempt.objects.create(
+        step=step,
+        direction=direction,
+        number=number,
+        started_at=change.now,
+        worker_host=change.actor.label[:200],
+        task_id=task_id[:200],
+    )
+    instance = change.instance
+    return Claim(
+        instance_id=str(instance.id),
+        step_id=step.id,
+        timeout=definition.timeout,
+        activity=activity,
+        context=ActivityContext(
+            instance_id=str(instance.id),
+            business_key=instance.business_key,
+            definition_key=instance.definition_key,
+            input=instance.input,
+            outputs=dict(instance.outputs),
+            step_name=step.name,
+            direction=direction,  # type: ignore[arg-type]
+            attempt=number,
+            idempotency_key=step.idempotency_key(direction),
+            deadline=step.deadline_at,
+            task_token=str(attempt.task_token),
+            config=config,
+        ),
+    )
+
+
+def _continue_inline(
+    change: Change, fits: InlineBudget | None, task_id: str
+) -> Claim | None:
+    """Claim the next due attempt in this transaction instead of sending it
+    through the broker, when the worker has time left to run it."""
+    if fits is None:
+        return None
+    work = change.take_dispatch(
+        lambda step, direction, delay: not delay and fits(step.step_definition.timeout)
+    )
+    if work is None:
+        return None
+    step, direction = work
+    return _claim(change, step, direction, task_id)
+
+
+def _live(step: StepExecution, direction: str) -> bool:
+    if direction == ACTION:
+        return step.state in {StepState.RUNNING, StepState.WAITING}
+    return step.compensation_state == CompensationState.RUNNING
+
+
+def _backoff(step: StepExecution) -> planning.Backoff:
+    d = step.step_definition
+    return planning.Backoff(
+        d.backoff_initial, d.backoff_multiplier, d.backoff_max, d.backoff_jitter
+    )
+
+
+@transaction.atomic(durable=True)
+def attempt_record(
+    instance_id: Any,
+    step_id: int,
+    direction: str,
+    number: int,
+    outcome: Outcome,
+    *,
+    actor: Actor,
+    source: str = "worker",
+) -> bool:
+    """Record the outcome of attempt ``number`` and advance the instance.
+
+    Returns False (and only notes it) when the attempt is no longer the live
+    one: a late result after a timeout, a duplicate callback, a stale worker."""
+    change = Change.open(instance_id, actor)
+    return _record(change, step_id, direction, number, outcome, source=source)
+
+
+@transaction.atomic(durable=True)
+def attempt_record_and_continue(
+    claim: Claim,
+    outcome: Outcome,
+    *,
+    actor: Actor,
+    fits: InlineBudget,
+    task_id: str = "",
+) -> Claim | None:
+    """The worker's path: record the outcome, advance, and if the next thing
+    to do is an attempt due now, claim it in the same transaction (one commit
+    and no broker round trip per step)."""
+    change = Change.open(claim.instance_id, actor)
+    direction = claim.context.direction
+    if not _record(
+        change,
+        claim.step_id,
+        direction,
+        claim.context.attempt,
+        outcome,
+        source="worker",
+        save=False,
+    ):
+        change.save()
+        return None
+    next_claim = _continue_inline(change, fits, task_id)
+    change.save()
+    return next_claim
+
+
+def _record(
+    change: Change,
+    step_id: int,
+    direction: str,
+    number: int,
+    outcome: Outcome,
+    *,
+    source: str,
+    save: bool = True,
+) -> bool:
+    step = change.step(step_id=step_id)
+    current = step.attempt if direction == ACTION else step.compensation_attempt
+    if number != current or not _live(step, direction):
+        change.note(
+            "stale_outcome_ignored",
+            step=step,
+            reason=f"{source} reported {outcome.kind} for {direction} attempt "
+            f"{number}; the step is {step.state}/{step.compensation_state} "
+            f"at attempt {current}",
+            data={
+                "attempt": number,
+                "outcome": outcome.kind,
+                "error": outcome.error[:500],
+            },
+        )
+        change.save()
+        return False
+
+    _close_attempt(step, direction, number, outcome, change.now)
+    data = {"attempt": number, "source": source}
+    if outcome.error:
+        data["error"] = outcome.error[:2000]
+    if direction == ACTION:
+        _record_action(change, step, outcome, data)
+    else:
+        _record_compensation(change, step, outcome, data)
+    progress.advance(change)
+    if save:
+        change.save()
+    return True
+
+
+def _close_attempt(
+    step: StepExecution, direction: str, number: int, outcome: Outcome, now: datetime
+) -> None:
+    kinds = {
+        "succeeded": Attempt.Outcome.SUCCEEDED,
+        "waiting": Attempt.Outcome.WAITING,
+        "timed_out": Attempt.Outcome.TIMED_OUT,
+        "failed": Attempt.Outcome.FAILED_PERMANENT
+        if outcome.permanent
+        else Attempt.Outcome.FAILED,
+    }
+    Attempt.objects.filter(step=step, direction=direction, number=number).update(
+        outcome=kinds[outcome.kind],
+        finished_at=None if outcome.kind == "waiting" else now,
+        error_class=outcome.error_class[:200],
+        error_message=outcome.error_message[:5000],
+    )
+
+
+def _schedule_retry(
+    change: Change,
+    step: StepExecution,
+    direction: str,
+    failed_attempt: int,
+    transition: str,
+    error: str,
+    data: dict[str, Any],
+) -> None:
+    delay = planning.retry_delay(_backoff(step), failed_attempt)
+    step.next_attempt_at = change.now + delay
+    data = {**data, "retry_in_seconds": round(delay.total_seconds(), 3)}
+    change.fire(step, transition, error, reason=error, data=data)
+    change.dispatch_step(step, direction, delay=delay)
+
+
+def _record_action(
+    change: Change, step: StepExecution, outcome: Outcome, data: dict[str, Any]
+) -> None:
+    running = change.instance.state == InstanceState.RUNNING
+    awaited = step.step_definition.awaits_event
+    if outcome.kind == "succeeded" and awaited and data.get("source") == "worker":
+        # The participant accepted the request; the step is done when the
+        # awaited event (or a callback) arrives.
+        outcome = Outcome(
+            "waiting", output={"awaiting": awaited, "ack": outcome.output}
+        )
+    if outcome.kind == "succeeded":
+        change.fire(step, "succeed", outcome.output, data=data)
+        step.succeeded_at = change.now
+        change.instance.outputs = {**change.instance.outputs, step.name: outcome.output}
+    elif outcome.kind == "waiting":
+        change.fire(step, "wait", data={**data, "detail": outcome.output})
+    elif outcome.kind == "failed":
+        retry = running and planning.should_retry(
+            attempt=step.attempt,
+            attempts_allowed=step.attempts_allowed,
+            permanent=outcome.permanent,
+        )
+        if retry:
+            _schedule_retry(
+                change, step, ACTION, step.attempt, "retry", outcome.error, data
+            )
+        else:
+            change.fire(step, "fail", outcome.error, reason=outcome.error, data=data)
+    else:  # timed out: the effect may or may not have happened
+        change.fire(step, "time_out", outcome.error, reason=outcome.error, data=data)
+        definition = step.step_definition
+        if (
+            running
+            and definition.retry_on_timeout
+            and step.attempt < step.attempts_allowed
+        ):
+            _schedule_retry(
+                change, step, ACTION, step.attempt, "retry", outcome.error, data
+            )
+
+
+def _record_compensation(
+    change: Change, step: StepExecution, outcome: Outcome, data: dict[str, Any]
+) -> None:
+    if outcome.kind == "succeeded":
+        change.fire(step, "compensation_succeed", data=data)
+        step.compensated_at = change.now
+        return
+    error = outcome.error or "a compensation cannot wait for a callback"
+    # A compensation must be safe to repeat, so a timeout is retried like an error.
+    retry = planning.should_retry(
+        attempt=step.compensation_attempt,
+        attempts_allowed=step.compensation_attempts_allowed,
+        permanent=outcome.permanent,
+    )
+    if retry:
+        _schedule_retry(
+            change,
+            step,
+            COMPENSATION,
+            step.compensation_attempt,
+            "compensation_retry",
+            error,
+            data,
+        )
+    else:
+        change.fire(step, "compensation_fail", error, reason=error, data=data)
+
+
+@transaction.atomic(durable=True)
+def instance_advance(
+    instance_id: Any,
+    *,
+    actor: Actor,
+    fits: InlineBudget | None = None,
+    task_id: str = "",
+) -> Claim | None:
+    """Apply whatever the planner decides next (start, schedule, finish...);
+    with ``fits``, claim the first attempt due now for the calling worker."""
+    change = Change.open(instance_id, actor)
+    progress.advance(change)
+    claim = _continue_inline(change, fits, task_id)
+    change.save()
+    return claim
+
+
+@transaction.atomic(durable=True)
+def attempt_time_out(
+    instance_id: Any, step_id: int, seen_deadline: datetime, *, actor: Actor
+) -> bool:
+    """Time out the live attempt of a step whose deadline passed (sweeper)."""
+    change = Change.open(instance_id, actor)
+    step = change.step(step_id=step_id)
+    if step.deadline_at is None or step.deadline_at > change.now:
+        return False  # someone recorded an outcome or a new attempt meanwhile
+    if change.instance.definition.mode == "observed":
+        return _milestone_overdue(change, step)
+    active_comp = step.compensation_state == CompensationState.RUNNING
+    direction = COMPENSATION if active_comp else ACTION
+    if not _live(step, direction):
+        # A leftover deadline with nothing running: clear it so it is not swept again.
+        step.deadline_at = None
+        change.mark_step(step)
+        change.save()
+        return False
+    number = step.compensation_attempt if active_comp else step.attempt
+    limit = step.step_definition.timeout
+    outcome = Outcome(
+        "timed_out",
+        error_class="Timeout",
+        error_message=f"no outcome within {_fmt(limit)} "
+        f"(deadline {seen_deadline.isoformat()})",
+    )
+    return _record(change, step_id, direction, number, outcome, source="sweeper")
+
+
+def _milestone_overdue(change: Change, step: StepExecution) -> bool:
+    """An observed milestone did not arrive in time: nothing to retry, so the
+    instance is flagged stuck with the reason; a late event still completes it."""
+    definition = step.step_definition
+    reason = (
+        f"{definition.awaits_event} was not reported within "
+        f"{_fmt(definition.timeout)} ({step.name})"
+    )
+    step.deadline_at = None
+    change.mark_step(step)
+    instance = change.instance
+    instance.stuck, instance.stuck_reason = True, reason[:300]
+    instance.alert_due = True
+    instance.stuck_since = instance.stuck_since or change.now
+    change.mark_instance()
+    change.note("milestone_overdue", step=step, reason=reason)
+    change.save()
+    return True
+
+
+def _fmt(delta: timedelta) -> str:
+    return f"{delta.total_seconds():g}s"

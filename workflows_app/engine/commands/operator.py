@@ -1,0 +1,197 @@
+"""Manual actions by support staff: each one permission-checked, fenced on the
+state version the operator saw, audited with their name and reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+from django_fsm import can_proceed
+
+from workflows_app.engine import progress
+from workflows_app.engine.actors import Actor
+from workflows_app.engine.errors import (
+    AlreadyChanged,
+    InvalidInput,
+    NotPermitted,
+    TransitionRejected,
+)
+from workflows_app.engine.transitions import Change
+from workflows_app.models import Alert, CompensationState, StepExecution, StepState
+
+BLOCKED = {StepState.FAILED, StepState.UNKNOWN}
+
+
+def _open(
+    instance_id: Any, user: Any, reason: str, expected_version: int | None
+) -> Change:
+    if not reason or not reason.strip():
+        raise InvalidInput("a reason is required")
+    change = Change.open(instance_id, Actor.operator(user))
+    change.check_version(expected_version)
+    return change
+
+
+def _blocked_step(
+    change: Change, step_id: int | None, transition: str
+) -> StepExecution:
+    """The step that stops forward progress (the first failed or unknown one).
+
+    The instance's state is checked first: when it moved on meanwhile (another
+    operator, a worker) the refusal says so instead of blaming a step."""
+    instance = change.instance
+    if not can_proceed(getattr(instance, transition)):
+        raise TransitionRejected(
+            f"{transition.replace('_', ' ')} is not allowed while the instance "
+            f"is {instance.state}"
+        )
+    blocked = next((s for s in change.steps if s.state in BLOCKED), None)
+    if blocked is None or (step_id is not None and blocked.id != step_id):
+        raise TransitionRejected("no failed or unknown step blocks this instance there")
+    return blocked
+
+
+@transaction.atomic(durable=True)
+def instance_retry_step(
+    instance_id: Any,
+    *,
+    user: Any,
+    reason: str,
+    step_id: int | None = None,
+    expected_version: int | None = None,
+) -> None:
+    """Run the blocking step again now, with a fresh budget of attempts."""
+    change = _open(instance_id, user, reason, expected_version)
+    step = _blocked_step(change, step_id, "retry_step")
+    change.fire(
+        change.instance,
+        "retry_step",
+        reason=reason,
+        check_user=True,
+        data={"step": step.name},
+    )
+    change.fire(
+        step,
+        "retry_now",
+        step.step_definition.max_attempts,
+        reason=reason,
+        check_user=True,
+    )
+    change.dispatch_step(step, "action")
+    change.save()
+
+
+@transaction.atomic(durable=True)
+def instance_mark_step_done(
+    instance_id: Any,
+    *,
+    user: Any,
+    reason: str,
+    output: Any = None,
+    step_id: int | None = None,
+    expected_version: int | None = None,
+) -> None:
+    """Record that a person did the blocking step by hand, then move on."""
+    change = _open(instance_id, user, reason, expected_version)
+    step = _blocked_step(change, step_id, "mark_step_done")
+    change.fire(
+        change.instance,
+        "mark_step_done",
+        reason=reason,
+        check_user=True,
+        data={"step": step.name},
+    )
+    change.fire(
+        step,
+        "mark_done",
+        output,
+        reason=reason,
+        check_user=True,
+        data={"output": output},
+    )
+    change.instance.outputs = {**change.instance.outputs, step.name: output}
+    progress.advance(change)
+    change.save()
+
+
+def _simple(name: str) -> Any:
+    @transaction.atomic(durable=True)
+    def command(
+        instance_id: Any, *, user: Any, reason: str, expected_version: int | None = None
+    ) -> None:
+        change = _open(instance_id, user, reason, expected_version)
+        change.fire(change.instance, name, reason=reason, check_user=True)
+        if name == "resume":
+            # The operator accepted the passed deadline; do not hold again for it.
+            change.instance.deadline_at = None
+        progress.advance(change)
+        change.save()
+
+    command.__name__ = f"instance_{name}"
+    return command
+
+
+instance_resume = _simple("resume")
+instance_resume.__doc__ = "Continue an instance held because its deadline passed."
+instance_compensate = _simple("compensate")
+instance_compensate.__doc__ = (
+    "Undo the started steps before the pivot, in reverse order."
+)
+instance_cancel = _simple("cancel")
+instance_cancel.__doc__ = (
+    "Cancel: accepted instances end at once, started ones compensate."
+)
+instance_close_as_failed = _simple("close_as_failed")
+instance_close_as_failed.__doc__ = (
+    "End a held instance as failed: a person takes it from here."
+)
+
+
+@transaction.atomic(durable=True)
+def instance_retry_compensation(
+    instance_id: Any, *, user: Any, reason: str, expected_version: int | None = None
+) -> None:
+    """Retry the compensation that exhausted its attempts, then continue undoing."""
+    change = _open(instance_id, user, reason, expected_version)
+    failed = [
+        s for s in change.steps if s.compensation_state == CompensationState.FAILED
+    ]
+    change.fire(
+        change.instance,
+        "retry_compensation",
+        reason=reason,
+        check_user=True,
+        data={"steps": [s.name for s in failed]},
+    )
+    for step in failed:
+        change.fire(
+            step,
+            "compensation_retry_now",
+            step.step_definition.max_attempts,
+            reason=reason,
+            check_user=True,
+        )
+        change.dispatch_step(step, "compensation")
+    progress.advance(change)
+    change.save()
+
+
+@transaction.atomic(durable=True)
+def alert_acknowledge(alert_id: int, *, user: Any, reason: str = "") -> None:
+    """An operator takes the alert: no escalation; it stays open until the
+    instance moves on."""
+    if not user.has_perm("workflows_app.acknowledge_alert"):
+        raise NotPermitted("you are not allowed to acknowledge alerts")
+    alert = Alert.objects.select_for_update().get(pk=alert_id)
+    if alert.resolved_at is not None or alert.acknowledged_at is not None:
+        raise AlreadyChanged(f"this alert is already {alert.status}")
+    change = Change.open(alert.instance_id, Actor.operator(user))
+    Alert.objects.filter(pk=alert.pk).update(
+        acknowledged_at=change.now, acknowledged_by=user, escalate_at=None
+    )
+    change.note(
+        "alert_acknowledged",
+        reason=reason or "acknowledged",
+        data={"alert": alert.pk, "kind": alert.kind},
+    )
+    change.save()

@@ -1,0 +1,213 @@
+"""Pure decisions of the engine: no database, no clock, no I/O.
+
+``decide`` answers "what happens next for this instance?" from a snapshot of
+its recorded state. The engine applies one decision at a time and asks again
+until the answer is ``IDLE`` (work is in flight, or waits for a person), so
+the whole orchestration logic lives here and is tested exhaustively without
+a database.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import random
+from collections.abc import Sequence
+from datetime import timedelta
+
+
+class Move(enum.Enum):
+    IDLE = "idle"
+    START = "start"
+    SCHEDULE = "schedule"  # schedule the action of `position`
+    COMPLETE = "complete"
+    BEGIN_COMPENSATION = "begin_compensation"
+    HOLD = "hold"
+    UNSCHEDULE = "unschedule"  # a scheduled action that will not run now
+    ABANDON_RETRY = "abandon_retry"  # a pending retry that will not run now
+    SKIP_COMPENSATION = "skip_compensation"
+    COMPENSATE = "compensate"  # require and dispatch the compensation of `position`
+    FINISH_COMPENSATION = "finish_compensation"
+    EXPECT = "expect"  # observed workflows: wait for the milestone of `position`
+
+
+@dataclasses.dataclass(frozen=True)
+class StepView:
+    position: int
+    state: str
+    compensation_state: str
+    attempt: int
+    attempts_allowed: int
+    has_compensation: bool
+    retry_on_timeout: bool
+
+    @property
+    def started(self) -> bool:
+        # A claimed attempt may have had an effect; a skipped step was done by hand.
+        return self.attempt > 0 or self.state == "skipped"
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceView:
+    state: str
+    failure_policy: str  # "compensate" | "hold"
+    pivot_position: int | None
+    steps: Sequence[StepView]  # ordered by position
+    # Observed workflows: services drive the steps, the engine only watches.
+    observed: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    move: Move
+    position: int | None = None
+    attention_kind: str = ""
+    reason: str = ""
+
+
+IDLE = Decision(Move.IDLE)
+IN_FLIGHT = frozenset({"running", "waiting"})
+DONE = frozenset({"succeeded", "skipped"})
+COMPENSATION_ACTIVE = frozenset({"pending", "running", "retrying"})
+
+
+def before_pivot(view: InstanceView, step: StepView) -> bool:
+    return view.pivot_position is None or step.position < view.pivot_position
+
+
+def needs_compensation(view: InstanceView, step: StepView) -> bool:
+    """Compensate every started step before the pivot that has a compensation,
+    whatever its outcome: a timed-out or failed call may still have applied."""
+    return step.has_compensation and step.started and before_pivot(view, step)
+
+
+def decide(view: InstanceView) -> Decision:
+    if view.state == "accepted":
+        return Decision(Move.START)
+    if view.state == "running":
+        return _decide_observed(view) if view.observed else _decide_forward(view)
+    if view.state == "compensating":
+        return _decide_compensation(view)
+    return IDLE
+
+
+def _decide_forward(view: InstanceView) -> Decision:
+    if any(step.state in IN_FLIGHT for step in view.steps):
+        return IDLE
+    for step in view.steps:
+        if step.state in DONE:
+            continue
+        if step.state == "pending":
+            return Decision(Move.SCHEDULE, step.position)
+        if step.state in {"scheduled", "retrying"}:
+            return IDLE
+        if step.state == "unknown" and not (
+            step.retry_on_timeout and step.attempt >= step.attempts_allowed
+        ):
+            return Decision(
+                Move.HOLD,
+                step.position,
+                "step_unknown",
+                "outcome unknown after a timeout; a person must decide",
+            )
+        # Failed for good: permanent error, or attempts used up.
+        if not before_pivot(view, step):
+            return Decision(
+                Move.HOLD,
+                step.position,
+                "after_pivot",
+                "failed at or after the pivot: only forward retries are possible",
+            )
+        if view.failure_policy == "compensate":
+            return Decision(
+                Move.BEGIN_COMPENSATION, step.position, reason="step failed"
+            )
+        return Decision(
+            Move.HOLD, step.position, "step_failed", "step failed; policy is hold"
+        )
+    return Decision(Move.COMPLETE)
+
+
+def _decide_observed(view: InstanceView) -> Decision:
+    """Milestones arrive as events, in any order; the engine waits for the
+    first one still missing and holds when a service reports a failure."""
+    for step in view.steps:
+        if step.state == "failed":
+            return Decision(
+                Move.HOLD,
+                step.position,
+                "step_failed",
+                "a service reported a failure: compensation needed",
+            )
+    for step in view.steps:
+        if step.state in DONE:
+            continue
+        if step.state == "pending":
+            return Decision(Move.EXPECT, step.position)
+        return IDLE
+    return Decision(Move.COMPLETE)
+
+
+def _decide_compensation(view: InstanceView) -> Decision:
+    # An action still in flight may yet apply its effect: wait for its outcome
+    # (or its timeout) so its compensation is never run before it.
+    if any(step.state in IN_FLIGHT for step in view.steps):
+        return IDLE
+    for step in view.steps:
+        if step.state == "scheduled":
+            return Decision(Move.UNSCHEDULE, step.position)
+        if step.state == "retrying":
+            return Decision(Move.ABANDON_RETRY, step.position)
+    for step in view.steps:
+        if step.compensation_state == "none" and not needs_compensation(view, step):
+            return Decision(Move.SKIP_COMPENSATION, step.position)
+    # Reverse order: the latest step first, one at a time.
+    for step in reversed(view.steps):
+        if step.compensation_state in {"done", "not_needed"}:
+            continue
+        if step.compensation_state == "none":
+            return Decision(Move.COMPENSATE, step.position)
+        if step.compensation_state in COMPENSATION_ACTIVE:
+            return IDLE
+        if step.compensation_state == "failed":
+            return Decision(
+                Move.HOLD,
+                step.position,
+                "compensation_failed",
+                "a compensation exhausted its retries",
+            )
+    return Decision(Move.FINISH_COMPENSATION)
+
+
+# -- retries -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Backoff:
+    initial: timedelta
+    multiplier: float
+    cap: timedelta
+    jitter: float
+
+
+def retry_delay(
+    policy: Backoff, failed_attempt: int, rng: random.Random | None = None
+) -> timedelta:
+    """Delay before the attempt after ``failed_attempt`` (1-based).
+
+    Exponential: ``initial * multiplier ** (failed_attempt - 1)``, capped, then
+    spread by +/- ``jitter`` (a fraction) so that a burst of failures does not
+    retry in lockstep; never negative and never above the cap."""
+    base = policy.initial.total_seconds() * policy.multiplier ** max(
+        0, failed_attempt - 1
+    )
+    cap = policy.cap.total_seconds()
+    base = min(base, cap)
+    if policy.jitter:
+        spread = base * policy.jitter
+        base += (rng or random).uniform(-spread, spread)
+    return timedelta(seconds=max(0.0, min(base, cap)))
+
+
+def should_retry(*, attempt: int, attempts_allowed: int, permanent: bool) -> bool:
+    return not permanent and attempt < attempts_allowed

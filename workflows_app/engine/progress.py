@@ -1,0 +1,107 @@
+"""Applying planning decisions to a locked instance (shared by all commands)."""
+
+from __future__ import annotations
+
+from workflows_app.engine.planning import Decision, InstanceView, Move, StepView, decide
+from workflows_app.engine.transitions import Change
+
+
+def view_of(change: Change) -> InstanceView:
+    steps = change.steps
+    pivot = next((s.position for s in steps if s.step_definition.is_pivot), None)
+    return InstanceView(
+        state=change.instance.state,
+        failure_policy=change.instance.definition.failure_policy,
+        pivot_position=pivot,
+        observed=change.instance.definition.mode == "observed",
+        steps=[
+            StepView(
+                position=s.position,
+                state=s.state,
+                compensation_state=s.compensation_state,
+                attempt=s.attempt,
+                attempts_allowed=s.attempts_allowed,
+                has_compensation=bool(s.step_definition.compensation),
+                retry_on_timeout=s.step_definition.retry_on_timeout,
+            )
+            for s in steps
+        ],
+    )
+
+
+def advance(change: Change) -> None:
+    """Apply decisions until the planner says IDLE.
+
+    Every decision changes a state, so the loop ends; the bound only guards
+    against a planner bug turning into an endless transaction."""
+    for _ in range(4 * len(change.steps) + 8):
+        decision = decide(view_of(change))
+        if decision.move is Move.IDLE:
+            return
+        _apply(change, decision)
+    raise RuntimeError(f"planner did not settle for instance {change.instance.id}")
+
+
+def _apply(change: Change, decision: Decision) -> None:
+    instance = change.instance
+    move = decision.move
+    step = (
+        change.step(position=decision.position)
+        if decision.position is not None
+        else None
+    )
+    if move is Move.START:
+        change.fire(instance, "start")
+        instance.started_at = change.now
+        instance.redispatch_at = None
+    elif move is Move.SCHEDULE:
+        assert step is not None
+        change.fire(step, "schedule")
+        change.dispatch_step(step, "action")
+    elif move is Move.COMPLETE:
+        change.fire(instance, "complete")
+    elif move is Move.BEGIN_COMPENSATION:
+        assert step is not None
+        change.fire(
+            instance,
+            "begin_compensation",
+            reason=f"{step.name} failed for good: {step.last_error}"[:2000],
+        )
+    elif move is Move.HOLD:
+        assert step is not None
+        reason = f"{step.name}: {decision.reason}"
+        change.fire(
+            instance,
+            "hold",
+            decision.attention_kind,
+            reason,
+            reason=step.last_error or decision.reason,
+        )
+        instance.stuck = True
+        instance.alert_due = True
+        instance.stuck_reason = reason[:300]
+        instance.stuck_since = change.now
+    elif move is Move.UNSCHEDULE:
+        assert step is not None
+        change.fire(step, "unschedule", reason="the instance stopped moving forward")
+    elif move is Move.ABANDON_RETRY:
+        assert step is not None
+        change.fire(step, "abandon_retry", reason="the instance stopped moving forward")
+    elif move is Move.SKIP_COMPENSATION:
+        assert step is not None
+        change.fire(step, "skip_compensation")
+    elif move is Move.COMPENSATE:
+        assert step is not None
+        step.compensation_attempts_allowed = step.step_definition.max_attempts
+        change.fire(step, "require_compensation")
+        change.dispatch_step(step, "compensation")
+    elif move is Move.EXPECT:
+        assert step is not None
+        change.fire(
+            step, "expect", reason=f"waiting for {step.step_definition.awaits_event}"
+        )
+        step.deadline_at = change.now + step.step_definition.timeout
+    elif move is Move.FINISH_COMPENSATION:
+        change.fire(instance, "finish_compensation")
+    else:  # pragma: no cover - exhaustive over Move
+        raise AssertionError(move)

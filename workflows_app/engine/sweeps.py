@@ -1,0 +1,243 @@
+"""The periodic sweeper: the reason a lost message, a killed worker or a
+broker restart delays a workflow but never strands it.
+
+Each sweep compares bookkeeping columns with the database clock and claims
+each due row before acting on it, so several sweepers (one beat per site, or
+an operator running ``manage.py run_sweeps`` by hand) never do the same work
+twice:
+
+1. ``redispatch``: claimable work nobody claimed (lost message, long backoff),
+   claimed by compare-and-set on ``redispatch_at``, then re-sent.
+2. ``timeouts``: attempts past their deadline become ``unknown`` (or are
+   retried) through the same command a worker's result goes through.
+3. ``deadlines``: running instances past the workflow deadline are held.
+4. ``stuck``: instances that made no progress within ``stuck_after`` are
+   flagged, with a reason, until they move again.
+
+On PostgreSQL every batch is picked with ``FOR UPDATE SKIP LOCKED`` so that
+sweepers share the work instead of queueing behind each other or a worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Case, F, Q, QuerySet, Value, When
+
+from workflows_app import alerts
+from workflows_app.engine import commands, dispatch
+from workflows_app.engine.actors import Actor
+from workflows_app.engine.errors import EngineError
+from workflows_app.engine.transitions import Change, db_now
+from workflows_app.models import (
+    ACTIVE_STATES,
+    ActorKind,
+    AttentionKind,
+    CompensationState,
+    InstanceState,
+    StepExecution,
+    StepState,
+    TransitionLog,
+    WorkflowInstance,
+)
+
+log = logging.getLogger(__name__)
+ACTOR = Actor.system("sweep")
+
+
+def _pick(qs: QuerySet[Any], fields: list[str], batch: int) -> list[dict[str, Any]]:
+    """Read one batch of due rows, skipping rows another transaction holds."""
+    if connection.features.has_select_for_update_skip_locked:
+        qs = qs.select_for_update(skip_locked=True, of=("self",))
+    return list(qs.values(*fields)[:batch])
+
+
+def _lease() -> timedelta:
+    return timedelta(seconds=settings.SAGA_REDISPATCH_AFTER)
+
+
+def redispatch_steps(now: datetime, batch: int) -> int:
+    sent = []
+    with transaction.atomic():
+        due = StepExecution.objects.filter(redispatch_at__lte=now).order_by(
+            "redispatch_at"
+        )
+        for row in _pick(
+            due,
+            [
+                "id",
+                "instance_id",
+                "redispatch_at",
+                "next_attempt_at",
+                "state",
+                "compensation_state",
+                "step_definition__timeout",
+            ],
+            batch,
+        ):
+            comp = row["compensation_state"] in {
+                CompensationState.PENDING,
+                CompensationState.RETRYING,
+            }
+            claimable = comp or row["state"] in {
+                StepState.SCHEDULED,
+                StepState.RETRYING,
+            }
+            new_value = now + _lease() if claimable else None
+            won = StepExecution.objects.filter(
+                pk=row["id"], redispatch_at=row["redispatch_at"]
+            ).update(redispatch_at=new_value)
+            if won and claimable:
+                wait = max(timedelta(0), (row["next_attempt_at"] or now) - now)
+                sent.append(
+                    dispatch.attempt_sender(
+                        row["instance_id"],
+                        row["id"],
+                        "compensation" if comp else "action",
+                        row["step_definition__timeout"],
+                        wait,
+                    )
+                )
+    for send in sent:
+        _send(send)
+    return len(sent)
+
+
+def redispatch_instances(now: datetime, batch: int) -> int:
+    sent = []
+    with transaction.atomic():
+        due = WorkflowInstance.objects.filter(redispatch_at__lte=now).order_by(
+            "redispatch_at"
+        )
+        for row in _pick(due, ["id", "redispatch_at", "state"], batch):
+            accepted = row["state"] == InstanceState.ACCEPTED
+            won = WorkflowInstance.objects.filter(
+                pk=row["id"], redispatch_at=row["redispatch_at"]
+            ).update(redispatch_at=now + _lease() if accepted else None)
+            if won and accepted:
+                sent.append(dispatch.advance_sender(row["id"]))
+    for send in sent:
+        _send(send)
+    return len(sent)
+
+
+def _send(send: Any) -> None:
+    try:
+        send()
+    except Exception:
+        # The broker is down: the lease expires and the next sweep tries again.
+        log.exception("sweeper could not reach the broker")
+
+
+def time_out_attempts(now: datetime, batch: int) -> int:
+    due = StepExecution.objects.filter(deadline_at__lte=now).order_by("deadline_at")
+    with transaction.atomic():
+        rows = _pick(due, ["id", "instance_id", "deadline_at"], batch)
+    done = 0
+    for row in rows:
+        try:
+            done += commands.attempt_time_out(
+                row["instance_id"], row["id"], row["deadline_at"], actor=ACTOR
+            )
+        except EngineError:
+            log.exception("could not time out step %s", row["id"])
+    return done
+
+
+@transaction.atomic(durable=True)
+def instance_enforce_deadline(instance_id: Any) -> bool:
+    change = Change.open(instance_id, ACTOR)
+    instance = change.instance
+    if (
+        instance.state != InstanceState.RUNNING
+        or instance.deadline_at is None
+        or instance.deadline_at > change.now
+    ):
+        return False
+    reason = f"the workflow deadline {instance.deadline_at.isoformat()} passed"
+    change.fire(instance, "hold", AttentionKind.DEADLINE, reason, reason=reason)
+    instance.stuck, instance.stuck_reason, instance.stuck_since = (
+        True,
+        reason[:300],
+        change.now,
+    )
+    instance.alert_due = True
+    change.save()
+    return True
+
+
+def enforce_deadlines(now: datetime, batch: int) -> int:
+    due = WorkflowInstance.objects.filter(
+        state=InstanceState.RUNNING, deadline_at__lte=now
+    ).order_by("deadline_at")
+    with transaction.atomic():
+        ids = [row["id"] for row in _pick(due, ["id"], batch)]
+    return sum(instance_enforce_deadline(pk) for pk in ids)
+
+
+def flag_stuck(now: datetime, batch: int) -> int:
+    """Flag instances that made no progress within their definition's stuck-after.
+
+    One UPDATE for the whole batch: its WHERE repeats the due condition, so an
+    instance that made progress since the read is left alone."""
+    due = Q(stuck=False, stuck_check_at__lte=now, state__in=ACTIVE_STATES)
+    with transaction.atomic():
+        rows = _pick(
+            WorkflowInstance.objects.filter(due).order_by("stuck_check_at"),
+            ["id", "last_progress_at", "state"],
+            batch,
+        )
+        if not rows:
+            return 0
+        seen = {row["id"]: row for row in rows}
+        WorkflowInstance.objects.filter(due, pk__in=seen).update(
+            stuck=True, stuck_reason="no progress", stuck_since=now, alert_due=True
+        )
+        flagged = list(
+            WorkflowInstance.objects.filter(
+                pk__in=seen, stuck=True, stuck_since=now, stuck_reason="no progress"
+            ).values_list("id", flat=True)
+        )
+        reasons = {
+            pk: f"no progress since {seen[pk]['last_progress_at']:%Y-%m-%d %H:%M:%S} "
+            f"UTC while {seen[pk]['state']}"
+            for pk in flagged
+        }
+        # The readable reason, per row, in one statement.
+        WorkflowInstance.objects.filter(
+            pk__in=flagged, stuck_reason="no progress"
+        ).update(
+            stuck_reason=Case(
+                *(When(pk=pk, then=Value(text[:300])) for pk, text in reasons.items()),
+                default=F("stuck_reason"),
+            )
+        )
+        TransitionLog.objects.bulk_create(
+            TransitionLog(
+                instance_id=pk,
+                transition="flag_stuck",
+                reason=text,
+                actor_kind=ActorKind.SYSTEM,
+                actor_label=ACTOR.label,
+            )
+            for pk, text in reasons.items()
+        )
+    return len(flagged)
+
+
+def sweep_all(batch: int | None = None) -> dict[str, int]:
+    size = batch or settings.SAGA_SWEEP_BATCH
+    now = db_now()
+    return {
+        "timeouts": time_out_attempts(now, size),
+        "redispatched_steps": redispatch_steps(now, size),
+        "redispatched_instances": redispatch_instances(now, size),
+        "deadlines": enforce_deadlines(now, size),
+        "stuck": flag_stuck(now, size),
+        # After flagging, so a newly stuck instance gets its alert this sweep.
+        **alerts.sync_alerts(now, size),
+    }

@@ -1,0 +1,299 @@
+"""Firing FSM transitions with their audit rows, inside one transaction.
+
+:class:`Change` is the unit of work of every engine command: it holds the
+locked instance, its steps and the database time, fires transitions (each one
+appending exactly one ``TransitionLog`` row), and at the end saves what changed
+with ``update_fields`` and queues broker messages for after the commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models.functions import Now
+from django.utils import timezone
+from django_fsm import ConcurrentTransition, can_proceed, has_transition_perm
+
+from workflows_app.engine import dispatch
+from workflows_app.engine.actors import Actor
+from workflows_app.engine.errors import AlreadyChanged, NotPermitted, TransitionRejected
+from workflows_app.models import (
+    TERMINAL_STATES,
+    ActorKind,
+    StepExecution,
+    TransitionLog,
+    WorkflowInstance,
+)
+
+STEP_FIELDS = [
+    "state",
+    "compensation_state",
+    "attempt",
+    "attempts_allowed",
+    "compensation_attempt",
+    "compensation_attempts_allowed",
+    "next_attempt_at",
+    "deadline_at",
+    "redispatch_at",
+    "last_error",
+    "output",
+    "succeeded_at",
+    "compensated_at",
+]
+INSTANCE_FIELDS = [
+    "state",
+    "version",
+    "attention_kind",
+    "attention_reason",
+    "started_at",
+    "finished_at",
+    "last_progress_at",
+    "deadline_at",
+    "stuck_check_at",
+    "stuck",
+    "stuck_reason",
+    "stuck_since",
+    "alert_due",
+    "redispatch_at",
+    "pivot_passed",
+    "outputs",
+]
+
+
+def db_now() -> datetime:
+    """The database's clock (the one every deadline is written with)."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT statement_timestamp()")
+            return cursor.fetchone()[0]  # type: ignore[no-any-return,index]
+    return timezone.now()
+
+
+def lock_instance(instance_id: Any) -> tuple[WorkflowInstance, datetime]:
+    """Lock the instance row (always first: one lock order) and read the DB clock.
+
+    Raises ``WorkflowInstance.DoesNotExist``."""
+    instance = (
+        WorkflowInstance.objects.select_for_update(of=("self",))
+        .select_related("definition")
+        .annotate(db_now=Now())
+        .get(pk=instance_id)
+    )
+    return instance, instance.db_now  # type: ignore[attr-defined]
+
+
+CHANGED_MEANWHILE = (
+    "This instance changed meanwhile; look at its current state and try again."
+)
+
+
+class Change:
+    def __init__(self, instance: WorkflowInstance, now: datetime, actor: Actor) -> None:
+        self.instance = instance
+        self.now = now
+        self.actor = actor
+        self._steps: list[StepExecution] | None = None
+        self._dirty_steps: dict[int, StepExecution] = {}
+        self._instance_dirty = False
+        self._logs: list[TransitionLog] = []
+        self._after_commit: list[Callable[[], None]] = []
+        self._dispatches: list[tuple[StepExecution, str, timedelta]] = []
+
+    @classmethod
+    def open(cls, instance_id: Any, actor: Actor) -> Change:
+        instance, now = lock_instance(instance_id)
+        return cls(instance, now, actor)
+
+    # -- reading ------------------------------------------------------------
+    @property
+    def steps(self) -> list[StepExecution]:
+        if self._steps is None:
+            self._steps = list(
+                self.instance.steps.select_related("step_definition").order_by(
+                    "position"
+                )
+            )
+        return self._steps
+
+    def step(
+        self, *, step_id: int | None = None, position: int | None = None
+    ) -> StepExecution:
+        for step in self.steps:
+            if step.id == step_id or (step_id is None and step.position == position):
+                return step
+        raise TransitionRejected("this step does not belong to the instance")
+
+    def check_version(self, expected_version: int | None) -> None:
+        if expected_version is not None and expected_version != self.instance.version:
+            raise AlreadyChanged(CHANGED_MEANWHILE)
+
+    # -- writing ------------------------------------------------------------
+    def fire(
+        self,
+        obj: WorkflowInstance | StepExecution,
+        name: str,
+        *args: Any,
+        reason: str = "",
+        data: dict[str, Any] | None = None,
+        check_user: bool = False,
+    ) -> None:
+        """Run transition ``name`` on ``obj`` and append its history row."""
+        bound = getattr(obj, name)
+        field = bound._django_fsm.field.name
+        source = getattr(obj, field)
+        if not can_proceed(bound):
+            raise TransitionRejected(
+                f"{name.replace('_', ' ')} is not allowed while "
+                f"{'the instance' if obj is self.instance else obj.name} is {source}"
+            )
+        if check_user and not has_transition_perm(bound, self.actor.user):
+            raise NotPermitted(f"you are not allowed to {name.replace('_', ' ')}")
+        bound(*args)
+        step = obj if isinstance(obj, StepExecution) else None
+        self._log(
+            name,
+            step=step,
+            field=field,
+            source=source,
+            target=getattr(obj, field),
+            reason=reason,
+            data=data,
+        )
+        if step is not None:
+            self._dirty_steps[step.id] = step
+        self._touch()
+
+    def note(
+        self,
+        name: str,
+        *,
+        step: StepExecution | None = None,
+        reason: str = "",
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        """A timeline entry that changes no state (ignored duplicate, stale result)."""
+        self._log(
+            name, step=step, field="", source="", target="", reason=reason, data=data
+        )
+
+    def record_creation(self, *, reason: str, data: dict[str, Any]) -> None:
+        """The first history row: the instance came to exist as ``accepted``."""
+        self._log(
+            "accept",
+            step=None,
+            field="state",
+            source="",
+            target=self.instance.state,
+            reason=reason,
+            data=data,
+        )
+
+    def mark_step(self, step: StepExecution) -> None:
+        self._dirty_steps[step.id] = step
+
+    def mark_instance(self) -> None:
+        self._instance_dirty = True
+
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        self._after_commit.append(fn)
+
+    def dispatch_step(
+        self, step: StepExecution, direction: str, *, delay: timedelta | None = None
+    ) -> None:
+        """Queue the attempt's message for after the commit; the sweeper re-sends
+        it at ``redispatch_at`` if nobody has claimed the work by then."""
+        wait = delay or timedelta(0)
+        step.redispatch_at = (
+            self.now + wait + timedelta(seconds=settings.SAGA_REDISPATCH_AFTER)
+        )
+        self.mark_step(step)
+        self._dispatches.append((step, direction, wait))
+
+    def take_dispatch(
+        self, accept: Callable[[StepExecution, str, timedelta], bool]
+    ) -> tuple[StepExecution, str] | None:
+        """Withdraw the first queued dispatch that ``accept`` wants to run here."""
+        for index, (step, direction, wait) in enumerate(self._dispatches):
+            if accept(step, direction, wait):
+                del self._dispatches[index]
+                return step, direction
+        return None
+
+    def save(self) -> None:
+        """Write everything changed, then queue the follow-ups after commit."""
+        instance = self.instance
+        try:
+            if self._instance_dirty:
+                instance.version += 1
+                instance.save(update_fields=INSTANCE_FIELDS)
+            for step in self._dirty_steps.values():
+                step.save(update_fields=STEP_FIELDS)
+        except ConcurrentTransition as exc:
+            raise AlreadyChanged(CHANGED_MEANWHILE) from exc
+        if self._logs:
+            TransitionLog.objects.bulk_create(self._logs)
+        for step, direction, wait in self._dispatches:
+            self._after_commit.append(
+                dispatch.attempt_sender(
+                    self.instance.id,
+                    step.id,
+                    direction,
+                    step.step_definition.timeout,
+                    wait,
+                )
+            )
+        for fn in self._after_commit:
+            transaction.on_commit(fn, robust=True)
+        self._logs, self._after_commit, self._dirty_steps = [], [], {}
+        self._dispatches = []
+        self._instance_dirty = False
+
+    # -- internals ----------------------------------------------------------
+    def _log(
+        self,
+        name: str,
+        *,
+        step: StepExecution | None,
+        field: str,
+        source: str,
+        target: str,
+        reason: str,
+        data: dict[str, Any] | None,
+    ) -> None:
+        actor = self.actor
+        self._logs.append(
+            TransitionLog(
+                instance_id=self.instance.id,
+                step=step,
+                field=field,
+                source=source,
+                target=target,
+                transition=name,
+                actor_kind=actor.kind,
+                actor_label=actor.label,
+                user=actor.user if actor.kind == ActorKind.OPERATOR else None,
+                reason=reason[:5000],
+                data=data or {},
+            )
+        )
+
+    def _touch(self) -> None:
+        """Any transition is progress: it clears "stuck" and restarts its clock."""
+        instance = self.instance
+        self._instance_dirty = True
+        instance.last_progress_at = self.now
+        if instance.state in TERMINAL_STATES:
+            instance.stuck_check_at = None
+            instance.redispatch_at = None
+            instance.finished_at = instance.finished_at or self.now
+        else:
+            instance.stuck_check_at = self.now + instance.definition.stuck_after
+        if instance.state != WorkflowInstance.State.NEEDS_ATTENTION:
+            instance.stuck = False
+            instance.alert_due = False
+            instance.stuck_reason = ""
+            instance.stuck_since = None

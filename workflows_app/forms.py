@@ -1,0 +1,85 @@
+"""Forms of the dashboard's operator actions. They validate input only; the
+view passes the cleaned values to one engine command."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from django import forms
+
+MAX_OUTPUT_BYTES = 64 * 1024
+BULK_LIMIT = 100
+
+
+class ActionForm(forms.Form):
+    reason = forms.CharField(
+        max_length=2000,
+        strip=True,
+        widget=forms.Textarea(attrs={"rows": 2}),
+        help_text="Required. Recorded in the timeline with your name.",
+    )
+    # The instance version the operator saw: the command refuses to act if
+    # anyone changed the instance since, instead of acting twice.
+    version = forms.IntegerField(min_value=0, widget=forms.HiddenInput)
+    step = forms.IntegerField(required=False, widget=forms.HiddenInput)
+
+
+class MarkStepDoneForm(ActionForm):
+    output = forms.CharField(
+        required=False,
+        strip=True,
+        widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false"}),
+        label="Output (optional JSON object)",
+        help_text='What the step produced, e.g. {"reference": "SHIP-123"}.',
+    )
+
+    def clean_output(self) -> dict[str, Any] | None:
+        text = self.cleaned_data["output"]
+        if not text:
+            return None
+        if len(text.encode()) > MAX_OUTPUT_BYTES:
+            raise forms.ValidationError("The output is larger than 64 KB.")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise forms.ValidationError(
+                f"Not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})."
+            ) from exc
+        if not isinstance(value, dict):
+            raise forms.ValidationError("The output must be a JSON object: {...}.")
+        return value
+
+
+class BulkActionForm(forms.Form):
+    ACTIONS = [
+        ("retry", "Retry (the failed step, or the failed compensation)"),
+        ("compensate", "Compensate (undo the steps done)"),
+    ]
+
+    action = forms.ChoiceField(choices=ACTIONS)
+    reason = forms.CharField(
+        max_length=2000, strip=True, widget=forms.Textarea(attrs={"rows": 1})
+    )
+    # "<instance id>:<version seen>" per selected row.
+    selected = forms.MultipleChoiceField(required=True)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        values = self.data.getlist("selected") if hasattr(self.data, "getlist") else []
+        self.fields["selected"].choices = [(v, v) for v in values]
+
+    def clean_selected(self) -> list[tuple[uuid.UUID, int]]:
+        pairs = []
+        for value in self.cleaned_data["selected"]:
+            pk, _, version = value.partition(":")
+            try:
+                pairs.append((uuid.UUID(pk), int(version)))
+            except ValueError as exc:
+                raise forms.ValidationError(f"Not an instance: {value!r}.") from exc
+        if len(pairs) > BULK_LIMIT:
+            raise forms.ValidationError(
+                f"Select at most {BULK_LIMIT} instances at a time."
+            )
+        return list(dict(pairs).items())

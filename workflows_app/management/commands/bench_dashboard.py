@@ -1,0 +1,148 @@
+"""Server-side response times of the dashboard's pages, p50 and p95.
+
+    python manage.py bench_dashboard --runs 60
+
+Each request goes through the whole Django stack in this process (middleware,
+session, views, queries, templates) with Django's test client, logged in as
+an operator, so the figures are server time without the network. Run it
+against a database filled by ``generate_load``. Targets are picked at random
+per request (``TABLESAMPLE``), so caches do not flatter the detail and search
+figures.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from django.contrib.auth.models import Group, User
+from django.core.management.base import BaseCommand, CommandError
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+
+from workflows_app.models import WorkflowInstance
+from workflows_app.roles import sync_roles
+
+
+def _sample(limit: int) -> list[tuple[str, str]]:
+    """Random (id, business key) pairs without scanning the table."""
+    table = WorkflowInstance._meta.db_table
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(
+                f"SELECT id, business_key FROM {table} TABLESAMPLE SYSTEM (1) LIMIT %s",
+                [limit],
+            )
+        else:
+            cursor.execute(
+                f"SELECT id, business_key FROM {table} ORDER BY random() LIMIT %s",
+                [limit],
+            )
+        return [(str(pk), key) for pk, key in cursor.fetchall()]
+
+
+def _percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+class Command(BaseCommand):
+    help = "Print server-side p50/p95 response times of the dashboard pages."
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("--runs", type=int, default=60)
+        parser.add_argument("--warmup", type=int, default=3)
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        samples = _sample(500)
+        if not samples:
+            raise CommandError("no instances: run generate_load first")
+        client = Client(SERVER_NAME="localhost")
+        client.force_login(self._user())
+        definition = WorkflowInstance.objects.values_list(
+            "definition_key", flat=True
+        ).first()
+        # The list's second page: a cursor taken from the first.
+        first = client.get(f"/instances/?definition={definition}")
+        next_link = first.context["page"].next_cursor if first.context else None
+        range_url = self._range_url()
+        pages: dict[str, Callable[[], str]] = {
+            "overview": lambda: "/",
+            "overview (htmx refresh)": lambda: "/#live",
+            "list: definition + state": lambda: (
+                f"/instances/?definition={definition}&state=needs_attention"
+            ),
+            "list: definition, page 2": lambda: (
+                f"/instances/?definition={definition}&cursor={next_link}"
+            ),
+            "list: stuck, oldest first": lambda: "/instances/?stuck=yes&sort=progress",
+            "list: accepted in a 1 h range": lambda: range_url,
+            "search: business key": lambda: (
+                f"/instances/?q={random.choice(samples)[1]}"
+            ),
+            "search: instance id": lambda: f"/instances/?q={random.choice(samples)[0]}",
+            "instance detail": lambda: f"/instances/{random.choice(samples)[0]}/",
+            "definition page": lambda: f"/definitions/{definition}/",
+        }
+        total = WorkflowInstance.objects.order_by().count()
+        self.stdout.write(
+            f"{total:,} instances; {options['runs']} runs per page "
+            f"(+{options['warmup']} warm-up)\n"
+        )
+        self.stdout.write(
+            f"{'page':<32}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}  queries"
+        )
+        for name, make_url in pages.items():
+            timings, queries = self._measure(client, make_url, options)
+            self.stdout.write(
+                f"{name:<32}{statistics.median(timings):>9.1f}"
+                f"{_percentile(timings, 95):>9.1f}{max(timings):>9.1f}  {queries}"
+            )
+
+    def _range_url(self) -> str:
+        """A one-hour window of acceptance times somewhere in the data."""
+        row = (
+            WorkflowInstance.objects.order_by()
+            .values_list("accepted_at", flat=True)
+            .first()
+        )
+        if row is None:
+            return "/instances/"
+        start = row.replace(minute=0, second=0, microsecond=0)
+        end = start + timedelta(hours=1)
+        return (
+            f"/instances/?accepted_after={start:%Y-%m-%dT%H:%M}"
+            f"&accepted_before={end:%Y-%m-%dT%H:%M}"
+        )
+
+    def _measure(
+        self, client: Client, make_url: Callable[[], str], options: dict[str, Any]
+    ) -> tuple[list[float], int]:
+        timings = []
+        for run in range(options["warmup"] + options["runs"]):
+            url = make_url()
+            headers = {}
+            if url.endswith("#live"):
+                url, headers = url.removesuffix("#live"), {"HX-Request": "true"}
+            started = time.perf_counter()
+            response = client.get(url, headers=headers)
+            elapsed = (time.perf_counter() - started) * 1000
+            if response.status_code != 200:
+                raise CommandError(f"{url}: HTTP {response.status_code}")
+            if run >= options["warmup"]:
+                timings.append(elapsed)
+        with CaptureQueriesContext(connection) as captured:
+            client.get(url, headers=headers)
+        return timings, len(captured.captured_queries)
+
+    def _user(self) -> User:
+        sync_roles()
+        user, _ = User.objects.get_or_create(username="bench-operator")
+        user.groups.add(Group.objects.get(name="operator"))
+        return User.objects.get(pk=user.pk)

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from workflows_app.models.alerts import Alert
+from workflows_app.models.audit import ActorKind, InboundMessage, TransitionLog
+from workflows_app.models.definitions import StepDefinition, WorkflowDefinition
+from workflows_app.models.demo import ParticipantEffect
+from workflows_app.models.runtime import (
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    Attempt,
+    AttentionKind,
+    CompensationState,
+    InstanceState,
+    StepExecution,
+    StepState,
+    WorkflowInstance,
+)
+from workflows_app.models.tokens import ApiToken
+
+__all__ = [
+    "ACTIVE_STATES",
+    "TERMINAL_STATES",
+    "ActorKind",
+    "Alert",
+    "ApiToken",
+    "Attempt",
+    "AttentionKind",
+    "CompensationState",
+    "InboundMessage",
+    "InstanceState",
+    "ParticipantEffect",
+    "StepDefinition",
+    "StepExecution",
+    "StepState",
+    "TransitionLog",
+    "WorkflowDefinition",
+    "WorkflowInstance",
+]

@@ -1,0 +1,92 @@
+"""The append-only audit trail and the inbound-message dedupe table."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models.functions import Now
+
+from workflows_app.models.runtime import StepExecution, WorkflowInstance
+
+
+class ActorKind(models.TextChoices):
+    SYSTEM = "system", "system"
+    WORKER = "worker", "worker"
+    OPERATOR = "operator", "operator"
+    API = "api", "api"
+    EVENT = "event", "event"
+
+
+class TransitionLog(models.Model):
+    """One row per state transition, written by the engine in the same
+    transaction as the change it records. Rows whose ``field`` is empty are
+    notes that changed no state (a duplicate delivery ignored, a stale
+    callback): the timeline shows them, the state reducer skips them."""
+
+    Actor = ActorKind
+
+    id = models.BigAutoField(primary_key=True)
+    instance = models.ForeignKey(
+        WorkflowInstance, on_delete=models.CASCADE, related_name="history"
+    )
+    step = models.ForeignKey(
+        StepExecution,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="history",
+    )
+    field = models.CharField(max_length=30, blank=True)
+    source = models.CharField(max_length=30, blank=True)
+    target = models.CharField(max_length=30, blank=True)
+    transition = models.CharField(max_length=50)
+    actor_kind = models.CharField(max_length=20, choices=ActorKind.choices)
+    actor_label = models.CharField(max_length=200, blank=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True
+    )
+    reason = models.TextField(blank=True)
+    data = models.JSONField(default=dict, blank=True)
+    # The database clock, like every deadline the sweeper compares against.
+    created_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [
+            models.Index(fields=["instance", "id"], name="history_instance_seq"),
+        ]
+
+    def __str__(self) -> str:
+        where = f" {self.step.name}" if self.step_id else ""
+        return (
+            f"{self.instance_id}{where}: {self.transition} {self.source}->{self.target}"
+        )
+
+    def save(self, *args: object, **kwargs: object) -> None:
+        if self.pk is not None and not self._state.adding:
+            raise ValueError("TransitionLog rows are append-only")
+        super().save(*args, **kwargs)  # type: ignore[arg-type]
+
+
+class InboundMessage(models.Model):
+    """A callback or event already handled, by (source, message id).
+
+    Inserted in the same transaction as the effect of the message, so a replay
+    finds the row and returns the stored answer without touching any state."""
+
+    source = models.CharField(max_length=200)
+    message_id = models.CharField(max_length=200)
+    kind = models.CharField(max_length=30)
+    received_at = models.DateTimeField(db_default=Now())
+    response = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        constraints = [
+            # Callbacks and events are separate id spaces for one client.
+            models.UniqueConstraint(
+                fields=["source", "kind", "message_id"], name="inbound_once"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.source}/{self.message_id}"

@@ -1,0 +1,322 @@
+"""Workflow definitions: versioned, edited by workflow admins in the admin.
+
+A definition is identified by ``key`` and ``version``. A draft may be edited;
+publishing freezes it. Editing a published workflow means creating a new draft
+(version + 1) from it, so running instances keep the version they pinned.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator, RegexValidator, validate_email
+from django.db import models, transaction
+from django.db.models import Max
+from django.utils import timezone
+
+KEY_VALIDATOR = RegexValidator(
+    r"^[a-z0-9][a-z0-9_.-]*$",
+    "Use lower-case letters, digits, '-', '_' and '.', "
+    "starting with a letter or digit.",
+)
+STEP_NAME_VALIDATOR = RegexValidator(
+    r"^[a-z][a-z0-9_]*$",
+    "Use lower-case letters, digits and '_', starting with a letter.",
+)
+
+
+class DefinitionQuerySet(models.QuerySet["WorkflowDefinition"]):
+    def published(self) -> DefinitionQuerySet:
+        return self.filter(status=WorkflowDefinition.Status.PUBLISHED)
+
+    def current(self, key: str) -> WorkflowDefinition | None:
+        """The newest published version of ``key``: what new instances run."""
+        return self.published().filter(key=key).order_by("-version").first()
+
+
+class WorkflowDefinition(models.Model):
+    class Mode(models.TextChoices):
+        ORCHESTRATED = "orchestrated", "orchestrated (the engine drives the steps)"
+        OBSERVED = "observed", "observed (reconstructed from service events)"
+
+    class FailurePolicy(models.TextChoices):
+        COMPENSATE = "compensate", "compensate automatically"
+        HOLD = "hold", "hold for an operator"
+
+    class Status(models.TextChoices):
+        DRAFT = "draft", "draft"
+        PUBLISHED = "published", "published"
+
+    key = models.CharField(max_length=100, validators=[KEY_VALIDATOR])
+    version = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1)])
+    title = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    mode = models.CharField(
+        max_length=20, choices=Mode.choices, default=Mode.ORCHESTRATED
+    )
+    failure_policy = models.CharField(
+        max_length=20, choices=FailurePolicy.choices, default=FailurePolicy.COMPENSATE
+    )
+    stuck_after = models.DurationField(
+        default=timedelta(minutes=15),
+        help_text="An unfinished instance that made no progress for this long "
+        "is stuck.",
+    )
+    deadline = models.DurationField(
+        null=True,
+        blank=True,
+        help_text="Overall time limit from acceptance; empty means none.",
+    )
+    alert_recipients = models.TextField(
+        blank=True, help_text="Email addresses, comma or newline separated."
+    )
+    status = models.CharField(
+        max_length=20, choices=Status.choices, default=Status.DRAFT
+    )
+    published_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = DefinitionQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["key", "-version"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["key", "version"], name="definition_key_version"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(stuck_after__gt=timedelta(0)),
+                name="definition_stuck_after_positive",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key} v{self.version}"
+
+    @property
+    def is_published(self) -> bool:
+        return self.status == self.Status.PUBLISHED
+
+    def recipient_list(self) -> list[str]:
+        raw = self.alert_recipients.replace("\n", ",").replace(";", ",")
+        return [part.strip() for part in raw.split(",") if part.strip()]
+
+    def clean(self) -> None:
+        errors: dict[str, list[str]] = {}
+        for address in self.recipient_list():
+            try:
+                validate_email(address)
+            except ValidationError:
+                errors.setdefault("alert_recipients", []).append(
+                    f"{address!r} is not a valid email address."
+                )
+        if self.deadline is not None and self.deadline <= timedelta(0):
+            errors.setdefault("deadline", []).append("The deadline must be positive.")
+        if self.stuck_after is not None and self.stuck_after <= timedelta(0):
+            errors.setdefault("stuck_after", []).append("Stuck-after must be positive.")
+        if errors:
+            raise ValidationError(errors)
+
+    def ordered_steps(self) -> list[StepDefinition]:
+        return list(self.steps.order_by("position"))
+
+    def pivot_position(self) -> int | None:
+        pivot = (
+            self.steps.filter(is_pivot=True).values_list("position", flat=True).first()
+        )
+        return pivot
+
+    @transaction.atomic
+    def publish(self) -> None:
+        """Freeze this draft. Validates the steps as a whole first."""
+        if self.is_published:
+            raise ValidationError(f"{self} is already published.")
+        steps = self.ordered_steps()
+        if self.mode == self.Mode.ORCHESTRATED and not steps:
+            raise ValidationError("An orchestrated definition needs at least one step.")
+        errors: list[str] = []
+        try:
+            self.full_clean()
+        except ValidationError as exc:
+            errors += exc.messages
+        for step in steps:
+            try:
+                step.full_clean()
+            except ValidationError as exc:
+                errors += [f"Step {step.name!r}: {m}" for m in exc.messages]
+        if sum(step.is_pivot for step in steps) > 1:
+            errors.append("At most one step can be the pivot.")
+        if errors:
+            raise ValidationError(errors)
+        published = WorkflowDefinition.objects.filter(
+            pk=self.pk, status=self.Status.DRAFT
+        ).update(status=self.Status.PUBLISHED, published_at=timezone.now())
+        if not published:
+            raise ValidationError(f"{self} is already published.")
+        self.refresh_from_db(fields=["status", "published_at"])
+
+    @transaction.atomic
+    def new_draft(self) -> WorkflowDefinition:
+        """Copy this version and its steps into a draft with the next free version."""
+        # Lock every version of the key so two admins cannot mint the same number.
+        list(WorkflowDefinition.objects.select_for_update().filter(key=self.key))
+        top = WorkflowDefinition.objects.filter(key=self.key).aggregate(
+            v=Max("version")
+        )["v"]
+        draft = WorkflowDefinition.objects.create(
+            key=self.key,
+            version=(top or 0) + 1,
+            title=self.title,
+            description=self.description,
+            mode=self.mode,
+            failure_policy=self.failure_policy,
+            stuck_after=self.stuck_after,
+            deadline=self.deadline,
+            alert_recipients=self.alert_recipients,
+        )
+        StepDefinition.objects.bulk_create(
+            [step.copy_for(draft) for step in self.steps.order_by("position")]
+        )
+        return draft
+
+
+class StepDefinition(models.Model):
+    definition = models.ForeignKey(
+        WorkflowDefinition, on_delete=models.CASCADE, related_name="steps"
+    )
+    position = models.PositiveIntegerField(help_text="Steps run in ascending position.")
+    name = models.CharField(max_length=100, validators=[STEP_NAME_VALIDATOR])
+    action = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text="Registered activity name, e.g. demo.charge.",
+    )
+    action_config = models.JSONField(default=dict, blank=True)
+    compensation = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text="Activity that undoes the action; empty if none.",
+    )
+    compensation_config = models.JSONField(default=dict, blank=True)
+    timeout = models.DurationField(
+        default=timedelta(seconds=30), help_text="Time limit of one attempt."
+    )
+    max_attempts = models.PositiveIntegerField(default=3)
+    backoff_initial = models.DurationField(default=timedelta(seconds=1))
+    backoff_multiplier = models.FloatField(default=2.0)
+    backoff_max = models.DurationField(default=timedelta(minutes=5))
+    backoff_jitter = models.FloatField(
+        default=0.1, help_text="Random spread as a fraction of the delay (0 to 1)."
+    )
+    retry_on_timeout = models.BooleanField(
+        default=False,
+        help_text="Retry a timed-out attempt automatically. Only safe when the "
+        "participant deduplicates by idempotency key; otherwise a person decides.",
+    )
+    is_pivot = models.BooleanField(
+        default=False,
+        help_text="Point of no return: earlier steps are compensated on failure, "
+        "this and later steps are only retried forward.",
+    )
+    failure_event = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text="Observed workflows: the event type that means this milestone "
+        "failed and the earlier milestones need compensating.",
+    )
+    awaits_event = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text="Event type that completes this step (with the business key as "
+        "correlation), or the milestone an observed workflow expects.",
+    )
+
+    class Meta:
+        ordering = ["definition", "position"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["definition", "name"], name="step_name_unique"
+            ),
+            models.UniqueConstraint(
+                fields=["definition", "position"], name="step_position_unique"
+            ),
+            models.UniqueConstraint(
+                fields=["definition"],
+                condition=models.Q(is_pivot=True),
+                name="step_one_pivot",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(max_attempts__gte=1), name="step_max_attempts_min"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(backoff_multiplier__gte=1),
+                name="step_multiplier_min",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(backoff_jitter__gte=0, backoff_jitter__lte=1),
+                name="step_jitter_range",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.definition}: {self.position}. {self.name}"
+
+    def clean(self) -> None:
+        from workflows_app.activities import registry
+
+        known = registry()
+        errors: dict[str, list[str]] = {}
+
+        def err(field: str, message: str) -> None:
+            errors.setdefault(field, []).append(message)
+
+        orchestrated = (
+            getattr(self, "definition", None) is None
+            or self.definition.mode == WorkflowDefinition.Mode.ORCHESTRATED
+        )
+        if orchestrated and not self.action:
+            err("action", "An orchestrated step needs an action activity.")
+        if not orchestrated and not self.awaits_event:
+            err("awaits_event", "An observed step needs the event type it expects.")
+        for field in ("action", "compensation"):
+            name = getattr(self, field)
+            if name and name not in known:
+                err(
+                    field,
+                    f"No activity is registered as {name!r}. "
+                    f"Known: {', '.join(sorted(known))}.",
+                )
+        for field in ("action_config", "compensation_config"):
+            if not isinstance(getattr(self, field), dict):
+                err(field, "Must be a JSON object.")
+        if self.timeout is not None and self.timeout <= timedelta(0):
+            err("timeout", "The timeout must be positive.")
+        if self.max_attempts is not None and not 1 <= self.max_attempts <= 100:
+            err("max_attempts", "Max attempts must be between 1 and 100.")
+        if self.backoff_initial is not None and self.backoff_initial < timedelta(0):
+            err("backoff_initial", "The initial backoff cannot be negative.")
+        if (
+            self.backoff_multiplier is not None
+            and not 1 <= self.backoff_multiplier <= 10
+        ):
+            err("backoff_multiplier", "The multiplier must be between 1 and 10.")
+        if (
+            self.backoff_max is not None
+            and self.backoff_initial is not None
+            and self.backoff_max < self.backoff_initial
+        ):
+            err("backoff_max", "The backoff cap must not be below the initial backoff.")
+        if self.backoff_jitter is not None and not 0 <= self.backoff_jitter <= 1:
+            err("backoff_jitter", "Jitter must be between 0 and 1.")
+        if errors:
+            raise ValidationError(errors)
+
+    def copy_for(self, definition: WorkflowDefinition) -> StepDefinition:
+        data: dict[str, Any] = {
+            f.name: getattr(self, f.name)
+            for f in self._meta.concrete_fields
+            if f.name not in {"id", "definition"}
+        }
+        return StepDefinition(definition=definition, **data)

@@ -1,0 +1,660 @@
+"""Runtime state: instances, their step executions and attempts.
+
+Both models are django-fsm machines with protected state fields: the only
+way to change a state is a ``@transition`` method, and the only caller of
+those is ``workflows_app.engine``, which writes the audit row in the same
+transaction. Transition methods set fields only; they do no queries and no I/O.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.db import models
+from django_fsm import (
+    ConcurrentTransition,
+    ConcurrentTransitionMixin,
+    FSMField,
+    transition,
+)
+
+from workflows_app.models.definitions import StepDefinition, WorkflowDefinition
+
+APP = "workflows_app"
+
+
+class VersionedFSMMixin(ConcurrentTransitionMixin):
+    """Compare-and-set on ``version`` as well as on the state fields.
+
+    Every save that goes through the engine bumps ``version``; the UPDATE only
+    matches the row version this object was loaded with, so two writers acting
+    on the same state version cannot both win, on PostgreSQL and SQLite alike.
+    A lost race raises ``django_fsm.ConcurrentTransition``.
+    """
+
+    version: int
+
+    def _update_initial_state(self) -> None:
+        super()._update_initial_state()
+        self._seen_version = self.version
+
+    def _do_update(
+        self, base_qs: Any, using: Any, pk_val: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        updated = super()._do_update(
+            base_qs.filter(version=self._seen_version), using, pk_val, *args, **kwargs
+        )
+        # The parent only sees the version-filtered rows: a row that exists at
+        # another version is a lost race too, not a missing row.
+        if not updated and base_qs.filter(pk=pk_val).using(using).exists():
+            raise ConcurrentTransition(
+                "Cannot save object! The version has changed since it was fetched "
+                "from the database!"
+            )
+        return updated
+
+
+class InstanceState(models.TextChoices):
+    ACCEPTED = "accepted", "accepted"
+    RUNNING = "running", "running"
+    NEEDS_ATTENTION = "needs_attention", "needs attention"
+    COMPENSATING = "compensating", "compensating"
+    COMPLETED = "completed", "completed"
+    COMPENSATED = "compensated", "compensated"
+    CANCELLED = "cancelled", "cancelled"
+    FAILED = "failed", "failed"
+
+
+TERMINAL_STATES = frozenset(
+    {
+        InstanceState.COMPLETED,
+        InstanceState.COMPENSATED,
+        InstanceState.CANCELLED,
+        InstanceState.FAILED,
+    }
+)
+ACTIVE_STATES = frozenset(set(InstanceState) - TERMINAL_STATES)
+
+
+class AttentionKind(models.TextChoices):
+    NONE = "", "-"
+    STEP_FAILED = "step_failed", "a step failed for good"
+    STEP_UNKNOWN = "step_unknown", "a step's outcome is unknown"
+    AFTER_PIVOT = "after_pivot", "a step at or after the pivot failed"
+    COMPENSATION_FAILED = "compensation_failed", "a compensation exhausted its retries"
+    DEADLINE = "deadline", "the workflow deadline passed"
+
+
+def _forward_blocked(instance: WorkflowInstance) -> bool:
+    return instance.attention_kind in {
+        AttentionKind.STEP_FAILED,
+        AttentionKind.STEP_UNKNOWN,
+        AttentionKind.AFTER_PIVOT,
+    }
+
+
+def _compensation_blocked(instance: WorkflowInstance) -> bool:
+    return instance.attention_kind == AttentionKind.COMPENSATION_FAILED
+
+
+def _can_compensate(instance: WorkflowInstance) -> bool:
+    # Past the pivot nothing is undone; a failed compensation is retried instead.
+    return not instance.pivot_passed and not _compensation_blocked(instance)
+
+
+def _orchestrated(instance: WorkflowInstance) -> bool:
+    # Observed workflows run nothing: nothing to retry, resume or compensate.
+    return instance.definition.mode == WorkflowDefinition.Mode.ORCHESTRATED
+
+
+def _deadline_hold(instance: WorkflowInstance) -> bool:
+    return instance.attention_kind == AttentionKind.DEADLINE
+
+
+class WorkflowInstance(VersionedFSMMixin, models.Model):
+    State = InstanceState
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    definition = models.ForeignKey(
+        WorkflowDefinition, on_delete=models.PROTECT, related_name="instances"
+    )
+    # Denormalised from the definition: idempotency and filters span versions.
+    definition_key = models.CharField(max_length=100)
+    business_key = models.CharField(max_length=200)
+    # NULL (not "") when absent: the unique constraint then ignores the row.
+    idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001
+    input = models.JSONField(default=dict, blank=True)
+    input_fingerprint = models.CharField(max_length=64)
+    outputs = models.JSONField(default=dict, blank=True)
+    state = FSMField(
+        max_length=20,
+        choices=InstanceState.choices,
+        default=InstanceState.ACCEPTED,
+        protected=True,
+    )
+    attention_kind = models.CharField(
+        max_length=30, choices=AttentionKind.choices, default="", blank=True
+    )
+    attention_reason = models.TextField(blank=True)
+    version = models.PositiveIntegerField(default=0)
+    accepted_at = models.DateTimeField()
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    last_progress_at = models.DateTimeField()
+    deadline_at = models.DateTimeField(null=True, blank=True)
+    # Sweep bookkeeping: when this instance counts as stuck if it does not move.
+    stuck_check_at = models.DateTimeField(null=True, blank=True)
+    # Sweep bookkeeping: when to re-send the start of an accepted instance
+    # whose message may have been lost.
+    redispatch_at = models.DateTimeField(null=True, blank=True)
+    # Set once a step at or after the pivot was claimed: no compensation then.
+    pivot_passed = models.BooleanField(default=False)
+    stuck = models.BooleanField(default=False)
+    stuck_reason = models.CharField(max_length=300, blank=True)
+    stuck_since = models.DateTimeField(null=True, blank=True)
+    # Sweep bookkeeping: set when the instance turns stuck, cleared once its
+    # alert is opened, so the alert sweep never scans all stuck instances.
+    alert_due = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["-accepted_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["definition_key", "idempotency_key"],
+                condition=models.Q(idempotency_key__isnull=False),
+                name="instance_idempotency_key",
+            ),
+        ]
+        indexes = [
+            # Dashboard filters and business-key search.
+            models.Index(fields=["business_key"], name="instance_business_key"),
+            models.Index(
+                fields=["state", "-last_progress_at"], name="instance_state_progress"
+            ),
+            models.Index(
+                fields=["definition_key", "state", "-last_progress_at"],
+                name="instance_def_state_progress",
+            ),
+            models.Index(fields=["-last_progress_at"], name="instance_progress"),
+            # The stuck queue on the dashboard, oldest first.
+            models.Index(
+                fields=["stuck_since"],
+                condition=models.Q(stuck=True),
+                name="instance_stuck",
+            ),
+            # Alert sweep: stuck instances whose alert is not opened yet.
+            models.Index(
+                fields=["stuck_since"],
+                condition=models.Q(alert_due=True),
+                name="instance_alert_due",
+            ),
+            # Sweeper: instances that may turn stuck, or pass their deadline.
+            models.Index(
+                fields=["stuck_check_at"],
+                condition=models.Q(stuck=False, stuck_check_at__isnull=False),
+                name="instance_stuck_check",
+            ),
+            models.Index(
+                fields=["deadline_at"],
+                condition=models.Q(state__in=["accepted", "running"]),
+                name="instance_deadline_due",
+            ),
+            # Sweeper: accepted instances whose start message may be lost.
+            models.Index(
+                fields=["redispatch_at"],
+                condition=models.Q(redispatch_at__isnull=False),
+                name="instance_redispatch",
+            ),
+        ]
+        permissions = [
+            ("retry_step", "Can retry a step of a workflow instance"),
+            ("resume_instance", "Can resume a held workflow instance"),
+            ("compensate_instance", "Can start compensation of a workflow instance"),
+            (
+                "mark_step_done",
+                "Can mark a step of a workflow instance as done by hand",
+            ),
+            ("cancel_instance", "Can cancel a workflow instance"),
+            ("close_instance", "Can close a workflow instance as failed"),
+            ("retry_compensation", "Can retry a failed compensation"),
+            ("acknowledge_alert", "Can acknowledge an alert"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.definition_key}/{self.business_key} ({self.state})"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    # -- engine transitions -------------------------------------------------
+    @transition(
+        field=state, source=InstanceState.ACCEPTED, target=InstanceState.RUNNING
+    )
+    def start(self) -> None:
+        pass
+
+    @transition(
+        field=state, source=InstanceState.RUNNING, target=InstanceState.COMPLETED
+    )
+    def complete(self) -> None:
+        pass
+
+    @transition(
+        field=state, source=InstanceState.RUNNING, target=InstanceState.COMPENSATING
+    )
+    def begin_compensation(self) -> None:
+        pass
+
+    @transition(
+        field=state,
+        source=[InstanceState.RUNNING, InstanceState.COMPENSATING],
+        target=InstanceState.NEEDS_ATTENTION,
+    )
+    def hold(self, kind: str, reason: str) -> None:
+        self.attention_kind = kind
+        self.attention_reason = reason
+
+    @transition(
+        field=state, source=InstanceState.COMPENSATING, target=InstanceState.COMPENSATED
+    )
+    def finish_compensation(self) -> None:
+        pass
+
+    # -- operator transitions -----------------------------------------------
+    @transition(
+        field=state,
+        source=InstanceState.NEEDS_ATTENTION,
+        target=InstanceState.RUNNING,
+        conditions=[_deadline_hold, _orchestrated],
+        permission=f"{APP}.resume_instance",
+    )
+    def resume(self) -> None:
+        self._clear_attention()
+
+    @transition(
+        field=state,
+        source=InstanceState.NEEDS_ATTENTION,
+        target=InstanceState.RUNNING,
+        conditions=[_forward_blocked, _orchestrated],
+        permission=f"{APP}.retry_step",
+    )
+    def retry_step(self) -> None:
+        self._clear_attention()
+
+    @transition(
+        field=state,
+        source=InstanceState.NEEDS_ATTENTION,
+        target=InstanceState.RUNNING,
+        conditions=[_forward_blocked],
+        permission=f"{APP}.mark_step_done",
+    )
+    def mark_step_done(self) -> None:
+        self._clear_attention()
+
+    @transition(
+        field=state,
+        source=InstanceState.NEEDS_ATTENTION,
+        target=InstanceState.COMPENSATING,
+        conditions=[_can_compensate, _orchestrated],
+        permission=f"{APP}.compensate_instance",
+    )
+    def compensate(self) -> None:
+        self._clear_attention()
+
+    @transition(
+        field=state,
+        source=InstanceState.ACCEPTED,
+        target=InstanceState.CANCELLED,
+        permission=f"{APP}.cancel_instance",
+    )
+    @transition(
+        field=state,
+        source=InstanceState.RUNNING,
+        target=InstanceState.COMPENSATING,
+        conditions=[_can_compensate, _orchestrated],
+        permission=f"{APP}.cancel_instance",
+    )
+    @transition(
+        field=state,
+        source=InstanceState.NEEDS_ATTENTION,
+        target=InstanceState.COMPENSATING,
+        conditions=[_can_compensate, _orchestrated],
+        permission=f"{APP}.cancel_instance",
+    )
+    def cancel(self) -> None:
+        self._clear_attention()
+
+    @transition(
+        field=state,
+        source=InstanceState.NEEDS_ATTENTION,
+        target=InstanceState.COMPENSATING,
+        conditions=[_compensation_blocked, _orchestrated],
+        permission=f"{APP}.retry_compensation",
+    )
+    def retry_compensation(self) -> None:
+        self._clear_attention()
+
+    @transition(
+        field=state,
+        source=InstanceState.NEEDS_ATTENTION,
+        target=InstanceState.FAILED,
+        permission=f"{APP}.close_instance",
+    )
+    def close_as_failed(self) -> None:
+        pass
+
+    def _clear_attention(self) -> None:
+        self.attention_kind = AttentionKind.NONE
+        self.attention_reason = ""
+
+
+class StepState(models.TextChoices):
+    PENDING = "pending", "pending"
+    SCHEDULED = "scheduled", "scheduled"
+    RUNNING = "running", "running"
+    RETRYING = "retrying", "retrying"
+    WAITING = "waiting", "waiting"
+    UNKNOWN = "unknown", "unknown"
+    SUCCEEDED = "succeeded", "succeeded"
+    FAILED = "failed", "failed"
+    SKIPPED = "skipped", "skipped"
+
+
+class CompensationState(models.TextChoices):
+    NONE = "none", "none"
+    PENDING = "pending", "pending"
+    RUNNING = "running", "running"
+    RETRYING = "retrying", "retrying"
+    DONE = "done", "done"
+    FAILED = "failed", "failed"
+    NOT_NEEDED = "not_needed", "not needed"
+
+
+class StepExecution(ConcurrentTransitionMixin, models.Model):
+    State = StepState
+    CompensationState = CompensationState
+
+    instance = models.ForeignKey(
+        WorkflowInstance, on_delete=models.CASCADE, related_name="steps"
+    )
+    step_definition = models.ForeignKey(
+        StepDefinition, on_delete=models.PROTECT, related_name="executions"
+    )
+    position = models.PositiveIntegerField()
+    name = models.CharField(max_length=100)
+    state = FSMField(
+        max_length=20,
+        choices=StepState.choices,
+        default=StepState.PENDING,
+        protected=True,
+    )
+    compensation_state = FSMField(
+        max_length=20,
+        choices=CompensationState.choices,
+        default=CompensationState.NONE,
+        protected=True,
+    )
+    attempt = models.PositiveIntegerField(default=0)
+    # The database cap on attempts; an operator retry raises it.
+    attempts_allowed = models.PositiveIntegerField(default=1)
+    compensation_attempt = models.PositiveIntegerField(default=0)
+    compensation_attempts_allowed = models.PositiveIntegerField(default=1)
+    # Bookkeeping shared by the action and its compensation (never both active
+    # at once). next_attempt_at: the earliest start of the next attempt
+    # (backoff). deadline_at: when the running attempt times out (swept).
+    # redispatch_at: when claimable work still unclaimed is (re)sent to the
+    # broker by the sweeper, which covers lost messages and long backoffs.
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    deadline_at = models.DateTimeField(null=True, blank=True)
+    redispatch_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    output = models.JSONField(null=True, blank=True)
+    succeeded_at = models.DateTimeField(null=True, blank=True)
+    compensated_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["instance", "position"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["instance", "position"], name="step_exec_position"
+            ),
+        ]
+        indexes = [
+            # Sweeper: attempts past their deadline.
+            models.Index(
+                fields=["deadline_at"],
+                condition=models.Q(deadline_at__isnull=False),
+                name="step_exec_deadline",
+            ),
+            # Sweeper: retries due, and dispatched work that never started.
+            models.Index(
+                fields=["redispatch_at"],
+                condition=models.Q(redispatch_at__isnull=False),
+                name="step_exec_redispatch",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.state}/{self.compensation_state})"
+
+    def idempotency_key(self, direction: str) -> str:
+        return f"{self.instance_id}:{self.name}:{direction}"
+
+    @property
+    def started(self) -> bool:
+        """Whether any action attempt was claimed: the effect may exist."""
+        return self.attempt > 0
+
+    # -- action -----------------------------------------------------------
+    @transition(field=state, source=StepState.PENDING, target=StepState.SCHEDULED)
+    def schedule(self) -> None:
+        pass
+
+    @transition(
+        field=state,
+        source=[StepState.SCHEDULED, StepState.RETRYING],
+        target=StepState.RUNNING,
+    )
+    def begin_attempt(self) -> None:
+        self.attempt += 1
+        self.next_attempt_at = None
+        self.redispatch_at = None
+
+    @transition(
+        field=state,
+        source=[StepState.RUNNING, StepState.WAITING],
+        target=StepState.SUCCEEDED,
+    )
+    def succeed(self, output: Any) -> None:
+        self.output = output
+        self.last_error = ""
+        self.deadline_at = None
+
+    @transition(field=state, source=StepState.RUNNING, target=StepState.WAITING)
+    def wait(self) -> None:
+        pass
+
+    @transition(
+        field=state,
+        source=[StepState.RUNNING, StepState.WAITING, StepState.UNKNOWN],
+        target=StepState.RETRYING,
+    )
+    def retry(self, error: str) -> None:
+        self.last_error = error or self.last_error
+        self.deadline_at = None
+
+    @transition(
+        field=state,
+        source=[StepState.RUNNING, StepState.WAITING],
+        target=StepState.FAILED,
+    )
+    def fail(self, error: str) -> None:
+        self.last_error = error
+        self.deadline_at = None
+
+    @transition(
+        field=state,
+        source=[StepState.RUNNING, StepState.WAITING],
+        target=StepState.UNKNOWN,
+    )
+    def time_out(self, error: str) -> None:
+        self.last_error = error
+        self.deadline_at = None
+
+    @transition(
+        field=state,
+        source=[StepState.FAILED, StepState.UNKNOWN],
+        target=StepState.SCHEDULED,
+        permission=f"{APP}.retry_step",
+    )
+    def retry_now(self, extra_attempts: int) -> None:
+        self.attempts_allowed = self.attempt + extra_attempts
+
+    @transition(
+        field=state,
+        source=[StepState.FAILED, StepState.UNKNOWN],
+        target=StepState.SKIPPED,
+        permission=f"{APP}.mark_step_done",
+    )
+    def mark_done(self, output: Any) -> None:
+        self.output = output
+        self.deadline_at = None
+
+    # -- observed workflows: states follow the events services report -------
+    @transition(field=state, source=StepState.PENDING, target=StepState.WAITING)
+    def expect(self) -> None:
+        """The engine now waits for this milestone's event."""
+
+    @transition(field=state, source=StepState.PENDING, target=StepState.SUCCEEDED)
+    def observe_early(self, output: Any) -> None:
+        """The milestone's event arrived before an earlier one (out of order)."""
+        self.output = output
+
+    @transition(
+        field=state,
+        source=[StepState.PENDING, StepState.WAITING],
+        target=StepState.FAILED,
+    )
+    def observe_failure(self, error: str) -> None:
+        self.last_error = error
+        self.deadline_at = None
+
+    @transition(field=state, source=StepState.SCHEDULED, target=StepState.PENDING)
+    def unschedule(self) -> None:
+        """The instance stopped moving forward before this step was claimed."""
+        self.redispatch_at = None
+        self.next_attempt_at = None
+
+    @transition(field=state, source=StepState.RETRYING, target=StepState.FAILED)
+    def abandon_retry(self) -> None:
+        """The instance stopped moving forward while this step awaited a retry."""
+        self.redispatch_at = None
+        self.next_attempt_at = None
+
+    # -- compensation -------------------------------------------------------
+    @transition(
+        field=compensation_state,
+        source=CompensationState.NONE,
+        target=CompensationState.PENDING,
+    )
+    def require_compensation(self) -> None:
+        pass
+
+    @transition(
+        field=compensation_state,
+        source=CompensationState.NONE,
+        target=CompensationState.NOT_NEEDED,
+    )
+    def skip_compensation(self) -> None:
+        pass
+
+    @transition(
+        field=compensation_state,
+        source=[CompensationState.PENDING, CompensationState.RETRYING],
+        target=CompensationState.RUNNING,
+    )
+    def begin_compensation_attempt(self) -> None:
+        self.compensation_attempt += 1
+        self.next_attempt_at = None
+        self.redispatch_at = None
+
+    @transition(
+        field=compensation_state,
+        source=CompensationState.RUNNING,
+        target=CompensationState.DONE,
+    )
+    def compensation_succeed(self) -> None:
+        self.deadline_at = None
+
+    @transition(
+        field=compensation_state,
+        source=CompensationState.RUNNING,
+        target=CompensationState.RETRYING,
+    )
+    def compensation_retry(self, error: str) -> None:
+        self.last_error = error
+        self.deadline_at = None
+
+    @transition(
+        field=compensation_state,
+        source=CompensationState.RUNNING,
+        target=CompensationState.FAILED,
+    )
+    def compensation_fail(self, error: str) -> None:
+        self.last_error = error
+        self.deadline_at = None
+
+    @transition(
+        field=compensation_state,
+        source=CompensationState.FAILED,
+        target=CompensationState.PENDING,
+        permission=f"{APP}.retry_compensation",
+    )
+    def compensation_retry_now(self, extra_attempts: int) -> None:
+        self.compensation_attempts_allowed = self.compensation_attempt + extra_attempts
+
+
+class Attempt(models.Model):
+    """One try of an action or a compensation, claimed before the external call."""
+
+    class Direction(models.TextChoices):
+        ACTION = "action", "action"
+        COMPENSATION = "compensation", "compensation"
+
+    class Outcome(models.TextChoices):
+        RUNNING = "running", "running"
+        SUCCEEDED = "succeeded", "succeeded"
+        WAITING = "waiting", "waiting for callback"
+        FAILED = "failed", "failed (retryable)"
+        FAILED_PERMANENT = "failed_permanent", "failed (permanent)"
+        TIMED_OUT = "timed_out", "timed out"
+
+    step = models.ForeignKey(
+        StepExecution, on_delete=models.CASCADE, related_name="attempts"
+    )
+    direction = models.CharField(max_length=20, choices=Direction.choices)
+    number = models.PositiveIntegerField()
+    task_token = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField(null=True, blank=True)
+    outcome = models.CharField(
+        max_length=20, choices=Outcome.choices, default=Outcome.RUNNING
+    )
+    error_class = models.CharField(max_length=200, blank=True)
+    error_message = models.TextField(blank=True)
+    worker_host = models.CharField(max_length=200, blank=True)
+    task_id = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        ordering = ["step", "started_at", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["step", "direction", "number"],
+                name="attempt_step_direction_number",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.step.name} {self.direction} #{self.number}: {self.outcome}"

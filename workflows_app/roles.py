@@ -1,0 +1,61 @@
+"""The three roles, as Django groups of model permissions.
+
+Created by migration ``0002_roles``; :func:`sync_roles` re-creates them (used
+after a database flush in tests, and safe to run on a live site).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+VIEW = [
+    "view_workflowdefinition",
+    "view_stepdefinition",
+    "view_workflowinstance",
+    "view_stepexecution",
+    "view_attempt",
+    "view_transitionlog",
+]
+OPERATE = [
+    "retry_step",
+    "resume_instance",
+    "compensate_instance",
+    "mark_step_done",
+    "cancel_instance",
+    "close_instance",
+    "retry_compensation",
+    "acknowledge_alert",
+]
+EDIT_DEFINITIONS = [
+    "add_workflowdefinition",
+    "change_workflowdefinition",
+    "delete_workflowdefinition",
+    "add_stepdefinition",
+    "change_stepdefinition",
+    "delete_stepdefinition",
+]
+ROLES = {
+    "viewer": VIEW,
+    "operator": VIEW + OPERATE,
+    # Also needs is_staff on the user to enter the admin.
+    "workflow admin": VIEW + EDIT_DEFINITIONS,
+}
+
+
+def sync_roles(group_model: Any = None, permission_model: Any = None) -> None:
+    """Create the groups and give each exactly its permissions."""
+    if group_model is None:
+        from django.contrib.auth.models import Group, Permission
+
+        group_model, permission_model = Group, Permission
+    for name, codenames in ROLES.items():
+        group, _ = group_model.objects.get_or_create(name=name)
+        perms = permission_model.objects.filter(
+            content_type__app_label="workflows_app", codename__in=codenames
+        )
+        missing = set(codenames) - set(perms.values_list("codename", flat=True))
+        if missing:
+            raise RuntimeError(
+                f"permissions missing for role {name}: {sorted(missing)}"
+            )
+        group.permissions.set(perms)

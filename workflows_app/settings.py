@@ -1,0 +1,296 @@
+"""Saga Desk settings: one file, every deployment knob read from the environment.
+
+Unset variables mean the embedded default (SQLite under ``var/``, a filesystem
+Celery broker), never a crash. See README "Configuration" for the full list.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("SAGA_DESK_VAR_DIR", BASE_DIR / "var"))
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_list(name: str, default: str = "") -> list[str]:
+    return [
+        item.strip()
+        for item in os.environ.get(name, default).split(",")
+        if item.strip()
+    ]
+
+
+def _secret_key() -> str:
+    """Use SECRET_KEY, or a random key persisted under var/ for the embedded default."""
+    if os.environ.get("SECRET_KEY"):
+        return os.environ["SECRET_KEY"]
+    key_file = VAR_DIR / "secret_key"
+    if not key_file.exists():
+        key_file.write_text(secrets.token_urlsafe(50))
+        key_file.chmod(0o600)
+    return key_file.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env_bool("DEBUG")
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
+SITE_URL = os.environ.get("SITE_URL", "http://localhost:8000").rstrip("/")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_htmx",
+    "django_filters",
+    "template_partials",
+    # Serves the OpenAPI docs UI's assets locally (no CDN).
+    "ninja",
+    "workflows_app",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "workflows_app.middleware.ContentSecurityPolicyMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "workflows_app.urls"
+WSGI_APPLICATION = "workflows_app.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------
+# PostgreSQL when DATABASE_URL is set; otherwise SQLite in WAL mode with a busy
+# timeout and IMMEDIATE transactions, so that the web server, the worker and
+# beat can share one file without "database is locked" on lock upgrades.
+if os.environ.get("DATABASE_URL"):
+    DATABASES = {
+        "default": dj_database_url.parse(
+            os.environ["DATABASE_URL"],
+            conn_max_age=int(os.environ.get("DATABASE_CONN_MAX_AGE", "60")),
+            conn_health_checks=True,
+        )
+    }
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": VAR_DIR / "saga_desk.sqlite3",
+            "OPTIONS": {
+                "timeout": 30,
+                "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+        }
+    }
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = VAR_DIR / "staticfiles"
+STATIC_ROOT.mkdir(exist_ok=True)  # whitenoise warns about a missing root
+
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "/"
+# Dashboard: seconds between HTMX refreshes of the live parts of a page.
+SAGA_DASHBOARD_POLL_SECONDS = float(os.environ.get("SAGA_DASHBOARD_POLL_SECONDS", "5"))
+# Production: STATIC_MANIFEST=1 and `manage.py collectstatic` give hashed,
+# compressed, far-future-cached files. Otherwise whitenoise serves the files
+# straight from the source folders (demo, tests, development).
+STATIC_MANIFEST = env_bool("STATIC_MANIFEST")
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        if STATIC_MANIFEST
+        else "django.contrib.staticfiles.storage.StaticFilesStorage"
+    },
+}
+WHITENOISE_USE_FINDERS = not STATIC_MANIFEST
+# Largest request body accepted by the API (bytes); larger bodies get a 413.
+SAGA_API_MAX_BODY = int(os.environ.get("SAGA_API_MAX_BODY", str(256 * 1024)))
+DATA_UPLOAD_MAX_MEMORY_SIZE = max(SAGA_API_MAX_BODY, 2_621_440)
+
+# --- Security -------------------------------------------------------------
+# SECURE_HTTPS=1 is the production switch: TLS-only cookies, HSTS, redirects.
+SECURE_HTTPS = env_bool("SECURE_HTTPS")
+SESSION_COOKIE_SECURE = SECURE_HTTPS
+CSRF_COOKIE_SECURE = SECURE_HTTPS
+SECURE_SSL_REDIRECT = SECURE_HTTPS
+SECURE_HSTS_SECONDS = 31536000 if SECURE_HTTPS else 0
+SECURE_HSTS_INCLUDE_SUBDOMAINS = SECURE_HTTPS
+SECURE_HSTS_PRELOAD = SECURE_HTTPS
+SECURE_PROXY_SSL_HEADER = (
+    ("HTTP_X_FORWARDED_PROTO", "https") if env_bool("TRUST_X_FORWARDED_PROTO") else None
+)
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+
+
+# --- Email ----------------------------------------------------------------
+def _email_url() -> dict[str, object]:
+    """EMAIL_URL=smtp://user:password@host:587?tls=1 (or smtps:// for SSL)."""
+    from urllib.parse import parse_qs, unquote, urlparse
+
+    url = urlparse(os.environ["EMAIL_URL"])
+    query = parse_qs(url.query)
+    return {
+        "host": url.hostname or "localhost",
+        "port": url.port or (465 if url.scheme == "smtps" else 25),
+        "user": unquote(url.username or ""),
+        "password": unquote(url.password or ""),
+        "tls": query.get("tls", ["0"])[0] in {"1", "true", "yes"},
+        "ssl": url.scheme == "smtps",
+    }
+
+
+_email = _email_url() if os.environ.get("EMAIL_URL") else {}
+EMAIL_HOST = str(_email.get("host") or os.environ.get("EMAIL_HOST", "localhost"))
+EMAIL_PORT = int(_email.get("port") or os.environ.get("EMAIL_PORT", "25"))  # type: ignore[call-overload]
+EMAIL_HOST_USER = str(_email.get("user") or os.environ.get("EMAIL_HOST_USER", ""))
+EMAIL_HOST_PASSWORD = str(
+    _email.get("password") or os.environ.get("EMAIL_HOST_PASSWORD", "")
+)
+EMAIL_USE_TLS = bool(_email.get("tls")) or env_bool("EMAIL_USE_TLS")
+EMAIL_USE_SSL = bool(_email.get("ssl")) or env_bool("EMAIL_USE_SSL")
+EMAIL_TIMEOUT = int(os.environ.get("EMAIL_TIMEOUT", "10"))
+# With no SMTP server configured, mail is written to files under var/mail.
+EMAIL_BACKEND = os.environ.get(
+    "EMAIL_BACKEND",
+    "django.core.mail.backends.smtp.EmailBackend"
+    if _email or os.environ.get("EMAIL_HOST")
+    else "django.core.mail.backends.filebased.EmailBackend",
+)
+EMAIL_FILE_PATH = VAR_DIR / "mail"
+DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "saga-desk@localhost")
+
+# --- Alerts -----------------------------------------------------------------
+# Who gets an alert when the definition names no recipients.
+SAGA_ONCALL_EMAIL = os.environ.get("SAGA_ONCALL_EMAIL", "oncall@localhost")
+# Where an alert goes when nobody acknowledged it in time (empty: no escalation).
+SAGA_ESCALATION_EMAIL = os.environ.get("SAGA_ESCALATION_EMAIL", "")
+SAGA_ALERT_ESCALATE_AFTER = float(os.environ.get("SAGA_ALERT_ESCALATE_AFTER", "1800"))
+# Alerts wait this long before the first mail so a burst lands in one digest...
+SAGA_ALERT_GATHER = float(os.environ.get("SAGA_ALERT_GATHER", "10"))
+# ...sent when a definition has at least this many alerts due together.
+SAGA_ALERT_DIGEST_MIN = int(os.environ.get("SAGA_ALERT_DIGEST_MIN", "5"))
+SAGA_ALERT_INTERVAL = float(os.environ.get("SAGA_ALERT_INTERVAL", "10"))
+
+# --- Celery ---------------------------------------------------------------
+# The database is the source of truth; the broker is only transport. Late
+# acknowledgement plus reject-on-worker-lost means a killed worker's message is
+# redelivered; the attempt claim in the database turns that into a no-op, and
+# the sweeper recovers anything the broker loses.
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "filesystem://")
+_broker_dir = VAR_DIR / "broker"
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    (_broker_dir / "queue").mkdir(parents=True, exist_ok=True)
+    (_broker_dir / "processed").mkdir(parents=True, exist_ok=True)
+    (_broker_dir / "control").mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {
+        "data_folder_in": str(_broker_dir / "queue"),
+        "data_folder_out": str(_broker_dir / "queue"),
+        "processed_folder": str(_broker_dir / "processed"),
+        # Broadcast (worker control) messages; kombu's default is ./control.
+        "control_folder": str(_broker_dir / "control"),
+        "store_processed": False,
+    }
+else:
+    # Must exceed the longest step timeout plus the longest retry backoff:
+    # Redis re-delivers unacknowledged messages after this many seconds.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": int(os.environ.get("CELERY_VISIBILITY_TIMEOUT", "3600"))
+    }
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_ALWAYS_EAGER = False
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_TIMEZONE = "UTC"
+
+SAGA_SWEEP_INTERVAL = float(os.environ.get("SAGA_SWEEP_INTERVAL", "5"))
+# An attempt dispatched this long ago but never claimed is re-dispatched.
+SAGA_REDISPATCH_AFTER = float(os.environ.get("SAGA_REDISPATCH_AFTER", "30"))
+# Grace added to a step timeout before Celery's hard time limit kills the task.
+SAGA_HARD_TIMEOUT_GRACE = float(os.environ.get("SAGA_HARD_TIMEOUT_GRACE", "5"))
+# Seconds a worker may keep running an instance's next attempts in the same
+# task (no broker round trip) before handing them back to the broker.
+SAGA_INLINE_BUDGET = float(os.environ.get("SAGA_INLINE_BUDGET", "60"))
+SAGA_SWEEP_BATCH = int(os.environ.get("SAGA_SWEEP_BATCH", "500"))
+# Extra modules that register activities (dotted paths, comma separated).
+SAGA_ACTIVITY_MODULES = env_list("SAGA_ACTIVITY_MODULES")
+
+CELERY_BEAT_SCHEDULE = {
+    "saga-sweep": {"task": "workflows.sweep", "schedule": SAGA_SWEEP_INTERVAL},
+    "saga-alerts": {"task": "workflows.send_alerts", "schedule": SAGA_ALERT_INTERVAL},
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "workflows_app.log_format.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            # LOG_FORMAT=json: one JSON object per line for log shippers.
+            "formatter": "json" if os.environ.get("LOG_FORMAT") == "json" else "plain",
+        }
+    },
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+}

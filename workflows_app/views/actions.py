@@ -1,0 +1,228 @@
+"""Operator actions: POST only, each one form, one engine command per instance.
+
+The engine checks the transition, the permission and the version the operator
+saw; these views only translate its answer into a page: the instance's fresh
+state with a message, swapped in by htmx (or a redirect without htmx).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from django.contrib import messages
+from django.http import Http404, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_POST
+
+from workflows_app.engine import commands
+from workflows_app.engine.errors import (
+    AlreadyChanged,
+    EngineError,
+    InvalidInput,
+    NotPermitted,
+    TransitionRejected,
+)
+from workflows_app.forms import ActionForm, BulkActionForm
+from workflows_app.models import Alert, AttentionKind, WorkflowInstance
+from workflows_app.views.common import (
+    ACTIONS,
+    Action,
+    HtmxHttpRequest,
+    dashboard_view,
+    forbidden,
+)
+from workflows_app.views.instances import detail_context
+
+CHANGED = (
+    "This instance changed meanwhile, so nothing was done. Its current state "
+    "is shown below; check it and act again if it is still needed."
+)
+LEVELS = {200: messages.SUCCESS, 403: messages.ERROR, 409: messages.WARNING}
+
+
+def _perform(
+    request: HtmxHttpRequest, pk: Any, action: Action, form: ActionForm
+) -> tuple[int, str]:
+    """Run the action's command; return the HTTP status and what to tell."""
+    if not form.is_valid():
+        return 422, "Not done: please correct the form below."
+    data = form.cleaned_data
+    kwargs: dict[str, Any] = {
+        "user": request.user,
+        "reason": data["reason"],
+        "expected_version": data["version"],
+    }
+    if action.targets_step and data.get("step"):
+        kwargs["step_id"] = data["step"]
+    if "output" in data:
+        kwargs["output"] = data["output"]
+    try:
+        action.command(pk, **kwargs)
+    except WorkflowInstance.DoesNotExist as exc:
+        raise Http404("no such instance") from exc
+    except AlreadyChanged:
+        return 409, CHANGED
+    except NotPermitted as exc:
+        return 403, f"Not done: {exc}."
+    except InvalidInput as exc:
+        return 422, f"Not done: {exc}."
+    except TransitionRejected as exc:
+        return 409, f"Not done: {exc}. {CHANGED.split('. ', 1)[1]}"
+    return 200, f"{action.label}: done."
+
+
+@require_POST
+@dashboard_view
+def instance_action(request: HtmxHttpRequest, pk: Any, action: str) -> HttpResponse:
+    spec = ACTIONS.get(action)
+    if spec is None:
+        raise Http404("no such action")
+    if not request.user.has_perm(spec.permission):
+        return forbidden(request, f"You are not allowed to {spec.label.lower()}.")
+    form = spec.form_class(request.POST, auto_id=f"{spec.name}-%s")
+    status, text = _perform(request, pk, spec, form)
+    kind = "success" if status == 200 else "error"
+    if not request.htmx:
+        level = LEVELS.get(status, messages.ERROR)
+        messages.add_message(request, level, text)
+        return redirect("instance_detail", pk=pk)
+    context = detail_context(
+        request,
+        pk,
+        message=(kind, text),
+        bound=(spec.name, form) if status == 422 else None,
+    )
+    return render(
+        request, "workflows/instance_detail.html#live", context, status=status
+    )
+
+
+@require_POST
+@dashboard_view
+def alert_acknowledge(request: HtmxHttpRequest, alert_id: int) -> HttpResponse:
+    """An operator takes an alert: it is not escalated any more."""
+    if not request.user.has_perm("workflows_app.acknowledge_alert"):
+        return forbidden(request, "You are not allowed to acknowledge alerts.")
+    instance_id = (
+        Alert.objects.filter(pk=alert_id).values_list("instance_id", flat=True).first()
+    )
+    if instance_id is None:
+        raise Http404("no such alert")
+    status, text = 200, "Alert acknowledged: it will not be escalated."
+    try:
+        commands.alert_acknowledge(
+            alert_id,
+            user=request.user,
+            reason=request.POST.get("reason", "").strip()[:2000],
+        )
+    except AlreadyChanged as exc:
+        status, text = 409, f"Not done: {exc}."
+    except NotPermitted as exc:
+        status, text = 403, f"Not done: {exc}."
+    if not request.htmx:
+        messages.add_message(request, LEVELS.get(status, messages.ERROR), text)
+        return redirect("instance_detail", pk=instance_id)
+    kind = "success" if status == 200 else "error"
+    context = detail_context(request, instance_id, message=(kind, text))
+    return render(
+        request, "workflows/instance_detail.html#live", context, status=status
+    )
+
+
+# -- bulk ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BulkOutcome:
+    instance_id: Any
+    label: str
+    result: str  # done / changed / refused / forbidden / missing
+    message: str
+
+
+def _bulk_one(
+    request: HtmxHttpRequest,
+    form: BulkActionForm,
+    instance: WorkflowInstance,
+    version: int,
+) -> BulkOutcome:
+    label = f"{instance.definition_key} / {instance.business_key}"
+    if form.cleaned_data["action"] == "compensate":
+        command = commands.instance_compensate
+    elif instance.attention_kind == AttentionKind.COMPENSATION_FAILED:
+        command = commands.instance_retry_compensation
+    else:
+        command = commands.instance_retry_step
+    what = command.__name__.removeprefix("instance_").replace("_", " ")
+    try:
+        command(
+            instance.pk,
+            user=request.user,
+            reason=form.cleaned_data["reason"],
+            expected_version=version,
+        )
+    except AlreadyChanged:
+        return BulkOutcome(instance.pk, label, "changed", "changed meanwhile: skipped")
+    except NotPermitted as exc:
+        return BulkOutcome(instance.pk, label, "forbidden", str(exc))
+    except (TransitionRejected, InvalidInput, WorkflowInstance.DoesNotExist) as exc:
+        return BulkOutcome(instance.pk, label, "refused", str(exc))
+    except EngineError as exc:
+        return BulkOutcome(instance.pk, label, "refused", str(exc))
+    return BulkOutcome(instance.pk, label, "done", f"{what}: done")
+
+
+def _may_bulk(request: HtmxHttpRequest, action: str) -> bool:
+    user = request.user
+    if action == "compensate":
+        return user.has_perm("workflows_app.compensate_instance")
+    return user.has_perm("workflows_app.retry_step") or user.has_perm(
+        "workflows_app.retry_compensation"
+    )
+
+
+@require_POST
+@dashboard_view
+def instance_bulk(request: HtmxHttpRequest) -> HttpResponse:
+    """Retry or compensate every selected instance: one audited command per
+    instance, each fenced on the version shown in the list."""
+    form = BulkActionForm(request.POST)
+    if not _may_bulk(request, request.POST.get("action", "retry")):
+        return forbidden(request, "You are not allowed to act on instances.")
+    outcomes: list[BulkOutcome] = []
+    status = 422
+    if form.is_valid():
+        status = 200
+        pairs = form.cleaned_data["selected"]
+        found = (
+            WorkflowInstance.objects.filter(pk__in=[pk for pk, _ in pairs])
+            .only(
+                # django-fsm reads the state and the version on init.
+                "id",
+                "definition_key",
+                "business_key",
+                "attention_kind",
+                "state",
+                "version",
+            )
+            .in_bulk()
+        )
+        for pk, version in pairs:
+            if pk not in found:
+                outcomes.append(BulkOutcome(pk, str(pk), "missing", "no such instance"))
+                continue
+            outcomes.append(_bulk_one(request, form, found[pk], version))
+    context = {
+        "bulk_form": form,
+        "outcomes": outcomes,
+        "done": sum(o.result == "done" for o in outcomes),
+    }
+    template = "workflows/bulk_result.html"
+    if request.htmx:
+        template += "#bulk-result"
+    response = render(request, template, context, status=status)
+    if outcomes:
+        # The list re-reads itself: the rows' states and versions changed.
+        response["HX-Trigger"] = "instances-changed"
+    return response

@@ -1,0 +1,69 @@
+"""The overview: counts per state and per definition, the stuck queue and
+recent failures. Its live part refreshes itself with htmx polling."""
+
+from __future__ import annotations
+
+from django.http import HttpResponse
+from django.shortcuts import render
+from django.views.decorators.http import require_GET
+
+from workflows_app.models import WorkflowDefinition
+from workflows_app.views import queries
+from workflows_app.views.common import (
+    HtmxHttpRequest,
+    dashboard_view,
+    poll_seconds,
+    wants_partial,
+)
+
+
+def _definition_titles() -> dict[str, str]:
+    """Each key's title, taken from its newest version (a few hundred rows)."""
+    titles: dict[str, str] = {}
+    rows = WorkflowDefinition.objects.order_by("key", "-version").values_list(
+        "key", "title"
+    )
+    for key, title in rows:
+        titles.setdefault(key, title)
+    return titles
+
+
+@require_GET
+@dashboard_view
+def overview(request: HtmxHttpRequest) -> HttpResponse:
+    window = request.GET.get("window", "24h")
+    if window not in queries.WINDOWS:
+        window = "24h"
+    counts = queries.state_counts(queries.WINDOWS[window])
+    titles = _definition_titles()
+    states = queries.ACTIVE_ORDER + queries.TERMINAL_ORDER
+    per_definition = [
+        {
+            "key": key,
+            "title": title,
+            "cells": [
+                (state, counts.by_definition.get(key, {}).get(state, 0))
+                for state in states
+            ],
+            "stuck": counts.stuck_by_definition.get(key, 0),
+        }
+        for key, title in titles.items()
+    ]
+    context = {
+        "window": window,
+        "windows": [("24h", "last 24 h"), ("7d", "last 7 days"), ("all", "all time")],
+        "counts": counts,
+        "states": states,
+        "active_cells": [(s, counts.by_state.get(s, 0)) for s in queries.ACTIVE_ORDER],
+        "finished_cells": [
+            (s, counts.by_state.get(s, 0)) for s in queries.TERMINAL_ORDER
+        ],
+        "per_definition": per_definition,
+        "stuck_queue": queries.stuck_queue(),
+        "failures": queries.recent_failures(),
+        "poll_seconds": poll_seconds(),
+    }
+    template = "workflows/overview.html"
+    if wants_partial(request):
+        template += "#live"
+    return render(request, template, context)

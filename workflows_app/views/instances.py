@@ -1,0 +1,159 @@
+"""The instance list (filters, search, keyset pages) and the instance page."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import OuterRef, Subquery
+from django.http import HttpResponse
+from django.shortcuts import get_object_or_404, render
+from django.views.decorators.http import require_GET
+from django_htmx.http import HttpResponseStopPolling
+
+from workflows_app.filters import SORTS, InstanceFilter
+from workflows_app.forms import ActionForm, BulkActionForm
+from workflows_app.models import Alert, TransitionLog, WorkflowInstance
+from workflows_app.views import queries
+from workflows_app.views.common import (
+    HtmxHttpRequest,
+    available_actions,
+    blocked_step,
+    dashboard_view,
+    poll_seconds,
+    wants_partial,
+)
+from workflows_app.views.pagination import keyset_page
+
+PAGE_SIZES = (25, 50, 100)
+HISTORY_LIMIT = 500
+OPERATE_PERMISSIONS = (
+    "workflows_app.retry_step",
+    "workflows_app.retry_compensation",
+    "workflows_app.compensate_instance",
+)
+
+
+def _page_size(request: HtmxHttpRequest) -> int:
+    try:
+        size = int(request.GET.get("per_page", PAGE_SIZES[0]))
+    except ValueError:
+        return PAGE_SIZES[0]
+    return size if size in PAGE_SIZES else PAGE_SIZES[0]
+
+
+@require_GET
+@dashboard_view
+def instance_list(request: HtmxHttpRequest) -> HttpResponse:
+    base = WorkflowInstance.objects.select_related("definition").defer(*queries.HEAVY)
+    filterset = InstanceFilter(request.GET or None, queryset=base)
+    qs = filterset.qs if filterset.is_bound else base
+    field, descending = SORTS[filterset.sort_key]
+    size = _page_size(request)
+    page = keyset_page(qs, field, descending, request.GET.get("cursor"), size)
+    if page.is_first and page.next_cursor is None:
+        total, exact = len(page.rows), True
+    else:
+        total, exact = queries.estimate_count(qs), False
+    can_bulk = any(request.user.has_perm(p) for p in OPERATE_PERMISSIONS)
+    context = {
+        "filter": filterset,
+        "page": page,
+        "total": total,
+        "total_exact": exact,
+        "page_sizes": PAGE_SIZES,
+        "per_page": size,
+        "can_bulk": can_bulk,
+        "bulk_form": BulkActionForm() if can_bulk else None,
+    }
+    template = "workflows/instance_list.html"
+    if wants_partial(request) and request.htmx.target == "instance-results":
+        template += "#results"
+    return render(request, template, context)
+
+
+def _with_change_token(qs: Any) -> Any:
+    """Annotate the id of the newest timeline row: together with ``version``
+    it tells a polling page whether anything new happened (notes included)."""
+    newest = TransitionLog.objects.filter(instance=OuterRef("pk")).order_by("-id")
+    return qs.annotate(last_log_id=Subquery(newest.values("id")[:1]))
+
+
+def change_token(instance: Any) -> str:
+    return f"{instance.version}-{instance.last_log_id or 0}"
+
+
+def detail_context(
+    request: HtmxHttpRequest,
+    pk: Any,
+    *,
+    message: tuple[str, str] | None = None,
+    bound: tuple[str, ActionForm] | None = None,
+) -> dict[str, Any]:
+    """Everything the instance page shows, fresh from the database; ``bound``
+    is an action form that failed validation, to show with its errors."""
+    instance = get_object_or_404(
+        _with_change_token(WorkflowInstance.objects.select_related("definition")),
+        pk=pk,
+    )
+    steps = list(
+        instance.steps.select_related("step_definition")
+        .prefetch_related("attempts")
+        .order_by("position")
+    )
+    history, older = queries.history_for(instance, HISTORY_LIMIT)
+    names = {step.id: step.name for step in steps}
+    for row in history:
+        row.step_name = names.get(row.step_id, "")
+    alerts = list(
+        Alert.objects.filter(instance=instance, resolved_at__isnull=True)
+        .select_related("acknowledged_by")
+        .order_by("opened_at")
+    )
+    blocked = blocked_step(steps)
+    action_forms = []
+    for action in available_actions(instance, request.user):
+        form = bound[1] if bound and bound[0] == action.name else None
+        if form is None:
+            step_id = blocked.id if action.targets_step and blocked else None
+            form = action.form_class(
+                initial={"version": instance.version, "step": step_id},
+                auto_id=f"{action.name}-%s",
+            )
+        action_forms.append((action, form))
+    return {
+        "instance": instance,
+        "definition": instance.definition,
+        "steps": steps,
+        "blocked": blocked,
+        "history": history,
+        "history_truncated": older,
+        "history_limit": HISTORY_LIMIT,
+        "actions": action_forms,
+        "open_action": bound[0] if bound else None,
+        "alerts": alerts,
+        "can_acknowledge": request.user.has_perm("workflows_app.acknowledge_alert"),
+        "message": message,
+        "token": change_token(instance),
+        "poll_seconds": poll_seconds(),
+    }
+
+
+@require_GET
+@dashboard_view
+def instance_detail(request: HtmxHttpRequest, pk: Any) -> HttpResponse:
+    since = request.GET.get("since")
+    if request.htmx and since:
+        # A poll: answer "nothing new" from one small query when possible.
+        seen = get_object_or_404(
+            _with_change_token(WorkflowInstance.objects.only("version", "state")),
+            pk=pk,
+        )
+        if change_token(seen) == since:
+            if seen.is_terminal:
+                return HttpResponseStopPolling()
+            return HttpResponse(status=204)
+    context = detail_context(request, pk)
+    template = "workflows/instance_detail.html"
+    if wants_partial(request):
+        template += "#live"
+    return render(request, template, context)

@@ -1,0 +1,230 @@
+"""Read-only selectors for the dashboard, written for millions of instances.
+
+Nothing here counts a whole table on a page view. Counts of unfinished
+instances are exact (they are few and indexed by state); finished ones are
+counted over a recent window on the ``(state, last_progress_at)`` index; the
+size of a filtered list is the planner's estimate (``EXPLAIN``), never a
+``COUNT(*)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from collections import defaultdict
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import connection
+from django.db.models import Aggregate, Count, DurationField, F, QuerySet
+from django.utils import timezone
+
+from workflows_app.models import (
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    InstanceState,
+    StepExecution,
+    TransitionLog,
+    WorkflowDefinition,
+    WorkflowInstance,
+)
+
+# Display order of the state badges: the unfinished ones first.
+ACTIVE_ORDER = ["accepted", "running", "needs_attention", "compensating"]
+TERMINAL_ORDER = ["completed", "compensated", "cancelled", "failed"]
+FAILURE_STATES = ["needs_attention", "compensating", "compensated", "failed"]
+# Columns a list or queue row never shows: keep the JSON blobs out of the rows.
+HEAVY = ("input", "outputs", "input_fingerprint", "idempotency_key")
+
+WINDOWS = {"24h": timedelta(hours=24), "7d": timedelta(days=7), "all": None}
+
+
+@dataclasses.dataclass
+class Counts:
+    """Instances per state, overall and per definition key."""
+
+    by_state: dict[str, int]
+    by_definition: dict[str, dict[str, int]]
+    stuck: int
+    stuck_by_definition: dict[str, int]
+    since: datetime | None
+
+
+def state_counts(window: timedelta | None, definition_key: str | None = None) -> Counts:
+    """Exact counts of unfinished instances (and stuck ones), plus finished
+    instances whose last progress falls in ``window`` (all time when None).
+
+    Naming every definition key (a short list) as well as the states turns
+    both into conditions on the ``(definition_key, state, last_progress_at)``
+    index: PostgreSQL then reads only the matching index entries (index-only),
+    instead of visiting every row of the wanted states."""
+    if definition_key is not None:
+        keys = [definition_key]
+    else:
+        keys = list(
+            WorkflowDefinition.objects.order_by()
+            .values_list("key", flat=True)
+            .distinct()
+        )
+    base = WorkflowInstance.objects.order_by().filter(definition_key__in=keys)
+    since = timezone.now() - window if window is not None else None
+    finished = base.filter(state__in=TERMINAL_STATES)
+    if since is not None:
+        finished = finished.filter(last_progress_at__gte=since)
+    by_state: dict[str, int] = defaultdict(int)
+    by_definition: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for part in (base.filter(state__in=ACTIVE_STATES), finished):
+        rows = part.values_list("definition_key", "state").annotate(n=Count("*"))
+        for key, state, n in rows:
+            by_state[state] += n
+            by_definition[key][state] += n
+    # Index-only, on the partial index instance_stuck_progress (migration 0005).
+    stuck = WorkflowInstance.objects.order_by().filter(stuck=True)
+    if definition_key is not None:
+        stuck = stuck.filter(definition_key=definition_key)
+    stuck_rows = stuck.values_list("definition_key").annotate(n=Count("*"))
+    stuck_by_definition = dict(stuck_rows)
+    return Counts(
+        by_state=dict(by_state),
+        by_definition={k: dict(v) for k, v in sorted(by_definition.items())},
+        stuck=sum(stuck_by_definition.values()),
+        stuck_by_definition=stuck_by_definition,
+        since=since,
+    )
+
+
+def stuck_queue(limit: int = 25) -> list[WorkflowInstance]:
+    """Stuck instances, longest stuck first (partial index ``instance_stuck``)."""
+    return list(
+        WorkflowInstance.objects.filter(stuck=True)
+        .select_related("definition")
+        .defer(*HEAVY)
+        .order_by("stuck_since", "id")[:limit]
+    )
+
+
+def recent_failures(limit: int = 10) -> list[WorkflowInstance]:
+    """The latest instances that went wrong: held, compensating or compensated,
+    or closed as failed. One indexed top-N per state, merged in one query."""
+    parts = [
+        WorkflowInstance.objects.filter(state=state)
+        .order_by("-last_progress_at")
+        .values_list("id", "last_progress_at")[:limit]
+        for state in FAILURE_STATES
+    ]
+    if connection.features.supports_slicing_ordering_in_compound:
+        rows: list[Any] = list(parts[0].union(*parts[1:], all=True))
+    else:  # SQLite: no LIMIT inside UNION
+        rows = [row for part in parts for row in part]
+    ids = [pk for pk, _ in sorted(rows, key=lambda r: r[1], reverse=True)[:limit]]
+    found = (
+        WorkflowInstance.objects.filter(pk__in=ids)
+        .select_related("definition")
+        .defer(*HEAVY)
+        .in_bulk()
+    )
+    instances = [found[pk] for pk in ids if pk in found]
+    # Why each went wrong: its failed or unknown step, in one query.
+    failed_steps: dict[Any, StepExecution] = {}
+    for step in StepExecution.objects.filter(
+        instance_id__in=ids, state__in=["failed", "unknown"]
+    ).only(
+        # Every FSM field must be loaded: django-fsm reads them on init.
+        "instance_id",
+        "name",
+        "state",
+        "compensation_state",
+        "last_error",
+        "position",
+    ):
+        failed_steps.setdefault(step.instance_id, step)
+    for instance in instances:
+        instance.failed_step = failed_steps.get(instance.id)  # type: ignore[attr-defined]
+    return instances
+
+
+def estimate_count(qs: QuerySet[Any]) -> int:
+    """The planner's row estimate for ``qs`` on PostgreSQL (no scan); an exact
+    count elsewhere (the embedded SQLite default holds small data)."""
+    if connection.vendor != "postgresql":
+        return qs.count()
+    sql, params = qs.order_by().values("pk").query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN (FORMAT JSON) {sql}", params)
+        plan = cursor.fetchone()[0]
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    return int(plan[0]["Plan"]["Plan Rows"])
+
+
+# -- definitions ---------------------------------------------------------------
+
+
+class Percentile(Aggregate):
+    """PostgreSQL ``percentile_cont(p) WITHIN GROUP (ORDER BY expr)``."""
+
+    function = "PERCENTILE_CONT"
+    template = "%(function)s(%(percentile)s) WITHIN GROUP (ORDER BY %(expressions)s)"
+
+    def __init__(self, expression: Any, percentile: float, **extra: Any) -> None:
+        super().__init__(expression, percentile=float(percentile), **extra)
+
+
+@dataclasses.dataclass
+class Health:
+    window: timedelta
+    counts: Counts
+    finished: int
+    went_wrong: int
+    median_duration: timedelta | None
+
+    @property
+    def failure_rate(self) -> float | None:
+        return self.went_wrong / self.finished if self.finished else None
+
+
+def definition_health(key: str, window: timedelta = timedelta(days=1)) -> Health:
+    """Counts by state, the share of finished instances that did not complete,
+    and the median accept-to-finish time of the completed ones, over ``window``."""
+    counts = state_counts(window, definition_key=key)
+    terminal = {s: counts.by_state.get(s, 0) for s in TERMINAL_ORDER}
+    completed = WorkflowInstance.objects.filter(
+        definition_key=key,
+        state=InstanceState.COMPLETED,
+        last_progress_at__gte=counts.since,
+        finished_at__isnull=False,
+    ).order_by()
+    took = F("finished_at") - F("accepted_at")
+    if connection.vendor == "postgresql":
+        median = completed.aggregate(
+            m=Percentile(took, 0.5, output_field=DurationField())
+        )["m"]
+    else:
+        values = list(completed.annotate(took=took).values_list("took", flat=True))
+        median = statistics.median(values) if values else None
+    return Health(
+        window=window,
+        counts=counts,
+        finished=sum(terminal.values()),
+        went_wrong=terminal["compensated"] + terminal["failed"],
+        median_duration=median,
+    )
+
+
+def definition_versions(key: str) -> list[WorkflowDefinition]:
+    return list(
+        WorkflowDefinition.objects.filter(key=key)
+        .annotate(step_count=Count("steps"))
+        .order_by("-version")
+    )
+
+
+def history_for(instance: WorkflowInstance, limit: int) -> tuple[list[Any], bool]:
+    """The newest ``limit`` timeline rows in order, and whether older ones exist."""
+    rows = list(
+        TransitionLog.objects.filter(instance=instance)
+        .select_related("user")
+        .order_by("-id")[: limit + 1]
+    )
+    return rows[:limit][::-1], len(rows) > limit

@@ -1,0 +1,38 @@
+"""Routes of the support dashboard (server-rendered pages with HTMX)."""
+
+from __future__ import annotations
+
+from django.contrib.auth import views as auth_views
+from django.urls import path
+
+from workflows_app.views import actions, alerts, dashboard, definitions, instances
+
+urlpatterns = [
+    path("", dashboard.overview, name="overview"),
+    path(
+        "login/",
+        auth_views.LoginView.as_view(redirect_authenticated_user=True),
+        name="login",
+    ),
+    path("logout/", auth_views.LogoutView.as_view(next_page="login"), name="logout"),
+    path("instances/", instances.instance_list, name="instance_list"),
+    path("instances/bulk/", actions.instance_bulk, name="instance_bulk"),
+    path("instances/<uuid:pk>/", instances.instance_detail, name="instance_detail"),
+    path(
+        "instances/<uuid:pk>/actions/<slug:action>/",
+        actions.instance_action,
+        name="instance_action",
+    ),
+    path(
+        "alerts/<int:alert_id>/acknowledge/",
+        actions.alert_acknowledge,
+        name="alert_acknowledge",
+    ),
+    path("alerts/", alerts.alert_list, name="alert_list"),
+    path("definitions/", definitions.definition_list, name="definition_list"),
+    path(
+        "definitions/<str:key>/",
+        definitions.definition_detail,
+        name="definition_detail",
+    ),
+]
