@@ -189,16 +189,40 @@ class Command(BaseCommand):
             time.sleep(1 / rate if rate > 0 else 1)
 
     def _stop_children(self, children: dict[str, subprocess.Popen[bytes]]) -> None:
-        """Stop each child's whole process group (gunicorn and Celery workers)."""
+        """Stop each child's whole process group (gunicorn and Celery workers).
+
+        Waiting for the group leader is not enough: pool processes and the
+        embedded beat may outlive it by a moment, so wait until the group is
+        empty and kill what is left after the grace period.
+        """
         for child in children.values():
             _signal_group(child, signal.SIGTERM)
         deadline = time.monotonic() + 20
         for child in children.values():
-            try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            if not _wait_for_group(child, deadline):
                 _signal_group(child, signal.SIGKILL)
-                child.wait()
+                _wait_for_group(child, time.monotonic() + 5)  # SIGKILL is not instant
+
+
+def _wait_for_group(child: subprocess.Popen[bytes], deadline: float) -> bool:
+    """Whether every process of the child's group exited before ``deadline``.
+
+    ``poll()`` reaps the leader: an unreaped leader still counts as a member."""
+    while True:
+        child.poll()
+        if not _group_alive(child.pid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _signal_group(child: subprocess.Popen[bytes], sig: int) -> None:
