@@ -50,15 +50,21 @@ def process_env(**extra: str) -> dict[str, str]:
 
 @contextmanager
 def celery_processes(
-    concurrency: int = 2, beat: bool = True
+    concurrency: int = 2,
+    beat: bool = True,
+    *,
+    queues: str | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
-    """Start a worker (prefork pool) and optionally beat; stop both after."""
+    """Start a worker (prefork pool) and optionally beat; stop both after.
+
+    ``queues`` limits the worker to those queues (``-Q``)."""
     if not settings.CELERY_BROKER_URL.startswith("redis://"):
         raise RuntimeError("worker tests need a Redis broker (set CELERY_BROKER_URL)")
     connection.close()  # the children must not inherit this process's connection
     logdir = Path(tempfile.mkdtemp(prefix="saga-celery-"))
     procs: dict[str, subprocess.Popen[bytes]] = {}
-    env = process_env()
+    env = process_env(**(extra_env or {}))
     procs["worker"] = subprocess.Popen(
         [
             CELERY,
@@ -76,6 +82,7 @@ def celery_processes(
             "--without-heartbeat",
             "-n",
             f"test-worker-{os.getpid()}@%h",
+            *(["-Q", queues] if queues else []),
         ],
         cwd=ROOT,
         env=env,

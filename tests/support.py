@@ -83,6 +83,9 @@ class LocalBroker:
                 tasks.run_attempt, "apply_async", self._sender("run_attempt")
             ),
             mock.patch.object(tasks.advance, "apply_async", self._sender("advance")),
+            mock.patch.object(
+                tasks.run_bulk_job, "apply_async", self._sender("run_bulk_job")
+            ),
         ]
         if not inline:
             self._patches.append(mock.patch.object(tasks, "_budget", lambda task: None))

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from workflows_app.activities import activity
-from workflows_app.activities.base import ActivityContext, Waiting
+from workflows_app.activities.base import ActivityContext, ActivityError, Waiting
 from workflows_app.activities.demo import perform_action, perform_compensation
 
 
@@ -37,3 +37,16 @@ def accept_later(ctx: ActivityContext) -> Waiting:
 def poison(ctx: ActivityContext) -> None:
     """Kills the worker process that runs it, every time."""
     os.kill(os.getpid(), 9)
+
+
+@activity("test.flaky_gateway")
+def flaky_gateway(ctx: ActivityContext) -> dict[str, object]:
+    """A payment gateway during an outage: while the instance's input says so,
+    every first attempt fails with an error naming the order and a status
+    code, as real gateways do. Later attempts succeed."""
+    outage = ctx.input.get("outage")
+    if outage and ctx.attempt == 1:
+        raise ActivityError(
+            f"payments returned {outage} for order '{ctx.business_key}'"
+        )
+    return perform_action(ctx, "gateway")

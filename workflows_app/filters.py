@@ -9,13 +9,15 @@ from typing import Any
 
 import django_filters
 from django import forms
-from django.db.models import QuerySet
+from django.db.models import Exists, OuterRef, QuerySet
 from django.utils import timezone
 
+from workflows_app.failure_groups import BLOCKING
 from workflows_app.models import (
     ACTIVE_STATES,
     TERMINAL_STATES,
     InstanceState,
+    StepExecution,
     WorkflowDefinition,
     WorkflowInstance,
 )
@@ -103,6 +105,14 @@ class InstanceFilter(django_filters.FilterSet):
         label="Accepted until (UTC)",
         widget=DATETIME_WIDGET,
     )
+    # A failure group (see failure_groups.py): held by this step, with this
+    # error signature. Applied together in filter_queryset.
+    failed_step = django_filters.CharFilter(
+        method="keep", label="Blocked at step", widget=forms.HiddenInput
+    )
+    signature = django_filters.CharFilter(
+        method="keep", label="Error signature", widget=forms.HiddenInput
+    )
     sort = django_filters.ChoiceFilter(
         method="keep",  # applied by the keyset pager, which needs the field
         choices=SORT_CHOICES,
@@ -113,6 +123,19 @@ class InstanceFilter(django_filters.FilterSet):
     class Meta:
         model = WorkflowInstance
         fields: list[str] = []
+
+    def filter_queryset(self, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        qs = super().filter_queryset(queryset)
+        data = self.form.cleaned_data
+        step, signature = data.get("failed_step"), data.get("signature")
+        if step or signature:
+            blocking = StepExecution.objects.filter(BLOCKING, instance=OuterRef("pk"))
+            if step:
+                blocking = blocking.filter(name=step)
+            if signature:
+                blocking = blocking.filter(error_signature=signature)
+            qs = qs.filter(Exists(blocking))
+        return qs
 
     def search(self, qs: QuerySet[Any], name: str, value: str) -> QuerySet[Any]:
         value = value.strip()

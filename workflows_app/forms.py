@@ -83,3 +83,42 @@ class BulkActionForm(forms.Form):
                 f"Select at most {BULK_LIMIT} instances at a time."
             )
         return list(dict(pairs).items())
+
+
+class BulkJobForm(forms.Form):
+    """Plan a server-side job over every instance the list's filters match."""
+
+    ACTIONS = [
+        ("retry", "Retry (the failed step, or the failed compensation)"),
+        ("compensate", "Compensate (undo the steps done)"),
+    ]
+
+    action = forms.ChoiceField(choices=ACTIONS)
+    reason = forms.CharField(
+        max_length=2000,
+        strip=True,
+        widget=forms.Textarea(attrs={"rows": 2}),
+        help_text="Required. Recorded in every affected timeline with your name.",
+    )
+    rate = forms.FloatField(
+        min_value=0,
+        max_value=1000,
+        initial=10,
+        label="Rate (instances per second, 0 for no limit)",
+        help_text="Keep it low while the participant recovers from an outage.",
+    )
+
+
+class KnownFailureForm(forms.Form):
+    definition_key = forms.CharField(max_length=100, widget=forms.HiddenInput)
+    step_name = forms.CharField(max_length=100, widget=forms.HiddenInput)
+    signature = forms.CharField(
+        max_length=300, required=False, strip=False, widget=forms.HiddenInput
+    )
+    note = forms.CharField(
+        max_length=2000,
+        strip=True,
+        required=False,  # not when forgetting the mark
+        widget=forms.Textarea(attrs={"rows": 2}),
+        help_text='What is known, e.g. "payments outage INC-42, retry after 14:00".',
+    )

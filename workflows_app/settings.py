@@ -270,6 +270,15 @@ SAGA_HARD_TIMEOUT_GRACE = float(os.environ.get("SAGA_HARD_TIMEOUT_GRACE", "5"))
 # task (no broker round trip) before handing them back to the broker.
 SAGA_INLINE_BUDGET = float(os.environ.get("SAGA_INLINE_BUDGET", "60"))
 SAGA_SWEEP_BATCH = int(os.environ.get("SAGA_SWEEP_BATCH", "500"))
+# Bulk jobs: the most instances one job may act on, how long a runner's lease
+# lasts (a killed runner's job is taken over after it), and how long one task
+# works before handing the job back to the broker.
+SAGA_BULK_MAX_ITEMS = int(os.environ.get("SAGA_BULK_MAX_ITEMS", "50000"))
+SAGA_BULK_LEASE = float(os.environ.get("SAGA_BULK_LEASE", "60"))
+SAGA_BULK_TASK_BUDGET = float(os.environ.get("SAGA_BULK_TASK_BUDGET", "20"))
+# Optionally a queue of their own, so that a long job never queues ahead of
+# step attempts (then start workers with -Q celery,<queue>).
+SAGA_BULK_QUEUE = os.environ.get("SAGA_BULK_QUEUE", "")
 # Extra modules that register activities (dotted paths, comma separated).
 SAGA_ACTIVITY_MODULES = env_list("SAGA_ACTIVITY_MODULES")
 

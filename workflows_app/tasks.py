@@ -11,8 +11,9 @@ from django.conf import settings
 
 from workflows_app import alerts
 from workflows_app.activities.runner import alarms_available, call_activity
-from workflows_app.engine import commands, sweeps
+from workflows_app.engine import commands, dispatch, sweeps
 from workflows_app.engine.actors import Actor
+from workflows_app.engine.commands import bulk
 
 
 def _budget(task: Any) -> commands.InlineBudget | None:
@@ -72,3 +73,14 @@ def sweep() -> dict[str, int]:
 @shared_task(name="workflows.send_alerts", ignore_result=True)
 def send_alerts() -> dict[str, int]:
     return alerts.send_due_alerts()
+
+
+@shared_task(name="workflows.run_bulk_job", ignore_result=True, acks_late=True)
+def run_bulk_job(job_id: int) -> str:
+    """Work a bulk job for a while, then hand it back to the broker so that
+    one long job never holds a worker (a duplicate message finds the lease
+    taken and does nothing)."""
+    state = bulk.bulk_job_work(job_id)
+    if state == "more":
+        dispatch.bulk_job_sender(job_id)()
+    return state

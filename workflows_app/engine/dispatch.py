@@ -50,3 +50,15 @@ def advance_sender(instance_id: Any) -> Callable[[], None]:
         )
 
     return send
+
+
+def bulk_job_sender(job_id: int) -> Callable[[], None]:
+    def send() -> None:
+        from workflows_app.tasks import run_bulk_job
+
+        # A queue of its own when configured, so a long job never queues
+        # ahead of step attempts (workers then also consume that queue).
+        queue = settings.SAGA_BULK_QUEUE or None
+        run_bulk_job.apply_async(args=[job_id], queue=queue)
+
+    return send

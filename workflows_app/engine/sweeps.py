@@ -37,6 +37,7 @@ from workflows_app.models import (
     ACTIVE_STATES,
     ActorKind,
     AttentionKind,
+    BulkJob,
     CompensationState,
     InstanceState,
     StepExecution,
@@ -120,6 +121,28 @@ def redispatch_instances(now: datetime, batch: int) -> int:
             ).update(redispatch_at=now + _lease() if accepted else None)
             if won and accepted:
                 sent.append(dispatch.advance_sender(row["id"]))
+    for send in sent:
+        _send(send)
+    return len(sent)
+
+
+def redispatch_bulk_jobs(now: datetime, batch: int) -> int:
+    """Queued or running bulk jobs that no runner holds (a lost message, a
+    killed worker whose lease ran out) are sent again."""
+    due = (
+        BulkJob.objects.filter(
+            status__in=[BulkJob.Status.QUEUED, BulkJob.Status.RUNNING]
+        )
+        .filter(Q(redispatch_at__isnull=True) | Q(redispatch_at__lte=now))
+        .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now))
+    )
+    sent = []
+    for row in due.values("id", "redispatch_at")[:batch]:
+        won = BulkJob.objects.filter(
+            pk=row["id"], redispatch_at=row["redispatch_at"]
+        ).update(redispatch_at=now + _lease())
+        if won:
+            sent.append(dispatch.bulk_job_sender(row["id"]))
     for send in sent:
         _send(send)
     return len(sent)
@@ -236,6 +259,7 @@ def sweep_all(batch: int | None = None) -> dict[str, int]:
         "timeouts": time_out_attempts(now, size),
         "redispatched_steps": redispatch_steps(now, size),
         "redispatched_instances": redispatch_instances(now, size),
+        "redispatched_bulk_jobs": redispatch_bulk_jobs(now, size),
         "deadlines": enforce_deadlines(now, size),
         "stuck": flag_stuck(now, size),
         # After flagging, so a newly stuck instance gets its alert this sweep.

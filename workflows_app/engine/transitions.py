@@ -21,6 +21,7 @@ from django_fsm import ConcurrentTransition, can_proceed, has_transition_perm
 from workflows_app.engine import dispatch
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.errors import AlreadyChanged, NotPermitted, TransitionRejected
+from workflows_app.engine.signatures import error_signature
 from workflows_app.models import (
     TERMINAL_STATES,
     ActorKind,
@@ -40,6 +41,7 @@ STEP_FIELDS = [
     "deadline_at",
     "redispatch_at",
     "last_error",
+    "error_signature",
     "output",
     "succeeded_at",
     "compensated_at",
@@ -102,6 +104,9 @@ class Change:
         self._logs: list[TransitionLog] = []
         self._after_commit: list[Callable[[], None]] = []
         self._dispatches: list[tuple[StepExecution, str, timedelta]] = []
+        # Merged into the data of every history row (e.g. the bulk job that
+        # caused the change), so the timeline can say where an action came from.
+        self.tags: dict[str, Any] = {}
 
     @classmethod
     def open(cls, instance_id: Any, actor: Actor) -> Change:
@@ -231,6 +236,7 @@ class Change:
                 instance.version += 1
                 instance.save(update_fields=INSTANCE_FIELDS)
             for step in self._dirty_steps.values():
+                step.error_signature = error_signature(step.last_error)
                 step.save(update_fields=STEP_FIELDS)
         except ConcurrentTransition as exc:
             raise AlreadyChanged(CHANGED_MEANWHILE) from exc
@@ -277,7 +283,7 @@ class Change:
                 actor_label=actor.label,
                 user=actor.user if actor.kind == ActorKind.OPERATOR else None,
                 reason=reason[:5000],
-                data=data or {},
+                data={**(data or {}), **self.tags},
             )
         )
 

@@ -14,7 +14,13 @@ def create_roles(apps, schema_editor):
         app_config.models_module = True
         create_permissions(app_config, apps=apps, verbosity=0)
         app_config.models_module = None
-    sync_roles(apps.get_model("auth", "Group"), apps.get_model("auth", "Permission"))
+    # Not strict: permissions of models added by later migrations do not exist
+    # yet; the migration that adds such a model syncs the roles again.
+    sync_roles(
+        apps.get_model("auth", "Group"),
+        apps.get_model("auth", "Permission"),
+        strict=False,
+    )
 
 
 def drop_roles(apps, schema_editor):

@@ -4,6 +4,7 @@ from workflows_app.models.alerts import Alert
 from workflows_app.models.audit import ActorKind, InboundMessage, TransitionLog
 from workflows_app.models.definitions import StepDefinition, WorkflowDefinition
 from workflows_app.models.demo import ParticipantEffect
+from workflows_app.models.operations import BulkJob, BulkJobItem, KnownFailure
 from workflows_app.models.runtime import (
     ACTIVE_STATES,
     TERMINAL_STATES,
@@ -24,10 +25,13 @@ __all__ = [
     "Alert",
     "ApiToken",
     "Attempt",
+    "BulkJob",
+    "BulkJobItem",
     "AttentionKind",
     "CompensationState",
     "InboundMessage",
     "InstanceState",
+    "KnownFailure",
     "ParticipantEffect",
     "StepDefinition",
     "StepExecution",

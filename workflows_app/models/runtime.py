@@ -410,6 +410,8 @@ class StepExecution(ConcurrentTransitionMixin, models.Model):
     deadline_at = models.DateTimeField(null=True, blank=True)
     redispatch_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True)
+    # last_error without what differs per instance: failure groups use it.
+    error_signature = models.CharField(max_length=300, blank=True)
     output = models.JSONField(null=True, blank=True)
     succeeded_at = models.DateTimeField(null=True, blank=True)
     compensated_at = models.DateTimeField(null=True, blank=True)
@@ -433,6 +435,13 @@ class StepExecution(ConcurrentTransitionMixin, models.Model):
                 fields=["redispatch_at"],
                 condition=models.Q(redispatch_at__isnull=False),
                 name="step_exec_redispatch",
+            ),
+            # Failure groups: the few steps that block their instance.
+            models.Index(
+                fields=["error_signature"],
+                condition=models.Q(state__in=["failed", "unknown"])
+                | models.Q(compensation_state="failed"),
+                name="step_exec_blocking",
             ),
         ]
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from workflows_app.views import actions, alerts, dashboard, definitions, instances
+from workflows_app.views import (
+    actions,
+    alerts,
+    bulk_jobs,
+    dashboard,
+    definitions,
+    failures,
+    instances,
+)
 
 urlpatterns = [
     path("", dashboard.overview, name="overview"),
@@ -29,6 +37,16 @@ urlpatterns = [
         name="alert_acknowledge",
     ),
     path("alerts/", alerts.alert_list, name="alert_list"),
+    path("failures/", failures.failure_group_list, name="failure_group_list"),
+    path("failures/mark/", failures.failure_group_mark, name="failure_group_mark"),
+    path("bulk-jobs/", bulk_jobs.bulk_job_list, name="bulk_job_list"),
+    path("bulk-jobs/new/", bulk_jobs.bulk_job_new, name="bulk_job_new"),
+    path("bulk-jobs/<int:pk>/", bulk_jobs.bulk_job_detail, name="bulk_job_detail"),
+    path(
+        "bulk-jobs/<int:pk>/<slug:operation>/",
+        bulk_jobs.bulk_job_operate,
+        name="bulk_job_operate",
+    ),
     path("definitions/", definitions.definition_list, name="definition_list"),
     path(
         "definitions/<str:key>/",

@@ -23,13 +23,26 @@ BLOCKED = {StepState.FAILED, StepState.UNKNOWN}
 
 
 def _open(
-    instance_id: Any, user: Any, reason: str, expected_version: int | None
+    instance_id: Any,
+    user: Any,
+    reason: str,
+    expected_version: int | None,
+    bulk_job: int | None = None,
 ) -> Change:
     if not reason or not reason.strip():
         raise InvalidInput("a reason is required")
     change = Change.open(instance_id, Actor.operator(user))
     change.check_version(expected_version)
+    if bulk_job is not None:
+        change.tags["bulk_job"] = bulk_job
     return change
+
+
+def without_transaction(command: Any) -> Any:
+    """A command's body without its own durable transaction, for a caller
+    that commits it together with bookkeeping of its own (a bulk job item's
+    outcome). The caller must hold a transaction."""
+    return command.__wrapped__
 
 
 def _blocked_step(
@@ -59,9 +72,10 @@ def instance_retry_step(
     reason: str,
     step_id: int | None = None,
     expected_version: int | None = None,
+    bulk_job: int | None = None,
 ) -> None:
     """Run the blocking step again now, with a fresh budget of attempts."""
-    change = _open(instance_id, user, reason, expected_version)
+    change = _open(instance_id, user, reason, expected_version, bulk_job)
     step = _blocked_step(change, step_id, "retry_step")
     change.fire(
         change.instance,
@@ -117,9 +131,14 @@ def instance_mark_step_done(
 def _simple(name: str) -> Any:
     @transaction.atomic(durable=True)
     def command(
-        instance_id: Any, *, user: Any, reason: str, expected_version: int | None = None
+        instance_id: Any,
+        *,
+        user: Any,
+        reason: str,
+        expected_version: int | None = None,
+        bulk_job: int | None = None,
     ) -> None:
-        change = _open(instance_id, user, reason, expected_version)
+        change = _open(instance_id, user, reason, expected_version, bulk_job)
         change.fire(change.instance, name, reason=reason, check_user=True)
         if name == "resume":
             # The operator accepted the passed deadline; do not hold again for it.
@@ -149,10 +168,15 @@ instance_close_as_failed.__doc__ = (
 
 @transaction.atomic(durable=True)
 def instance_retry_compensation(
-    instance_id: Any, *, user: Any, reason: str, expected_version: int | None = None
+    instance_id: Any,
+    *,
+    user: Any,
+    reason: str,
+    expected_version: int | None = None,
+    bulk_job: int | None = None,
 ) -> None:
     """Retry the compensation that exhausted its attempts, then continue undoing."""
-    change = _open(instance_id, user, reason, expected_version)
+    change = _open(instance_id, user, reason, expected_version, bulk_job)
     failed = [
         s for s in change.steps if s.compensation_state == CompensationState.FAILED
     ]

@@ -1,0 +1,343 @@
+"""Bulk jobs: plan (the dry run), confirm, pause, resume, cancel, and work.
+
+1. ``bulk_job_plan`` writes a draft job with one item per selected instance,
+   each saying what would happen (or why nothing will), fenced on the
+   instance version seen then. The preview page shows exactly these items.
+2. ``bulk_job_confirm`` queues it (a second confirm is a no-op) and sends it
+   to a worker after commit.
+3. ``bulk_job_work`` (the Celery task) holds a lease on the job and runs one
+   engine command per pending item, at the job's rate. Before each item it
+   checks the job is still running under its lease, so pause and cancel take
+   effect at once. Each item's command commits together with its recorded
+   outcome, so a worker killed mid-way leaves every item either done or
+   untouched; its lease expires, the sweeper re-sends the job and the next
+   runner goes on with the pending items.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import defaultdict
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.db.models.functions import Now
+from django_fsm import can_proceed
+
+from workflows_app.engine import dispatch
+from workflows_app.engine.bulk_plan import COMMANDS, plan_item
+from workflows_app.engine.commands import operator
+from workflows_app.engine.errors import (
+    AlreadyChanged,
+    EngineError,
+    InvalidInput,
+    NotPermitted,
+    TransitionRejected,
+)
+from workflows_app.engine.transitions import db_now
+from workflows_app.models import (
+    BulkJob,
+    BulkJobItem,
+    CompensationState,
+    StepExecution,
+    StepState,
+    WorkflowInstance,
+)
+
+PERMISSIONS = {
+    BulkJob.Action.RETRY: (
+        "workflows_app.retry_step",
+        "workflows_app.retry_compensation",
+    ),
+    BulkJob.Action.COMPENSATE: ("workflows_app.compensate_instance",),
+}
+PLAN_CHUNK = 2000
+# Seconds between a runner's checks that the job still runs under its lease.
+CHECK_EVERY = 0.25
+INSTANCE_COLUMNS = (
+    # django-fsm reads the state on init; the plan reads the rest.
+    "id",
+    "state",
+    "version",
+    "attention_kind",
+    "pivot_passed",
+    "definition_key",
+    "business_key",
+    "definition__mode",
+)
+
+
+def may_run(user: Any, action: str) -> bool:
+    return any(user.has_perm(p) for p in PERMISSIONS.get(action, ()))
+
+
+def _blocking_steps(ids: list[Any]) -> tuple[dict[Any, str], dict[Any, list[str]]]:
+    """Per instance: the first failed/unknown step, and failed compensations."""
+    blocked: dict[Any, str] = {}
+    compensations: dict[Any, list[str]] = defaultdict(list)
+    rows = (
+        StepExecution.objects.filter(instance_id__in=ids)
+        .filter(
+            Q(state__in=[StepState.FAILED, StepState.UNKNOWN])
+            | Q(compensation_state=CompensationState.FAILED)
+        )
+        .order_by("instance_id", "position")
+        .values_list("instance_id", "name", "state", "compensation_state")
+    )
+    for instance_id, name, state, compensation_state in rows:
+        if compensation_state == CompensationState.FAILED:
+            compensations[instance_id].append(name)
+        if state in (StepState.FAILED, StepState.UNKNOWN):
+            blocked.setdefault(instance_id, name)
+    return blocked, compensations
+
+
+@transaction.atomic(durable=True)
+def bulk_job_plan(
+    instances: Any,
+    *,
+    action: str,
+    reason: str,
+    user: Any,
+    description: str,
+    query: str = "",
+    rate: float = 0,
+) -> BulkJob:
+    """Write the draft job and its items; nothing is done to any instance."""
+    if action not in PERMISSIONS:
+        raise InvalidInput(f"unknown bulk action {action!r}")
+    if not may_run(user, action):
+        raise NotPermitted(f"you are not allowed to {action} instances")
+    if not reason or not reason.strip():
+        raise InvalidInput("a reason is required")
+    if rate < 0:
+        raise InvalidInput("the rate cannot be negative")
+    limit = settings.SAGA_BULK_MAX_ITEMS
+    ids = list(instances.order_by("pk").values_list("pk", flat=True)[: limit + 1])
+    if not ids:
+        raise InvalidInput("no instance matches this selection")
+    if len(ids) > limit:
+        raise InvalidInput(f"more than {limit} instances match; narrow the selection")
+    job = BulkJob.objects.create(
+        action=action,
+        reason=reason.strip(),
+        query=query,
+        description=description[:500],
+        rate=rate,
+        created_by=user,
+    )
+    for start in range(0, len(ids), PLAN_CHUNK):
+        chunk = ids[start : start + PLAN_CHUNK]
+        found = (
+            WorkflowInstance.objects.filter(pk__in=chunk)
+            .select_related("definition")
+            .only(*INSTANCE_COLUMNS)
+        )
+        blocked, compensations = _blocking_steps(chunk)
+        items = []
+        for instance in found:
+            plan = plan_item(
+                action,
+                instance,
+                user,
+                blocked_step=blocked.get(instance.pk, ""),
+                failed_compensations=tuple(compensations.get(instance.pk, ())),
+            )
+            items.append(
+                BulkJobItem(
+                    job=job,
+                    instance=instance,
+                    seen_version=instance.version,
+                    command=COMMANDS.get(plan.transition, ""),
+                    plan=plan.description[:300],
+                    outcome=BulkJobItem.Outcome.PENDING
+                    if plan.acts
+                    else BulkJobItem.Outcome.SKIPPED,
+                )
+            )
+        BulkJobItem.objects.bulk_create(items, batch_size=1000)
+    return job
+
+
+def _locked(job_id: int) -> BulkJob:
+    return BulkJob.objects.select_for_update().get(pk=job_id)
+
+
+def _note(job: BulkJob, user: Any, what: str, reason: str = "") -> None:
+    job.log = [
+        *job.log,
+        {
+            "at": db_now().isoformat(),
+            "user": user.get_username() if user is not None else "system",
+            "what": what,
+            "reason": reason,
+        },
+    ]
+
+
+def _operate(job_id: int, user: Any, name: str, reason: str = "") -> BulkJob:
+    job = _locked(job_id)
+    if not may_run(user, job.action):
+        raise NotPermitted(f"you are not allowed to {name} this job")
+    bound = getattr(job, name)
+    if not can_proceed(bound):
+        raise TransitionRejected(
+            f"the job is {job.get_status_display()}: cannot {name}"
+        )
+    bound()
+    _note(job, user, name, reason)
+    fields = ["status", "log", "lease_until", "redispatch_at"]
+    if job.status == BulkJob.Status.QUEUED:
+        # Sent now; re-sent by the sweeper if nobody picks it up.
+        job.redispatch_at = db_now() + timedelta(seconds=settings.SAGA_REDISPATCH_AFTER)
+        transaction.on_commit(dispatch.bulk_job_sender(job.pk), robust=True)
+    if name == "confirm":
+        job.confirmed_at = db_now()
+        fields.append("confirmed_at")
+    if job.status == BulkJob.Status.CANCELLED:
+        job.finished_at = db_now()
+        fields.append("finished_at")
+        job.items.filter(outcome=BulkJobItem.Outcome.PENDING).update(
+            outcome=BulkJobItem.Outcome.CANCELLED, processed_at=Now()
+        )
+    job.save(update_fields=fields)
+    return job
+
+
+@transaction.atomic(durable=True)
+def bulk_job_confirm(job_id: int, *, user: Any) -> BulkJob:
+    """Queue a planned job. Confirming it again (a double click, a re-sent
+    form) changes nothing and returns the job."""
+    job = _locked(job_id)
+    if job.status != BulkJob.Status.DRAFT:
+        return job
+    if user.pk != job.created_by_id:
+        raise NotPermitted("only the operator who planned this job can start it")
+    return _operate(job_id, user, "confirm")
+
+
+@transaction.atomic(durable=True)
+def bulk_job_pause(job_id: int, *, user: Any) -> BulkJob:
+    return _operate(job_id, user, "pause")
+
+
+@transaction.atomic(durable=True)
+def bulk_job_resume(job_id: int, *, user: Any) -> BulkJob:
+    return _operate(job_id, user, "resume")
+
+
+@transaction.atomic(durable=True)
+def bulk_job_cancel(job_id: int, *, user: Any, reason: str = "") -> BulkJob:
+    return _operate(job_id, user, "cancel", reason)
+
+
+# -- the runner ------------------------------------------------------------------
+
+
+def _lease() -> timedelta:
+    return timedelta(seconds=settings.SAGA_BULK_LEASE)
+
+
+def _claim_lease(job_id: int, token: str) -> bool:
+    free = Q(lease_until__isnull=True) | Q(lease_until__lt=Now())
+    return (
+        BulkJob.objects.filter(
+            free, pk=job_id, status__in=[BulkJob.Status.QUEUED, BulkJob.Status.RUNNING]
+        ).update(lease_token=token, lease_until=Now() + _lease(), redispatch_at=None)
+        == 1
+    )
+
+
+def _holds(job_id: int, token: str) -> bool:
+    """Whether this runner may do the next item: the job is running and the
+    lease is still this runner's (renewed as a side effect)."""
+    return (
+        BulkJob.objects.filter(
+            pk=job_id, status=BulkJob.Status.RUNNING, lease_token=token
+        ).update(lease_until=Now() + _lease())
+        == 1
+    )
+
+
+@transaction.atomic(durable=True)
+def _transition(job_id: int, token: str, name: str) -> bool:
+    job = _locked(job_id)
+    if job.lease_token != token or not can_proceed(getattr(job, name)):
+        return False
+    getattr(job, name)()
+    fields = ["status", "lease_until"]
+    if name == "finish":
+        job.finished_at = db_now()
+        fields.append("finished_at")
+    job.save(update_fields=fields)
+    return True
+
+
+def _record(item: BulkJobItem, outcome: str, message: str) -> None:
+    BulkJobItem.objects.filter(pk=item.pk, outcome=BulkJobItem.Outcome.PENDING).update(
+        outcome=outcome, message=message[:500], processed_at=Now()
+    )
+
+
+def _apply(job: BulkJob, item: BulkJobItem) -> None:
+    """Run one item's command and record its outcome in the same transaction:
+    a runner killed half-way leaves the item pending and the instance
+    untouched, so the next runner acts on it exactly once."""
+    command = operator.without_transaction(getattr(operator, item.command))
+    try:
+        with transaction.atomic(durable=True):
+            command(
+                item.instance_id,
+                user=job.created_by,
+                reason=job.reason,
+                expected_version=item.seen_version,
+                bulk_job=job.pk,
+            )
+            _record(item, BulkJobItem.Outcome.DONE, f"{item.plan}: done")
+    except AlreadyChanged:
+        _record(item, BulkJobItem.Outcome.CHANGED, "changed since the plan: left alone")
+    except WorkflowInstance.DoesNotExist:
+        _record(item, BulkJobItem.Outcome.REFUSED, "the instance no longer exists")
+    except EngineError as exc:
+        _record(item, BulkJobItem.Outcome.REFUSED, str(exc))
+
+
+def bulk_job_work(job_id: int, *, budget: float | None = None) -> str:
+    """Work the job's pending items for up to ``budget`` seconds.
+
+    Returns "more" (call again), "finished", "stopped" (paused, cancelled or
+    the lease lost) or "busy" (another runner holds the lease)."""
+    token = uuid.uuid4().hex
+    if not _claim_lease(job_id, token):
+        return "busy"
+    _transition(job_id, token, "begin")
+    job = BulkJob.objects.select_related("created_by").get(pk=job_id)
+    pause = 1 / job.rate if job.rate > 0 else 0
+    ends = time.monotonic() + (budget or settings.SAGA_BULK_TASK_BUDGET)
+    checked = 0.0
+    while time.monotonic() < ends:
+        pending = list(
+            job.items.filter(outcome=BulkJobItem.Outcome.PENDING).order_by("id")[:50]
+        )
+        if not pending:
+            return "finished" if _transition(job_id, token, "finish") else "stopped"
+        for item in pending:
+            now = time.monotonic()
+            # Pause and cancel take effect within CHECK_EVERY (and at once
+            # when the rate leaves time between items).
+            if pause or now - checked >= CHECK_EVERY:
+                if not _holds(job_id, token):
+                    return "stopped"
+                checked = now
+            _apply(job, item)
+            if pause:
+                time.sleep(pause)
+            if time.monotonic() >= ends:
+                break
+    # Let the next task take over at once instead of waiting for the lease.
+    BulkJob.objects.filter(pk=job_id, lease_token=token).update(lease_until=None)
+    return "more"
