@@ -39,17 +39,7 @@ class MarkStepDoneForm(ActionForm):
         text = self.cleaned_data["output"]
         if not text:
             return None
-        if len(text.encode()) > MAX_OUTPUT_BYTES:
-            raise forms.ValidationError("The output is larger than 64 KB.")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise forms.ValidationError(
-                f"Not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})."
-            ) from exc
-        if not isinstance(value, dict):
-            raise forms.ValidationError("The output must be a JSON object: {...}.")
-        return value
+        return parse_json_object(text, "output")
 
 
 class BulkActionForm(forms.Form):
@@ -121,4 +111,56 @@ class KnownFailureForm(forms.Form):
         required=False,  # not when forgetting the mark
         widget=forms.Textarea(attrs={"rows": 2}),
         help_text='What is known, e.g. "payments outage INC-42, retry after 14:00".',
+    )
+
+
+def parse_json_object(text: str, what: str) -> dict[str, Any]:
+    """A JSON object from a form field, with a message a person can act on."""
+    if len(text.encode()) > MAX_OUTPUT_BYTES:
+        raise forms.ValidationError(f"The {what} is larger than 64 KB.")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise forms.ValidationError(
+            f"Not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})."
+        ) from exc
+    if not isinstance(value, dict):
+        raise forms.ValidationError(f"The {what} must be a JSON object: {{...}}.")
+    return value
+
+
+class RepairForm(ActionForm):
+    """Correct the instance's input, or a finished step's recorded output."""
+
+    target = forms.CharField(
+        max_length=20,
+        initial="input",
+        widget=forms.HiddenInput,
+        help_text='"input", or the id of a finished step',
+    )
+    value = forms.CharField(
+        strip=True,
+        widget=forms.Textarea(attrs={"rows": 10, "spellcheck": "false"}),
+        label="New value (JSON object)",
+    )
+
+    def clean_value(self) -> dict[str, Any]:
+        return parse_json_object(self.cleaned_data["value"], "value")
+
+    def clean_target(self) -> str | int:
+        target = self.cleaned_data["target"]
+        if target == "input":
+            return target
+        try:
+            return int(target)
+        except ValueError:
+            raise forms.ValidationError("Choose the input or a step.") from None
+
+
+class DecisionForm(forms.Form):
+    note = forms.CharField(
+        max_length=2000,
+        required=False,
+        strip=True,
+        widget=forms.Textarea(attrs={"rows": 1}),
     )

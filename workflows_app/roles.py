@@ -17,6 +17,11 @@ VIEW = [
     "view_transitionlog",
     "view_bulkjob",
     "view_knownfailure",
+    "view_approvalrequest",
+    # Saved views: everyone with the dashboard saves and shares filtered lists.
+    "view_savedview",
+    "add_savedview",
+    "delete_savedview",
 ]
 OPERATE = [
     "retry_step",
@@ -31,6 +36,10 @@ OPERATE = [
     "add_knownfailure",
     "change_knownfailure",
     "delete_knownfailure",
+    # Four-eyes: decide on another operator's request (never one's own).
+    "approve_request",
+    # Repair: correct an instance's input or a step's recorded output.
+    "edit_instance_data",
 ]
 EDIT_DEFINITIONS = [
     "add_workflowdefinition",

@@ -52,7 +52,17 @@ def test_same_key_and_input_returns_the_same_instance(api, transport):
     assert not again.created  # 200, not 202
     assert (again.id, again.status_url) == (first.id, first.status_url)
     assert again.status == "completed"  # the current status of that instance
-    assert counts() == before
+    # Nothing new but one note in the instance's timeline: the repeat is
+    # shown there (when, from whom), and changes no state.
+    after = counts()
+    assert after.pop("TransitionLog") == before.pop("TransitionLog") + 1
+    assert after == before
+    note = TransitionLog.objects.order_by("-id").first()
+    assert (note.transition, note.field, note.actor_label) == (
+        "duplicate_start_ignored",
+        "",
+        "checkout-service",
+    )
 
 
 def test_same_key_with_other_input_is_a_conflict(api):
@@ -89,10 +99,14 @@ def test_twenty_concurrent_identical_starts_create_one_instance(api):
     assert counts() == {
         "WorkflowInstance": 1,
         "StepExecution": 3,
-        "TransitionLog": 1,
+        # The acceptance, and one note per suppressed repeat (no state change).
+        "TransitionLog": 20,
         "InboundMessage": 0,
         "Attempt": 0,
     }
+    assert (
+        TransitionLog.objects.filter(transition="duplicate_start_ignored").count() == 19
+    )
 
 
 def test_a_started_instance_runs_to_completion(api, transport):

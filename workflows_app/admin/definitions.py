@@ -23,10 +23,8 @@ from django.http import (
 from django.urls import URLPattern, path, reverse
 
 from workflows_app.activities import activity_names
-from workflows_app.models import (
-    StepDefinition,
-    WorkflowDefinition,
-)
+from workflows_app.models import StepDefinition, WorkflowDefinition
+from workflows_app.models.definitions import APPROVABLE_ACTIONS
 
 # Keeps the temporary positions used while saving (see park_edited_rows)
 # far below the largest integer the database stores.
@@ -192,8 +190,36 @@ def _is_draft(obj: WorkflowDefinition | None) -> bool:
     return obj is None or not obj.is_published
 
 
+class WorkflowDefinitionForm(forms.ModelForm):  # type: ignore[type-arg]
+    approval_actions = forms.MultipleChoiceField(
+        choices=list(APPROVABLE_ACTIONS.items()),
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        label="Actions that need a second operator's approval",
+    )
+
+    class Meta:
+        model = WorkflowDefinition
+        fields = ["approval_actions"]  # the admin adds its fieldsets' fields
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if "approval_expires_after" in self.fields:
+            # Left empty: the model's default window.
+            self.fields["approval_expires_after"].required = False
+
+    def clean_approval_expires_after(self) -> Any:
+        value = self.cleaned_data.get("approval_expires_after")
+        if value is None:
+            return WorkflowDefinition._meta.get_field(
+                "approval_expires_after"
+            ).get_default()
+        return value
+
+
 @admin.register(WorkflowDefinition)
 class WorkflowDefinitionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    form = WorkflowDefinitionForm
     list_display = (
         "key",
         "version",
@@ -217,6 +243,16 @@ class WorkflowDefinitionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                     "stuck_after",
                     "deadline",
                     "alert_recipients",
+                )
+            },
+        ),
+        (
+            "Four-eyes approval",
+            {
+                "fields": (
+                    "approval_actions",
+                    "approval_expires_after",
+                    "approval_bulk_over",
                 )
             },
         ),

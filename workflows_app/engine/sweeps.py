@@ -31,6 +31,7 @@ from django.db.models import Case, F, Q, QuerySet, Value, When
 from workflows_app import alerts
 from workflows_app.engine import commands, dispatch
 from workflows_app.engine.actors import Actor
+from workflows_app.engine.commands import approvals
 from workflows_app.engine.errors import EngineError
 from workflows_app.engine.transitions import Change, db_now
 from workflows_app.models import (
@@ -262,6 +263,7 @@ def sweep_all(batch: int | None = None) -> dict[str, int]:
         "redispatched_bulk_jobs": redispatch_bulk_jobs(now, size),
         "deadlines": enforce_deadlines(now, size),
         "stuck": flag_stuck(now, size),
+        "approvals_expired": approvals.expire_approvals(now, size),
         # After flagging, so a newly stuck instance gets its alert this sweep.
         **alerts.sync_alerts(now, size),
     }

@@ -101,6 +101,7 @@ class Change:
         self._steps: list[StepExecution] | None = None
         self._dirty_steps: dict[int, StepExecution] = {}
         self._instance_dirty = False
+        self._extra_fields: set[str] = set()
         self._logs: list[TransitionLog] = []
         self._after_commit: list[Callable[[], None]] = []
         self._dispatches: list[tuple[StepExecution, str, timedelta]] = []
@@ -200,8 +201,11 @@ class Change:
     def mark_step(self, step: StepExecution) -> None:
         self._dirty_steps[step.id] = step
 
-    def mark_instance(self) -> None:
+    def mark_instance(self, *extra_fields: str) -> None:
+        """The instance changed; ``extra_fields`` are columns outside
+        ``INSTANCE_FIELDS`` (kept out of every save: the input is large)."""
         self._instance_dirty = True
+        self._extra_fields.update(extra_fields)
 
     def after_commit(self, fn: Callable[[], None]) -> None:
         self._after_commit.append(fn)
@@ -234,7 +238,7 @@ class Change:
         try:
             if self._instance_dirty:
                 instance.version += 1
-                instance.save(update_fields=INSTANCE_FIELDS)
+                instance.save(update_fields=[*INSTANCE_FIELDS, *self._extra_fields])
             for step in self._dirty_steps.values():
                 step.error_signature = error_signature(step.last_error)
                 step.save(update_fields=STEP_FIELDS)
@@ -257,6 +261,7 @@ class Change:
         self._logs, self._after_commit, self._dirty_steps = [], [], {}
         self._dispatches = []
         self._instance_dirty = False
+        self._extra_fields = set()
 
     # -- internals ----------------------------------------------------------
     def _log(

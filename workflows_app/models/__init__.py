@@ -4,7 +4,13 @@ from workflows_app.models.alerts import Alert
 from workflows_app.models.audit import ActorKind, InboundMessage, TransitionLog
 from workflows_app.models.definitions import StepDefinition, WorkflowDefinition
 from workflows_app.models.demo import ParticipantEffect
-from workflows_app.models.operations import BulkJob, BulkJobItem, KnownFailure
+from workflows_app.models.operations import (
+    ApprovalRequest,
+    BulkJob,
+    BulkJobItem,
+    KnownFailure,
+    SavedView,
+)
 from workflows_app.models.runtime import (
     ACTIVE_STATES,
     TERMINAL_STATES,
@@ -24,6 +30,7 @@ __all__ = [
     "ActorKind",
     "Alert",
     "ApiToken",
+    "ApprovalRequest",
     "Attempt",
     "BulkJob",
     "BulkJobItem",
@@ -33,6 +40,7 @@ __all__ = [
     "InstanceState",
     "KnownFailure",
     "ParticipantEffect",
+    "SavedView",
     "StepDefinition",
     "StepExecution",
     "StepState",

@@ -79,12 +79,25 @@ class InboundMessage(models.Model):
     kind = models.CharField(max_length=30)
     received_at = models.DateTimeField(db_default=Now())
     response = models.JSONField(default=dict, blank=True)
+    # The instance the message acted on (the first, for an event), and how
+    # often it was sent again: the instance page lists suppressed replays.
+    instance_id = models.UUIDField(null=True, blank=True)
+    replays = models.PositiveIntegerField(default=0)
+    last_replay_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [
             # Callbacks and events are separate id spaces for one client.
             models.UniqueConstraint(
                 fields=["source", "kind", "message_id"], name="inbound_once"
+            ),
+        ]
+        indexes = [
+            # The instance page: replays that were suppressed.
+            models.Index(
+                fields=["instance_id"],
+                condition=models.Q(replays__gt=0),
+                name="inbound_replayed",
             ),
         ]
 

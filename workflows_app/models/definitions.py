@@ -36,6 +36,19 @@ class DefinitionQuerySet(models.QuerySet["WorkflowDefinition"]):
         return self.published().filter(key=key).order_by("-version").first()
 
 
+# Operator actions that can be put under four-eyes approval, with labels.
+APPROVABLE_ACTIONS = {
+    "retry_step": "retry step",
+    "resume": "resume",
+    "mark_step_done": "mark step done by hand",
+    "retry_compensation": "retry compensation",
+    "compensate": "compensate",
+    "cancel": "cancel",
+    "close_as_failed": "close as failed",
+    "repair": "edit input or output",
+}
+
+
 class WorkflowDefinition(models.Model):
     class Mode(models.TextChoices):
         ORCHESTRATED = "orchestrated", "orchestrated (the engine drives the steps)"
@@ -71,6 +84,20 @@ class WorkflowDefinition(models.Model):
     )
     alert_recipients = models.TextField(
         blank=True, help_text="Email addresses, comma or newline separated."
+    )
+    # Four-eyes: operator actions (names as in APPROVABLE_ACTIONS) that a
+    # second operator must approve first, how long a request stays open, and
+    # the size above which a bulk job over this definition needs approval.
+    approval_actions = models.JSONField(default=list, blank=True)
+    approval_expires_after = models.DurationField(
+        default=timedelta(hours=4),
+        help_text="An approval request not decided within this time expires.",
+    )
+    approval_bulk_over = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Bulk jobs acting on more instances of this workflow than "
+        "this need a second operator's approval; empty means never.",
     )
     status = models.CharField(
         max_length=20, choices=Status.choices, default=Status.DRAFT
@@ -114,6 +141,18 @@ class WorkflowDefinition(models.Model):
                 )
         if self.deadline is not None and self.deadline <= timedelta(0):
             errors.setdefault("deadline", []).append("The deadline must be positive.")
+        unknown = set(self.approval_actions or []) - set(APPROVABLE_ACTIONS)
+        if not isinstance(self.approval_actions, list) or unknown:
+            errors.setdefault("approval_actions", []).append(
+                f"Unknown actions: {', '.join(sorted(map(str, unknown)))}; choose "
+                f"from {', '.join(APPROVABLE_ACTIONS)}."
+            )
+        if self.approval_expires_after is not None and (
+            self.approval_expires_after <= timedelta(0)
+        ):
+            errors.setdefault("approval_expires_after", []).append(
+                "The approval window must be positive."
+            )
         if self.stuck_after is not None and self.stuck_after <= timedelta(0):
             errors.setdefault("stuck_after", []).append("Stuck-after must be positive.")
         if errors:
@@ -175,6 +214,9 @@ class WorkflowDefinition(models.Model):
             stuck_after=self.stuck_after,
             deadline=self.deadline,
             alert_recipients=self.alert_recipients,
+            approval_actions=self.approval_actions,
+            approval_expires_after=self.approval_expires_after,
+            approval_bulk_over=self.approval_bulk_over,
         )
         StepDefinition.objects.bulk_create(
             [step.copy_for(draft) for step in self.steps.order_by("position")]

@@ -187,3 +187,135 @@ class BulkJobItem(models.Model):
 
     def __str__(self) -> str:
         return f"job #{self.job_id} {self.instance_id}: {self.outcome}"
+
+
+class ApprovalStatus(models.TextChoices):
+    PENDING = "pending", "waiting for approval"
+    APPROVED = "approved", "approved and done"
+    REJECTED = "rejected", "rejected"
+    EXPIRED = "expired", "expired"
+    FAILED = "failed", "approved, but could not be done"
+
+
+class ApprovalRequest(ConcurrentTransitionMixin, models.Model):
+    """Four-eyes: an operator's action held until a second operator approves.
+
+    The action is done at approval, as the requester, fenced on the instance
+    version the requester saw: an instance that moved meanwhile is not acted
+    on with stale intent (the request fails instead)."""
+
+    Status = ApprovalStatus
+
+    instance = models.ForeignKey(
+        WorkflowInstance,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="approval_requests",
+    )
+    bulk_job = models.ForeignKey(
+        BulkJob,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="approval_requests",
+    )
+    # An operator action name (definitions.APPROVABLE_ACTIONS) or "bulk_job".
+    action = models.CharField(max_length=30)
+    # The action's arguments (step, output, new input), as the form gave them.
+    params = models.JSONField(default=dict, blank=True)
+    seen_version = models.PositiveIntegerField(null=True, blank=True)
+    reason = models.TextField()
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+"
+    )
+    requested_at = models.DateTimeField(db_default=Now())
+    expires_at = models.DateTimeField()
+    status = FSMField(
+        max_length=20,
+        choices=ApprovalStatus.choices,
+        default=ApprovalStatus.PENDING,
+        protected=True,
+    )
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decision_note = models.TextField(blank=True)
+    outcome = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        ordering = ["-requested_at"]
+        constraints = [
+            # One open request per instance and action: no duplicate asks.
+            models.UniqueConstraint(
+                fields=["instance", "action"],
+                condition=models.Q(status="pending"),
+                name="approval_one_pending",
+            ),
+        ]
+        indexes = [
+            # The overview's pending list and the expiry sweep.
+            models.Index(
+                fields=["expires_at"],
+                condition=models.Q(status="pending"),
+                name="approval_pending",
+            ),
+        ]
+        permissions = [
+            ("approve_request", "Can approve or reject another operator's request"),
+        ]
+
+    def __str__(self) -> str:
+        return f"approval #{self.pk}: {self.action} ({self.status})"
+
+    @transition(
+        field=status, source=ApprovalStatus.PENDING, target=ApprovalStatus.APPROVED
+    )
+    def approve(self) -> None:
+        pass
+
+    @transition(
+        field=status, source=ApprovalStatus.PENDING, target=ApprovalStatus.REJECTED
+    )
+    def reject(self) -> None:
+        pass
+
+    @transition(
+        field=status, source=ApprovalStatus.PENDING, target=ApprovalStatus.EXPIRED
+    )
+    def expire(self) -> None:
+        pass
+
+    @transition(
+        field=status, source=ApprovalStatus.PENDING, target=ApprovalStatus.FAILED
+    )
+    def fail(self, why: str) -> None:
+        self.outcome = why[:500]
+
+
+class SavedView(models.Model):
+    """A named, filtered instance list ("payments held since the deploy"),
+    private to its owner or shared with the team (listed on the overview)."""
+
+    name = models.CharField(max_length=100)
+    # The instance list's query string (filters and sort, never a cursor).
+    query = models.TextField()
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+"
+    )
+    shared = models.BooleanField(default=True)
+    created_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "name"], name="saved_view_name"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name

@@ -219,6 +219,7 @@ class WorkflowInstance(VersionedFSMMixin, models.Model):
             ("close_instance", "Can close a workflow instance as failed"),
             ("retry_compensation", "Can retry a failed compensation"),
             ("acknowledge_alert", "Can acknowledge an alert"),
+            ("edit_instance_data", "Can correct an instance's input or outputs"),
         ]
 
     def __str__(self) -> str:

@@ -168,3 +168,17 @@ def query_with(context: template.Context, **changes: Any) -> str:
             params[key] = value
     encoded = params.urlencode()
     return f"?{encoded}" if encoded else "?"
+
+
+@register.filter
+def approval_label(action: str) -> str:
+    """An approval request's action in words."""
+    from workflows_app.models.definitions import APPROVABLE_ACTIONS
+
+    labels = {
+        **APPROVABLE_ACTIONS,
+        "repair_input": "edit the input",
+        "repair_output": "edit a step's output",
+        "bulk_job": "start a bulk job",
+    }
+    return labels.get(action, action.replace("_", " "))

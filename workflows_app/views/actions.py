@@ -16,6 +16,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
 from workflows_app.engine import commands
+from workflows_app.engine.commands import approvals, repair
 from workflows_app.engine.errors import (
     AlreadyChanged,
     EngineError,
@@ -23,8 +24,13 @@ from workflows_app.engine.errors import (
     NotPermitted,
     TransitionRejected,
 )
-from workflows_app.forms import ActionForm, BulkActionForm
-from workflows_app.models import Alert, AttentionKind, WorkflowInstance
+from workflows_app.forms import ActionForm, BulkActionForm, DecisionForm, RepairForm
+from workflows_app.models import (
+    Alert,
+    ApprovalRequest,
+    AttentionKind,
+    WorkflowInstance,
+)
 from workflows_app.views.common import (
     ACTIONS,
     Action,
@@ -57,8 +63,33 @@ def _perform(
         kwargs["step_id"] = data["step"]
     if "output" in data:
         kwargs["output"] = data["output"]
+    return _run(pk, action.name, action.command, kwargs, f"{action.label}: done.")
+
+
+def _run(
+    pk: Any, name: str, command: Any, kwargs: dict[str, Any], done: str
+) -> tuple[int, str]:
+    """Run an operator command, or hold it for approval where the instance's
+    definition asks for four eyes; return the HTTP status and what to tell."""
     try:
-        action.command(pk, **kwargs)
+        instance = WorkflowInstance.objects.select_related("definition").get(pk=pk)
+        if approvals.needs_approval(instance, name):
+            user = kwargs.pop("user")
+            reason = kwargs.pop("reason")
+            version = kwargs.pop("expected_version")
+            approvals.approval_request(
+                pk,
+                action=name,
+                user=user,
+                reason=reason,
+                params=kwargs,
+                expected_version=version,
+            )
+            return 200, (
+                "Sent for approval: a second operator must approve it before "
+                "anything happens."
+            )
+        command(pk, **kwargs)
     except WorkflowInstance.DoesNotExist as exc:
         raise Http404("no such instance") from exc
     except AlreadyChanged:
@@ -69,7 +100,7 @@ def _perform(
         return 422, f"Not done: {exc}."
     except TransitionRejected as exc:
         return 409, f"Not done: {exc}. {CHANGED.split('. ', 1)[1]}"
-    return 200, f"{action.label}: done."
+    return 200, done
 
 
 @require_POST
@@ -82,20 +113,103 @@ def instance_action(request: HtmxHttpRequest, pk: Any, action: str) -> HttpRespo
         return forbidden(request, f"You are not allowed to {spec.label.lower()}.")
     form = spec.form_class(request.POST, auto_id=f"{spec.name}-%s")
     status, text = _perform(request, pk, spec, form)
-    kind = "success" if status == 200 else "error"
-    if not request.htmx:
-        level = LEVELS.get(status, messages.ERROR)
-        messages.add_message(request, level, text)
-        return redirect("instance_detail", pk=pk)
-    context = detail_context(
-        request,
-        pk,
-        message=(kind, text),
-        bound=(spec.name, form) if status == 422 else None,
+    return _answer(
+        request, pk, status, text, bound=(spec.name, form) if status == 422 else None
     )
+
+
+def _answer(
+    request: HtmxHttpRequest,
+    pk: Any,
+    status: int,
+    text: str,
+    bound: tuple[str, ActionForm] | None = None,
+) -> HttpResponse:
+    """The instance's fresh live part with the message (htmx), or a redirect."""
+    if not request.htmx:
+        messages.add_message(request, LEVELS.get(status, messages.ERROR), text)
+        return redirect("instance_detail", pk=pk)
+    kind = "success" if status == 200 else "error"
+    context = detail_context(request, pk, message=(kind, text), bound=bound)
     return render(
         request, "workflows/instance_detail.html#live", context, status=status
     )
+
+
+@require_POST
+@dashboard_view
+def instance_repair(request: HtmxHttpRequest, pk: Any) -> HttpResponse:
+    """Correct the input or a finished step's output (diffed and audited)."""
+    if not request.user.has_perm(repair.PERMISSION):
+        return forbidden(request, "You are not allowed to edit instance data.")
+    form = RepairForm(request.POST, auto_id="repair-%s")
+    if not form.is_valid():
+        return _answer(
+            request,
+            pk,
+            422,
+            "Not done: please correct the form below.",
+            bound=("repair", form),
+        )
+    data = form.cleaned_data
+    kwargs: dict[str, Any] = {
+        "user": request.user,
+        "reason": data["reason"],
+        "expected_version": data["version"],
+    }
+    if data["target"] == "input":
+        name, command = "repair_input", repair.instance_repair_input
+        kwargs["new_input"] = data["value"]
+        done = "Input corrected; the timeline shows the change."
+    else:
+        name, command = "repair_output", repair.step_repair_output
+        kwargs.update(step_id=data["target"], new_output=data["value"])
+        done = "Step output corrected; the timeline shows the change."
+    status, text = _run(pk, name, command, kwargs, done)
+    return _answer(
+        request, pk, status, text, bound=("repair", form) if status == 422 else None
+    )
+
+
+@require_POST
+@dashboard_view
+def approval_decide(
+    request: HtmxHttpRequest, approval_id: int, decision: str
+) -> HttpResponse:
+    """A second operator approves (the action is done now) or rejects."""
+    if decision not in {"approve", "reject"}:
+        raise Http404("no such decision")
+    target = (
+        ApprovalRequest.objects.filter(pk=approval_id)
+        .values("instance_id", "bulk_job_id")
+        .first()
+    )
+    if target is None:
+        raise Http404("no such request")
+    form = DecisionForm(request.POST)
+    note = form.cleaned_data["note"] if form.is_valid() else ""
+    status = 200
+    try:
+        decided = approvals.approval_decide(
+            approval_id, user=request.user, approve=decision == "approve", note=note
+        )
+    except NotPermitted as exc:
+        status, text = 403, f"Not done: {exc}."
+    except AlreadyChanged as exc:
+        status, text = 409, f"Not done: {exc}."
+    else:
+        text = {
+            "approved": "Approved: the action was done.",
+            "rejected": "Rejected: nothing was done.",
+            "expired": "This request had expired: nothing was done.",
+            "failed": f"Approved, but not done: {decided.outcome}.",
+        }[decided.status]
+        if decided.status != "approved":
+            status = 409 if decided.status in {"expired", "failed"} else 200
+    if target["bulk_job_id"] is not None:
+        messages.add_message(request, LEVELS.get(status, messages.ERROR), text)
+        return redirect("bulk_job_detail", pk=target["bulk_job_id"])
+    return _answer(request, target["instance_id"], status, text)
 
 
 @require_POST

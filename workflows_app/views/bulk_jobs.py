@@ -146,6 +146,8 @@ def job_context(job: BulkJob, user: Any) -> dict[str, Any]:
         "can_operate": bulk.may_run(user, job.action),
         "is_owner": job.created_by_id == user.pk,
         "operations": [n for n in ("pause", "resume", "cancel") if n in allowed],
+        "approval": bulk.pending_approval(job),
+        "can_approve": user.has_perm("workflows_app.approve_request"),
         "outcome_counts": [
             (value, label, counts[value])
             for value, label in BulkJobItem.Outcome.choices
@@ -184,7 +186,15 @@ def bulk_job_operate(request: HtmxHttpRequest, pk: int, operation: str) -> HttpR
     except EngineError as exc:
         messages.error(request, f"Not done: {exc}.")
     else:
-        messages.success(request, DONE[operation])
+        job = BulkJob.objects.get(pk=pk)
+        if operation == "confirm" and bulk.pending_approval(job) is not None:
+            messages.success(
+                request,
+                "Sent for approval: a second operator must approve this job "
+                "before it starts.",
+            )
+        else:
+            messages.success(request, DONE[operation])
     return redirect("bulk_job_detail", pk=pk)
 
 

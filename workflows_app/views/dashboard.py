@@ -7,7 +7,7 @@ from django.http import HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
-from workflows_app.models import WorkflowDefinition
+from workflows_app.models import ApprovalRequest, WorkflowDefinition
 from workflows_app.views import queries
 from workflows_app.views.common import (
     HtmxHttpRequest,
@@ -15,6 +15,9 @@ from workflows_app.views.common import (
     poll_seconds,
     wants_partial,
 )
+from workflows_app.views.saved_views import saved_views_for
+
+APPROVALS_SHOWN = 20
 
 
 def _definition_titles() -> dict[str, str]:
@@ -62,6 +65,12 @@ def overview(request: HtmxHttpRequest) -> HttpResponse:
         "stuck_queue": queries.stuck_queue(),
         "failures": queries.recent_failures(),
         "poll_seconds": poll_seconds(),
+        "approvals": list(
+            ApprovalRequest.objects.filter(status=ApprovalRequest.Status.PENDING)
+            .select_related("requested_by", "instance")
+            .order_by("requested_at")[:APPROVALS_SHOWN]
+        ),
+        "saved_views": saved_views_for(request.user),
     }
     template = "workflows/overview.html"
     if wants_partial(request):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django.db.models import OuterRef, Subquery
@@ -10,9 +11,16 @@ from django.shortcuts import get_object_or_404, render
 from django.views.decorators.http import require_GET
 from django_htmx.http import HttpResponseStopPolling
 
+from workflows_app.engine.commands import approvals, repair
 from workflows_app.filters import SORTS, InstanceFilter
-from workflows_app.forms import ActionForm, BulkActionForm
-from workflows_app.models import Alert, TransitionLog, WorkflowInstance
+from workflows_app.forms import ActionForm, BulkActionForm, RepairForm
+from workflows_app.models import (
+    Alert,
+    ApprovalRequest,
+    InboundMessage,
+    TransitionLog,
+    WorkflowInstance,
+)
 from workflows_app.views import queries
 from workflows_app.views.common import (
     HtmxHttpRequest,
@@ -110,6 +118,7 @@ def detail_context(
         .order_by("opened_at")
     )
     blocked = blocked_step(steps)
+    needs_approval = set(instance.definition.approval_actions or [])
     action_forms = []
     for action in available_actions(instance, request.user):
         form = bound[1] if bound and bound[0] == action.name else None
@@ -121,6 +130,8 @@ def detail_context(
             )
         action_forms.append((action, form))
     return {
+        **_operator_tools(request, instance, steps, history, bound),
+        "needs_approval": needs_approval,
         "instance": instance,
         "definition": instance.definition,
         "steps": steps,
@@ -135,6 +146,75 @@ def detail_context(
         "message": message,
         "token": change_token(instance),
         "poll_seconds": poll_seconds(),
+    }
+
+
+# Timeline notes of messages the engine recognised as duplicates or stale and
+# ignored: what answers "was it done twice?".
+SUPPRESSED = {
+    "duplicate_start_ignored": "a repeated start request (same idempotency key)",
+    "message_ignored": "a duplicate or late task delivery",
+    "stale_outcome_ignored": "a result for an attempt that was no longer live",
+}
+
+
+def _operator_tools(
+    request: HtmxHttpRequest,
+    instance: WorkflowInstance,
+    steps: list[Any],
+    history: list[Any],
+    bound: tuple[str, Any] | None,
+) -> dict[str, Any]:
+    """Approvals waiting, the repair forms and the suppressed duplicates."""
+    user = request.user
+    pending = list(
+        ApprovalRequest.objects.filter(
+            instance=instance, status=ApprovalRequest.Status.PENDING
+        ).select_related("requested_by")
+    )
+    repair_forms = []
+    if user.has_perm(repair.PERMISSION) and not instance.is_terminal:
+        targets = [("input", "the instance input", instance.input)] + [
+            (str(s.id), f"the output of {s.name}", s.output)
+            for s in steps
+            if s.state in repair.WITH_OUTPUT
+        ]
+        failed = bound[1] if bound and bound[0] == "repair" else None
+        for target, label, value in targets:
+            if failed is not None and failed.data.get("target") == target:
+                form = failed
+            else:
+                form = RepairForm(
+                    initial={
+                        "version": instance.version,
+                        "target": target,
+                        "value": json.dumps(value, indent=2, sort_keys=True),
+                    },
+                    auto_id=f"repair-{target}-%s",
+                )
+            repair_forms.append((target, label, form))
+    suppressed = [
+        (row, SUPPRESSED[row.transition])
+        for row in history
+        if row.transition in SUPPRESSED
+    ]
+    replayed = list(
+        InboundMessage.objects.filter(instance_id=instance.pk, replays__gt=0)
+        .order_by("received_at")
+        .only(
+            "kind", "source", "message_id", "replays", "received_at", "last_replay_at"
+        )
+    )
+    return {
+        "suppressed": suppressed,
+        "replayed": replayed,
+        "suppressed_count": len(suppressed) + sum(m.replays for m in replayed),
+        "approvals": pending,
+        "can_approve": user.has_perm(approvals.APPROVE_PERMISSION),
+        "repair_forms": repair_forms,
+        "open_repair": bound[1].data.get("target")
+        if bound and bound[0] == "repair"
+        else None,
     }
 
 

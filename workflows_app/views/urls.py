@@ -13,6 +13,7 @@ from workflows_app.views import (
     definitions,
     failures,
     instances,
+    saved_views,
 )
 
 urlpatterns = [
@@ -32,11 +33,25 @@ urlpatterns = [
         name="instance_action",
     ),
     path(
+        "instances/<uuid:pk>/repair/", actions.instance_repair, name="instance_repair"
+    ),
+    path(
+        "approvals/<int:approval_id>/<slug:decision>/",
+        actions.approval_decide,
+        name="approval_decide",
+    ),
+    path(
         "alerts/<int:alert_id>/acknowledge/",
         actions.alert_acknowledge,
         name="alert_acknowledge",
     ),
     path("alerts/", alerts.alert_list, name="alert_list"),
+    path("views/", saved_views.saved_view_create, name="saved_view_create"),
+    path(
+        "views/<int:pk>/delete/",
+        saved_views.saved_view_delete,
+        name="saved_view_delete",
+    ),
     path("failures/", failures.failure_group_list, name="failure_group_list"),
     path("failures/mark/", failures.failure_group_mark, name="failure_group_mark"),
     path("bulk-jobs/", bulk_jobs.bulk_job_list, name="bulk_job_list"),

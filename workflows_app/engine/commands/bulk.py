@@ -24,7 +24,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Count, Q
 from django.db.models.functions import Now
 from django_fsm import can_proceed
 
@@ -40,11 +40,13 @@ from workflows_app.engine.errors import (
 )
 from workflows_app.engine.transitions import db_now
 from workflows_app.models import (
+    ApprovalRequest,
     BulkJob,
     BulkJobItem,
     CompensationState,
     StepExecution,
     StepState,
+    WorkflowDefinition,
     WorkflowInstance,
 )
 
@@ -208,16 +210,65 @@ def _operate(job_id: int, user: Any, name: str, reason: str = "") -> BulkJob:
     return job
 
 
+def _approval_window(job: BulkJob) -> timedelta | None:
+    """How long an approval may take, when the job acts on more instances of
+    some definition than that definition allows without approval."""
+    per_definition = (
+        job.items.exclude(outcome=BulkJobItem.Outcome.SKIPPED)
+        .order_by()
+        .values_list("instance__definition_id")
+        .annotate(n=Count("id"))
+    )
+    counts = dict(per_definition)
+    windows = [
+        definition.approval_expires_after
+        for definition in WorkflowDefinition.objects.filter(
+            pk__in=counts, approval_bulk_over__isnull=False
+        )
+        if counts[definition.pk] > definition.approval_bulk_over
+    ]
+    return min(windows) if windows else None
+
+
+def pending_approval(job: BulkJob) -> ApprovalRequest | None:
+    return job.approval_requests.filter(status=ApprovalRequest.Status.PENDING).first()
+
+
 @transaction.atomic(durable=True)
 def bulk_job_confirm(job_id: int, *, user: Any) -> BulkJob:
-    """Queue a planned job. Confirming it again (a double click, a re-sent
-    form) changes nothing and returns the job."""
+    """Queue a planned job, or ask for a second operator's approval where its
+    definitions require one for this many instances. Confirming it again (a
+    double click, a re-sent form) changes nothing and returns the job."""
     job = _locked(job_id)
     if job.status != BulkJob.Status.DRAFT:
         return job
     if user.pk != job.created_by_id:
         raise NotPermitted("only the operator who planned this job can start it")
-    return _operate(job_id, user, "confirm")
+    window = _approval_window(job)
+    if window is None:
+        return _operate(job_id, user, "confirm")
+    if pending_approval(job) is None:
+        ApprovalRequest.objects.create(
+            bulk_job=job,
+            action="bulk_job",
+            reason=job.reason,
+            requested_by=user,
+            expires_at=db_now() + window,
+        )
+        _note(job, user, "approval requested")
+        job.save(update_fields=["log"])
+    return job
+
+
+def confirm_approved(job_id: int, *, user: Any) -> None:
+    """Queue a job a second operator approved (in the approval's transaction)."""
+    _operate(job_id, user, "confirm")
+
+
+def note_on_job(job_id: int, user: Any, what: str, reason: str = "") -> None:
+    job = _locked(job_id)
+    _note(job, user, what.replace("_", " "), reason)
+    job.save(update_fields=["log"])
 
 
 @transaction.atomic(durable=True)
@@ -295,7 +346,7 @@ def _apply(job: BulkJob, item: BulkJobItem) -> None:
                 user=job.created_by,
                 reason=job.reason,
                 expected_version=item.seen_version,
-                bulk_job=job.pk,
+                tags={"bulk_job": job.pk},
             )
             _record(item, BulkJobItem.Outcome.DONE, f"{item.plan}: done")
     except AlreadyChanged:

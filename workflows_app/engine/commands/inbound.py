@@ -12,6 +12,8 @@ import uuid
 from typing import Any
 
 from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.db.models.functions import Now
 
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands import observed
@@ -50,15 +52,32 @@ def _remember(source: str, message_id: str, kind: str) -> InboundMessage | None:
 
 
 def _replay(source: str, message_id: str, kind: str) -> InboundResult:
+    """The stored answer; the replay is counted (not written to any timeline:
+    a replay leaves the instance's history as it was)."""
     stored = InboundMessage.objects.get(
         source=source[:200], message_id=message_id, kind=kind
+    )
+    InboundMessage.objects.filter(pk=stored.pk).update(
+        replays=F("replays") + 1, last_replay_at=Now()
     )
     return InboundResult(stored.response, replay=True)
 
 
+def _instance_of(response: dict[str, Any]) -> Any:
+    """The instance an answer names (a callback's, or an event's first)."""
+    if response.get("instance"):
+        return response["instance"]
+    for part in ("completed", "observed", "flagged"):
+        for entry in response.get(part) or []:
+            if isinstance(entry, dict) and entry.get("instance"):
+                return entry["instance"]
+    return None
+
+
 def _answer(row: InboundMessage, response: dict[str, Any]) -> InboundResult:
     row.response = response
-    row.save(update_fields=["response"])
+    row.instance_id = _instance_of(response)
+    row.save(update_fields=["response", "instance_id"])
     return InboundResult(response, replay=False)
 
 

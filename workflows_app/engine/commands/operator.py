@@ -27,14 +27,15 @@ def _open(
     user: Any,
     reason: str,
     expected_version: int | None,
-    bulk_job: int | None = None,
+    tags: dict[str, Any] | None = None,
 ) -> Change:
+    """Lock the instance for an operator; ``tags`` (the bulk job or approval
+    the action comes from) go into every timeline row it writes."""
     if not reason or not reason.strip():
         raise InvalidInput("a reason is required")
     change = Change.open(instance_id, Actor.operator(user))
     change.check_version(expected_version)
-    if bulk_job is not None:
-        change.tags["bulk_job"] = bulk_job
+    change.tags.update(tags or {})
     return change
 
 
@@ -72,10 +73,10 @@ def instance_retry_step(
     reason: str,
     step_id: int | None = None,
     expected_version: int | None = None,
-    bulk_job: int | None = None,
+    tags: dict[str, Any] | None = None,
 ) -> None:
     """Run the blocking step again now, with a fresh budget of attempts."""
-    change = _open(instance_id, user, reason, expected_version, bulk_job)
+    change = _open(instance_id, user, reason, expected_version, tags)
     step = _blocked_step(change, step_id, "retry_step")
     change.fire(
         change.instance,
@@ -104,9 +105,10 @@ def instance_mark_step_done(
     output: Any = None,
     step_id: int | None = None,
     expected_version: int | None = None,
+    tags: dict[str, Any] | None = None,
 ) -> None:
     """Record that a person did the blocking step by hand, then move on."""
-    change = _open(instance_id, user, reason, expected_version)
+    change = _open(instance_id, user, reason, expected_version, tags)
     step = _blocked_step(change, step_id, "mark_step_done")
     change.fire(
         change.instance,
@@ -136,9 +138,9 @@ def _simple(name: str) -> Any:
         user: Any,
         reason: str,
         expected_version: int | None = None,
-        bulk_job: int | None = None,
+        tags: dict[str, Any] | None = None,
     ) -> None:
-        change = _open(instance_id, user, reason, expected_version, bulk_job)
+        change = _open(instance_id, user, reason, expected_version, tags)
         change.fire(change.instance, name, reason=reason, check_user=True)
         if name == "resume":
             # The operator accepted the passed deadline; do not hold again for it.
@@ -173,10 +175,10 @@ def instance_retry_compensation(
     user: Any,
     reason: str,
     expected_version: int | None = None,
-    bulk_job: int | None = None,
+    tags: dict[str, Any] | None = None,
 ) -> None:
     """Retry the compensation that exhausted its attempts, then continue undoing."""
-    change = _open(instance_id, user, reason, expected_version, bulk_job)
+    change = _open(instance_id, user, reason, expected_version, tags)
     failed = [
         s for s in change.steps if s.compensation_state == CompensationState.FAILED
     ]

@@ -61,8 +61,10 @@ def _validate(business_key: Any, data: Any, idempotency_key: Any) -> None:
 
 
 def _existing(
-    definition_key: str, idempotency_key: str, fingerprint: str
+    definition_key: str, idempotency_key: str, fingerprint: str, actor: Actor
 ) -> StartResult:
+    """The instance a repeated start request names; the repeat is noted in
+    its timeline (when, from whom) and changes nothing else."""
     instance = WorkflowInstance.objects.get(
         definition_key=definition_key, idempotency_key=idempotency_key
     )
@@ -71,6 +73,13 @@ def _existing(
             f"idempotency key {idempotency_key!r} was already used with a "
             f"different input (instance {instance.id})"
         )
+    change = Change.open(instance.id, actor)
+    change.note(
+        "duplicate_start_ignored",
+        reason=f"start repeated with idempotency key {idempotency_key!r}",
+        data={"idempotency_key": idempotency_key},
+    )
+    change.save()
     return StartResult(instance, created=False)
 
 
@@ -134,7 +143,7 @@ def instance_start(
             definition_key=definition_key, idempotency_key=idempotency_key
         ).exists()
         if found:
-            return _existing(definition_key, idempotency_key, fingerprint)
+            return _existing(definition_key, idempotency_key, fingerprint, actor)
 
     now = definition.db_now  # type: ignore[attr-defined]
     instance = WorkflowInstance(
@@ -156,7 +165,7 @@ def instance_start(
     except IntegrityError:
         if idempotency_key is None:
             raise
-        return _existing(definition_key, idempotency_key, fingerprint)
+        return _existing(definition_key, idempotency_key, fingerprint, actor)
 
     create_steps(instance, definition)
     change = Change(instance, now, actor)

@@ -33,6 +33,7 @@ from workflows_app.alerts import sync_alerts
 from workflows_app.demo_definitions import load_demo_definitions
 from workflows_app.engine import commands
 from workflows_app.engine.actors import Actor
+from workflows_app.engine.commands import bulk
 from workflows_app.engine.transitions import db_now
 from workflows_app.models import WorkflowDefinition, WorkflowInstance
 from workflows_app.roles import sync_roles
@@ -95,7 +96,7 @@ def _start(key: str, business_key: str, **simulate: Any) -> WorkflowInstance:
     ).instance
 
 
-def seed(stdout: Any) -> dict[str, WorkflowInstance]:
+def seed(stdout: Any) -> dict[str, Any]:
     """Create demo instances in varied states; return the interesting ones."""
     load_demo_definitions()
     sync_roles()
@@ -111,7 +112,7 @@ def seed(stdout: Any) -> dict[str, WorkflowInstance]:
         patch.start()
     try:
         stamp = secrets.token_hex(2).upper()
-        shown: dict[str, WorkflowInstance] = {}
+        shown: dict[str, Any] = {}
         for n in range(3):
             _start("order-fulfilment", f"ORD-{stamp}-10{n}")
         _start("order-fulfilment", f"ORD-{stamp}-110", charge_payment="fail_once")
@@ -119,6 +120,9 @@ def seed(stdout: Any) -> dict[str, WorkflowInstance]:
         shown["attention"] = _start(
             "order-fulfilment", f"ORD-{stamp}-120", notify_customer="fail"
         )
+        # A burst of one cause: one failure group on the Failures page.
+        for n in range(4):
+            _start("order-fulfilment", f"ORD-{stamp}-15{n}", notify_customer="fail")
         _start(
             "trip-booking",
             f"TRIP-{stamp}-202",
@@ -140,6 +144,18 @@ def seed(stdout: Any) -> dict[str, WorkflowInstance]:
         broker.run()
         # What the sweeper does next: open an alert per held instance.
         sync_alerts(db_now(), 500)
+        # A planned (not started) bulk retry of the burst: its preview.
+        shown["bulk_job"] = bulk.bulk_job_plan(
+            WorkflowInstance.objects.filter(
+                definition_key="order-fulfilment", state="needs_attention"
+            ),
+            action="retry",
+            reason="Mail service is back after INC-2291.",
+            user=operator,
+            description="Definition: order-fulfilment; State: needs attention",
+            query="definition=order-fulfilment&state=needs_attention",
+            rate=5,
+        )
         stdout.write(f"seeded demo instances ({stamp})")
         return shown
     finally:
@@ -206,7 +222,10 @@ class Command(BaseCommand):
             "instance-list.png": "/instances/?state=active",
             "instance.png": f"/instances/{instance.pk}/",
             "definition.png": "/definitions/order-fulfilment/",
+            "failures.png": "/failures/",
         }
+        if shown.get("bulk_job") is not None:
+            pages["bulk-job.png"] = f"/bulk-jobs/{shown['bulk_job'].pk}/"
         if definition is not None:
             pages["admin-definition.png"] = (
                 f"/admin/workflows_app/workflowdefinition/{definition.pk}/change/"

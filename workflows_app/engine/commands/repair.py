@@ -1,0 +1,96 @@
+"""Repair: an operator corrects an instance's input or a step's recorded
+output, so that a retry can succeed. Not a state transition: a data change,
+fenced on the version the operator saw and audited with before, after and
+the diff in one timeline row."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+
+from workflows_app.engine.commands.operator import _open
+from workflows_app.engine.errors import InvalidInput, NotPermitted, TransitionRejected
+from workflows_app.engine.json_diff import json_diff
+from workflows_app.models import StepState
+
+PERMISSION = "workflows_app.edit_instance_data"
+# Steps whose output is recorded (and so can be corrected).
+WITH_OUTPUT = {StepState.SUCCEEDED, StepState.SKIPPED}
+
+
+def _check(change: Any, user: Any, value: Any) -> None:
+    if not user.has_perm(PERMISSION):
+        raise NotPermitted("you are not allowed to edit instance data")
+    if change.instance.is_terminal:
+        raise TransitionRejected(
+            f"the instance is {change.instance.state}: its data can no longer change"
+        )
+    if not isinstance(value, dict):
+        raise InvalidInput("the new value must be a JSON object")
+
+
+@transaction.atomic(durable=True)
+def instance_repair_input(
+    instance_id: Any,
+    *,
+    user: Any,
+    reason: str,
+    new_input: Any,
+    expected_version: int | None = None,
+    tags: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Replace the instance's input (what later attempts receive); returns the
+    diff. The idempotency fingerprint keeps describing the original request."""
+    change = _open(instance_id, user, reason, expected_version, tags)
+    _check(change, user, new_input)
+    before = change.instance.input
+    diff = json_diff(before, new_input)
+    if not diff:
+        raise InvalidInput("the new input is the same as the current one")
+    change.instance.input = new_input
+    change.mark_instance("input")
+    change.note(
+        "input_repaired",
+        reason=reason,
+        data={"diff": diff, "before": before, "after": new_input},
+    )
+    change.save()
+    return diff
+
+
+@transaction.atomic(durable=True)
+def step_repair_output(
+    instance_id: Any,
+    *,
+    step_id: int,
+    user: Any,
+    reason: str,
+    new_output: Any,
+    expected_version: int | None = None,
+    tags: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Replace a finished step's recorded output (what later steps read)."""
+    change = _open(instance_id, user, reason, expected_version, tags)
+    _check(change, user, new_output)
+    step = change.step(step_id=step_id)
+    if step.state not in WITH_OUTPUT:
+        raise TransitionRejected(
+            f"{step.name} is {step.state}: only a finished step has an output"
+        )
+    before = step.output
+    diff = json_diff(before, new_output)
+    if not diff:
+        raise InvalidInput("the new output is the same as the current one")
+    step.output = new_output
+    change.mark_step(step)
+    change.instance.outputs = {**change.instance.outputs, step.name: new_output}
+    change.mark_instance()
+    change.note(
+        "output_repaired",
+        step=step,
+        reason=reason,
+        data={"diff": diff, "before": before, "after": new_output},
+    )
+    change.save()
+    return diff

@@ -1,0 +1,77 @@
+"""Saved views: name a filtered instance list and share it with the team."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import messages
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.http import HttpResponse, QueryDict
+from django.shortcuts import get_object_or_404, redirect
+from django.urls import reverse
+from django.views.decorators.http import require_POST
+
+from workflows_app.models import SavedView
+from workflows_app.views.common import HtmxHttpRequest, dashboard_view
+
+# Page position is not part of a view.
+NOT_SAVED = ("cursor",)
+
+
+class SavedViewForm(forms.Form):
+    name = forms.CharField(max_length=100, strip=True)
+    query = forms.CharField(max_length=4000, required=False, strip=True)
+    shared = forms.BooleanField(required=False, initial=True)
+
+
+def saved_views_for(user: Any) -> list[SavedView]:
+    """The team's shared views and the user's own, by name."""
+    return list(
+        SavedView.objects.filter(Q(shared=True) | Q(owner=user))
+        .select_related("owner")
+        .order_by("name", "id")[:50]
+    )
+
+
+def view_url(view: SavedView) -> str:
+    return f"{reverse('instance_list')}?{view.query}"
+
+
+@require_POST
+@dashboard_view
+def saved_view_create(request: HtmxHttpRequest) -> HttpResponse:
+    form = SavedViewForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "Not saved: the view needs a name.")
+        return redirect("instance_list")
+    params = QueryDict(form.cleaned_data["query"], mutable=True)
+    for name in NOT_SAVED:
+        params.pop(name, None)
+    try:
+        with transaction.atomic():
+            view = SavedView.objects.create(
+                name=form.cleaned_data["name"],
+                query=params.urlencode(),
+                owner=request.user,
+                shared=form.cleaned_data["shared"],
+            )
+    except IntegrityError:
+        messages.error(request, "Not saved: you already have a view of that name.")
+        return redirect(f"{reverse('instance_list')}?{params.urlencode()}")
+    messages.success(
+        request,
+        f"Saved as “{view.name}”"
+        + (", shared with the team on the overview." if view.shared else "."),
+    )
+    return redirect(view_url(view))
+
+
+@require_POST
+@dashboard_view
+def saved_view_delete(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    view = get_object_or_404(SavedView, pk=pk, owner=request.user)
+    view.delete()
+    messages.success(request, f"“{view.name}” deleted.")
+    return redirect("overview")
