@@ -18,7 +18,7 @@ from workflows_app.engine.errors import (
     NotPermitted,
     TransitionRejected,
 )
-from workflows_app.engine.transitions import Change, db_now
+from workflows_app.engine.transitions import Change, db_now, lock_instance
 from workflows_app.models import ApprovalRequest, WorkflowInstance
 from workflows_app.models.definitions import APPROVABLE_ACTIONS
 
@@ -126,6 +126,7 @@ def approval_decide(
     request_id: int, *, user: Any, approve: bool, note: str = ""
 ) -> ApprovalRequest:
     """Approve (and do) or reject another operator's request."""
+    _lock_instance_of(request_id)
     request = (
         ApprovalRequest.objects.select_for_update(of=("self",))
         .select_related("requested_by")
@@ -196,6 +197,18 @@ def _close(
     change.save()
 
 
+def _lock_instance_of(request_id: int) -> None:
+    """One lock order everywhere: the instance row before the request's row
+    (a new request locks the instance, then inserts)."""
+    instance_id = (
+        ApprovalRequest.objects.filter(pk=request_id)
+        .values_list("instance_id", flat=True)
+        .get()
+    )
+    if instance_id is not None:
+        lock_instance(instance_id)
+
+
 def expire_approvals(now: Any, batch: int) -> int:
     """Requests nobody decided in time (run by the sweeper)."""
     due = ApprovalRequest.objects.filter(
@@ -204,6 +217,7 @@ def expire_approvals(now: Any, batch: int) -> int:
     expired = 0
     for pk in list(due):
         with transaction.atomic():
+            _lock_instance_of(pk)
             request = (
                 ApprovalRequest.objects.select_for_update(
                     skip_locked=True, of=("self",)
