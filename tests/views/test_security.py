@@ -14,7 +14,14 @@ from django.urls import reverse
 from tests.views.conftest import fresh, held, logged_in
 from workflows_app.alerts import sync_alerts
 from workflows_app.engine.sweeps import db_now
-from workflows_app.models import Alert, TransitionLog, WorkflowInstance
+from workflows_app.models import (
+    Alert,
+    BulkJob,
+    KnownFailure,
+    SavedView,
+    TransitionLog,
+    WorkflowInstance,
+)
 from workflows_app.views.common import ACTIONS
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -51,6 +58,31 @@ def posts(instance: WorkflowInstance) -> list[tuple[str, dict[str, object]]]:
             {"reason": "mine"},
         )
     )
+    # The operator tools (issue 9).
+    endpoints += [
+        (
+            reverse("instance_repair", args=[instance.pk]),
+            {**body, "target": "input", "value": '{"fixed": true}'},
+        ),
+        (
+            reverse("bulk_job_new"),
+            {
+                "query": "state=needs_attention",
+                "action": "retry",
+                "reason": "because",
+                "rate": "1",
+            },
+        ),
+        (
+            reverse("failure_group_mark"),
+            {
+                "definition_key": "wf",
+                "step_name": "two",
+                "signature": "x",
+                "note": "known",
+            },
+        ),
+    ]
     return endpoints
 
 
@@ -62,13 +94,17 @@ def snapshot(instance: WorkflowInstance) -> tuple[object, ...]:
         row.version,
         TransitionLog.objects.count(),
         alert.acknowledged_at,
+        BulkJob.objects.count(),
+        KnownFailure.objects.count(),
+        SavedView.objects.count(),
     )
 
 
 def test_anonymous_posts_are_refused_and_change_nothing(target):
     before = snapshot(target)
     client = Client()
-    for url, body in posts(target):
+    saved_view = (reverse("saved_view_create"), {"name": "v", "query": "stuck=yes"})
+    for url, body in [*posts(target), saved_view]:
         response = client.post(url, body)
         assert response.status_code == 302, url
         assert response["Location"].startswith("/login/"), url
@@ -91,7 +127,8 @@ def test_posts_without_csrf_token_are_refused_and_change_nothing(target, operato
     before = snapshot(target)
     client = Client(enforce_csrf_checks=True)
     client.force_login(operator)
-    for url, body in posts(target):
+    saved_view = (reverse("saved_view_create"), {"name": "v", "query": "stuck=yes"})
+    for url, body in [*posts(target), saved_view]:
         response = client.post(url, body, headers=HTMX)
         assert response.status_code == 403, url
         assert b"CSRF" in response.content, url
@@ -117,6 +154,8 @@ def test_with_the_csrf_token_the_same_post_works(target, operator):
 def test_actions_accept_post_only(target, operator):
     client = logged_in(operator)
     for url, _ in posts(target):
+        if url == reverse("bulk_job_new"):
+            continue  # GET shows the form; only the POST plans a job
         assert client.get(url).status_code == 405, url
 
 
