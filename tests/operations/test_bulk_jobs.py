@@ -218,3 +218,17 @@ def test_only_the_planner_starts_the_job(broker, wf, operator, second_operator):
         bulk.bulk_job_confirm(job.pk, user=second_operator)
     job.refresh_from_db()
     assert job.status == "draft"
+
+
+def test_an_item_cancelled_under_the_runner_is_not_acted_on(broker, wf, operator):
+    """The runner had read the item as pending; a cancel marked it before
+    the runner's transaction: the command is not run."""
+    instance = held(broker, "ORD-1")
+    job = plan(operator)
+    bulk.bulk_job_confirm(job.pk, user=operator)
+    item = job.items.get()
+    bulk.bulk_job_cancel(job.pk, user=operator, reason="stop")
+    bulk._apply(BulkJob.objects.get(pk=job.pk), item)
+    assert job.items.get().outcome == "cancelled"
+    assert WorkflowInstance.objects.get(pk=instance.pk).state == "needs_attention"
+    assert not TransitionLog.objects.filter(transition="retry_step").exists()

@@ -341,6 +341,13 @@ def _apply(job: BulkJob, item: BulkJobItem) -> None:
     command = operator.without_transaction(getattr(operator, item.command))
     try:
         with transaction.atomic(durable=True):
+            # Still pending under a lock: a cancel that marked it meanwhile
+            # wins, and one that comes now waits for this item to commit.
+            still_pending = BulkJobItem.objects.select_for_update().filter(
+                pk=item.pk, outcome=BulkJobItem.Outcome.PENDING
+            )
+            if not still_pending.exists():
+                return
             command(
                 item.instance_id,
                 user=job.created_by,
