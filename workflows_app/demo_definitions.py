@@ -21,6 +21,10 @@ DEMO_DEFINITIONS: list[dict[str, Any]] = [
         "stuck_after": timedelta(minutes=2),
         "deadline": timedelta(minutes=30),
         "alert_recipients": "orders-oncall@example.com",
+        # Four eyes: giving up on an order or rewriting its data needs a
+        # second operator (the demo has two: operator and operator2).
+        "approval_actions": ["close_as_failed", "repair"],
+        "approval_bulk_over": 20,
         "steps": [
             {
                 "name": "reserve_inventory",

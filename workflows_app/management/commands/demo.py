@@ -32,6 +32,8 @@ from workflows_app.models import WorkflowInstance
 DEMO_USERS = [
     ("viewer", "viewer", False),
     ("operator", "operator", False),
+    # A second operator, to approve what the first one asks (four eyes).
+    ("operator2", "operator", False),
     ("admin", "workflow admin", True),
 ]
 
