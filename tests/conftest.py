@@ -4,6 +4,21 @@ import pytest
 
 from tests.support import LocalBroker
 
+# Tests that use machine-wide resources (real worker processes, the shared
+# Redis database, which some of them restart, or the demo's process tree)
+# run one after another on one xdist worker; everything else spreads over
+# the cores (.ci/run: -n 2 --dist loadgroup).
+MACHINE_WIDE_MODULES = {"tests.test_demo", "tests.test_embedded_default"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if (
+            item.get_closest_marker("celery_worker")
+            or item.module.__name__ in MACHINE_WIDE_MODULES
+        ):
+            item.add_marker(pytest.mark.xdist_group("machine"))
+
 
 @pytest.fixture
 def broker():
