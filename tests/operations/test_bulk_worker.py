@@ -8,10 +8,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-import uuid
 
 import pytest
-from django.db import connection
 from django.db.models import Count
 from django.test import override_settings
 
@@ -21,9 +19,9 @@ from tests.support import LocalBroker
 from workflows_app.engine import sweeps
 from workflows_app.engine.commands import bulk
 from workflows_app.engine.transitions import db_now
+from workflows_app.management.commands.bench_bulk import clone_instance
 from workflows_app.models import (
     BulkJob,
-    StepExecution,
     TransitionLog,
     WorkflowInstance,
 )
@@ -45,35 +43,7 @@ def empty_broker():
 
 
 def clone(template: WorkflowInstance, copies: int) -> None:
-    """Copies of a held instance (its row and its steps), made in SQL: each
-    copy is in exactly the state the engine left the original in."""
-    q = connection.ops.quote_name
-    run = uuid.uuid4().hex
-
-    def columns(model, *skip: str) -> str:
-        return ", ".join(
-            q(f.column) for f in model._meta.concrete_fields if f.column not in skip
-        )
-
-    instance_cols = columns(WorkflowInstance, "id", "business_key", "idempotency_key")
-    step_cols = columns(StepExecution, "id", "instance_id")
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {q(WorkflowInstance._meta.db_table)} "
-            f"(id, business_key, idempotency_key, {instance_cols}) "
-            f"SELECT md5(%s || g)::uuid, 'BULK-' || g, NULL, {instance_cols} "
-            f"FROM {q(WorkflowInstance._meta.db_table)}, generate_series(1, %s) g "
-            "WHERE id = %s",
-            [run, copies, template.pk],
-        )
-        cursor.execute(
-            f"INSERT INTO {q(StepExecution._meta.db_table)} "
-            f"(instance_id, {step_cols}) "
-            f"SELECT md5(%s || g)::uuid, {step_cols} "
-            f"FROM {q(StepExecution._meta.db_table)}, generate_series(1, %s) g "
-            "WHERE instance_id = %s",
-            [run, copies, template.pk],
-        )
+    clone_instance(template, copies, "BULK-")
 
 
 def test_bulk_job_survives_a_killed_worker(wf, operator):
