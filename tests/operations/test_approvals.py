@@ -202,3 +202,21 @@ def test_large_bulk_job_needs_approval(broker, four_eyes, operator, second_opera
         "confirm",
         "approval approved",
     ]
+
+
+def test_rules_of_the_newest_version_apply_to_running_instances(broker, wf, operator):
+    """Four eyes is an operational control: switching it on in a new version
+    covers instances pinned to the old one too."""
+    instance = held(broker, "ORD-1")  # runs v1, which has no four-eyes rule
+    draft = wf.new_draft()
+    draft.approval_actions = ["cancel"]
+    draft.save(update_fields=["approval_actions"])
+    draft.publish()
+    response = logged_in(operator).post(
+        f"/instances/{instance.pk}/actions/cancel/",
+        {"reason": "customer called", "version": instance.version},
+        headers={"HX-Request": "true"},
+    )
+    assert "Sent for approval" in response.content.decode()
+    assert WorkflowInstance.objects.get(pk=instance.pk).definition_id == wf.pk
+    assert WorkflowInstance.objects.get(pk=instance.pk).state == "needs_attention"

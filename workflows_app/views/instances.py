@@ -118,7 +118,7 @@ def detail_context(
         .order_by("opened_at")
     )
     blocked = blocked_step(steps)
-    needs_approval = set(instance.definition.approval_actions or [])
+    needs_approval = set(approvals.approval_policy(instance).approval_actions or [])
     action_forms = []
     for action in available_actions(instance, request.user):
         form = bound[1] if bound and bound[0] == action.name else None

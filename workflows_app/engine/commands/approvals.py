@@ -19,7 +19,7 @@ from workflows_app.engine.errors import (
     TransitionRejected,
 )
 from workflows_app.engine.transitions import Change, db_now, lock_instance
-from workflows_app.models import ApprovalRequest, WorkflowInstance
+from workflows_app.models import ApprovalRequest, WorkflowDefinition, WorkflowInstance
 from workflows_app.models.definitions import APPROVABLE_ACTIONS
 
 APPROVE_PERMISSION = "workflows_app.approve_request"
@@ -43,8 +43,16 @@ def gate(action: str) -> str:
     return "repair" if action.startswith("repair_") else action
 
 
+def approval_policy(instance: WorkflowInstance) -> WorkflowDefinition:
+    """Four-eyes rules are an operational control, not part of the pinned
+    execution plan: the newest published version's rules apply to every
+    instance of the key (the pinned version when none is published)."""
+    current = WorkflowDefinition.objects.current(instance.definition_key)
+    return current or instance.definition
+
+
 def needs_approval(instance: WorkflowInstance, action: str) -> bool:
-    return gate(action) in (instance.definition.approval_actions or [])
+    return gate(action) in (approval_policy(instance).approval_actions or [])
 
 
 def _may_request(change: Change, action: str, user: Any) -> None:
@@ -85,7 +93,7 @@ def approval_request(
         instance_id=instance_id, action=action, status=ApprovalRequest.Status.PENDING
     ).exists():
         raise AlreadyChanged("this action is already waiting for approval")
-    definition = change.instance.definition
+    definition = approval_policy(change.instance)
     request = ApprovalRequest.objects.create(
         instance=change.instance,
         action=action,

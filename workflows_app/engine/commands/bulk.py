@@ -212,21 +212,19 @@ def _operate(job_id: int, user: Any, name: str, reason: str = "") -> BulkJob:
 
 def _approval_window(job: BulkJob) -> timedelta | None:
     """How long an approval may take, when the job acts on more instances of
-    some definition than that definition allows without approval."""
-    per_definition = (
+    some workflow than its current definition allows without approval."""
+    per_key = dict(
         job.items.exclude(outcome=BulkJobItem.Outcome.SKIPPED)
         .order_by()
-        .values_list("instance__definition_id")
+        .values_list("instance__definition_key")
         .annotate(n=Count("id"))
     )
-    counts = dict(per_definition)
-    windows = [
-        definition.approval_expires_after
-        for definition in WorkflowDefinition.objects.filter(
-            pk__in=counts, approval_bulk_over__isnull=False
-        )
-        if counts[definition.pk] > definition.approval_bulk_over
-    ]
+    windows = []
+    for key, n in per_key.items():
+        current = WorkflowDefinition.objects.current(key)
+        over = current.approval_bulk_over if current else None
+        if over is not None and n > over:
+            windows.append(current.approval_expires_after)  # type: ignore[union-attr]
     return min(windows) if windows else None
 
 
