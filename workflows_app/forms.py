@@ -78,10 +78,7 @@ class BulkActionForm(forms.Form):
 class BulkJobForm(forms.Form):
     """Plan a server-side job over every instance the list's filters match."""
 
-    ACTIONS = [
-        ("retry", "Retry (the failed step, or the failed compensation)"),
-        ("compensate", "Compensate (undo the steps done)"),
-    ]
+    ACTIONS = BulkActionForm.ACTIONS
 
     action = forms.ChoiceField(choices=ACTIONS)
     reason = forms.CharField(

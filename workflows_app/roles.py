@@ -57,6 +57,22 @@ ROLES = {
 }
 
 
+def sync_roles_in_migration(apps: Any, *, strict: bool = True) -> None:
+    """For a data migration: create the permissions of the models migrated so
+    far (Django normally creates them after all migrations), then sync."""
+    from django.contrib.auth.management import create_permissions
+
+    for app_config in apps.get_app_configs():
+        app_config.models_module = True
+        create_permissions(app_config, apps=apps, verbosity=0)
+        app_config.models_module = None
+    sync_roles(
+        apps.get_model("auth", "Group"),
+        apps.get_model("auth", "Permission"),
+        strict=strict,
+    )
+
+
 def sync_roles(
     group_model: Any = None, permission_model: Any = None, *, strict: bool = True
 ) -> None:

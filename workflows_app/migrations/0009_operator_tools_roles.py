@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from django.contrib.auth.management import create_permissions
 from django.db import migrations
 
-from workflows_app.roles import sync_roles
+from workflows_app.roles import sync_roles_in_migration
 
 
 def sync(apps, schema_editor):
-    for app_config in apps.get_app_configs():
-        app_config.models_module = True
-        create_permissions(app_config, apps=apps, verbosity=0)
-        app_config.models_module = None
-    sync_roles(apps.get_model("auth", "Group"), apps.get_model("auth", "Permission"))
+    sync_roles_in_migration(apps)
 
 
 class Migration(migrations.Migration):

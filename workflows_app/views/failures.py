@@ -8,7 +8,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from workflows_app.failure_groups import failure_groups
-from workflows_app.forms import BulkJobForm, KnownFailureForm
+from workflows_app.forms import KnownFailureForm
 from workflows_app.models import KnownFailure
 from workflows_app.views.common import HtmxHttpRequest, dashboard_view, forbidden
 
@@ -34,7 +34,6 @@ def failure_group_list(request: HtmxHttpRequest) -> HttpResponse:
                     "workflows_app.compensate_instance",
                 )
             ),
-            "actions": BulkJobForm.ACTIONS,
         },
     )
 

@@ -20,7 +20,6 @@ from workflows_app.engine.errors import (
 )
 from workflows_app.engine.transitions import Change, db_now, lock_instance
 from workflows_app.models import ApprovalRequest, WorkflowDefinition, WorkflowInstance
-from workflows_app.models.definitions import APPROVABLE_ACTIONS
 
 APPROVE_PERMISSION = "workflows_app.approve_request"
 BULK = "bulk_job"
@@ -242,7 +241,6 @@ def expire_approvals(now: Any, batch: int) -> int:
 
 
 __all__ = [
-    "APPROVABLE_ACTIONS",
     "approval_decide",
     "approval_request",
     "expire_approvals",
