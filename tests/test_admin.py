@@ -91,7 +91,7 @@ def form_data(
         values = {**STEP_DEFAULTS, "position": str(index + 1), **step}
         if "id" in values and definition is not None:
             values["definition"] = definition.pk
-        for flag in ("is_pivot", "retry_on_timeout", "DELETE"):
+        for flag in ("is_pivot", "retry_on_timeout", "restart_point", "DELETE"):
             if not values.pop(flag, False):
                 continue
             values[flag] = "on"
@@ -228,6 +228,17 @@ class AddDefinitionTests(AdminTestCase):
         self.assert_rejected(
             data,
             "At most one step can be the pivot; these steps are marked as pivot: a, b.",
+        )
+
+    def test_restart_point_at_or_after_the_pivot_is_rejected(self):
+        data = form_data(
+            [
+                {"name": "a", "restart_point": True},
+                {"name": "b", "is_pivot": True, "restart_point": True},
+            ]
+        )
+        self.assert_rejected(
+            data, "Step 'b': a restart point must come before the pivot."
         )
 
     def test_zero_max_attempts_is_rejected(self):

@@ -50,6 +50,9 @@ INSTANCE_TABLE = {
     ("compensating", "hold"): "needs_attention",
     ("needs_attention", "retry_compensation"): "compensating",
     ("needs_attention", "close_as_failed"): "failed",
+    # Restart from an earlier step: undo the steps from there, then run again.
+    ("needs_attention", "restart_from_step"): "compensating",
+    ("compensating", "restart"): "running",
 }
 INSTANCE_INITIAL = "accepted"
 INSTANCE_TERMINAL = {"completed", "compensated", "cancelled", "failed"}
@@ -81,6 +84,11 @@ STEP_TABLE = {
     ("pending", "observe_early"): "succeeded",  # its event came out of order
     ("pending", "observe_failure"): "failed",  # a failure event
     ("waiting", "observe_failure"): "failed",
+    # A restart runs the step again (a new run, new idempotency keys).
+    ("succeeded", "rerun"): "pending",
+    ("skipped", "rerun"): "pending",
+    ("failed", "rerun"): "pending",
+    ("unknown", "rerun"): "pending",
 }
 STEP_INITIAL = "pending"
 STEP_TERMINAL = {"succeeded", "skipped"}
@@ -94,6 +102,9 @@ COMPENSATION_TABLE = {
     ("running", "compensation_retry"): "retrying",
     ("running", "compensation_fail"): "failed",
     ("failed", "compensation_retry_now"): "pending",  # operator
+    # A restart: the new run needs its own compensation decision.
+    ("done", "reopen_compensation"): "none",
+    ("not_needed", "reopen_compensation"): "none",
 }
 COMPENSATION_INITIAL = "none"
 COMPENSATION_TERMINAL = {"done", "not_needed"}
@@ -108,6 +119,7 @@ OPERATOR_PERMISSIONS = {
         "cancel": f"{APP}.cancel_instance",
         "retry_compensation": f"{APP}.retry_compensation",
         "close_as_failed": f"{APP}.close_instance",
+        "restart_from_step": f"{APP}.restart_instance",
     },
     StepExecution: {
         "retry_now": f"{APP}.retry_step",
@@ -128,6 +140,7 @@ GUARDS = {
     ("needs_attention", "cancel"): (ALL_KINDS - {"compensation_failed"}, True),
     ("running", "cancel"): (ALL_KINDS - {"compensation_failed"}, True),
     ("needs_attention", "retry_compensation"): ({"compensation_failed"}, False),
+    ("needs_attention", "restart_from_step"): (FORWARD_BLOCKED, True),
 }
 
 # Fields that satisfy the guard of a transition, so that only the state decides.
@@ -138,6 +151,7 @@ ENABLING = {
     "compensate": {"attention_kind": AttentionKind.STEP_FAILED},
     "cancel": {"attention_kind": AttentionKind.STEP_FAILED},
     "retry_compensation": {"attention_kind": AttentionKind.COMPENSATION_FAILED},
+    "restart_from_step": {"attention_kind": AttentionKind.STEP_FAILED},
 }
 
 # Arguments for transition methods, by parameter name.
@@ -147,7 +161,11 @@ SAMPLE_ARGS = {
     "output": {"ref": "x-1"},
     "error": "Boom: it broke",
     "extra_attempts": 2,
+    "position": 1,
+    "max_attempts": 3,
 }
+
+RESTART_EDGES = {"rerun", "reopen_compensation"}
 
 MACHINES = [
     (WorkflowInstance, "state", INSTANCE_TABLE, INSTANCE_INITIAL, INSTANCE_TERMINAL),
@@ -197,8 +215,10 @@ class MachineTablesTest(TestCase):
                 assert (sources | targets) <= all_states
                 # Every state but the initial one is reachable...
                 assert all_states - {initial} <= targets
-                # ...and exactly the terminal ones have no way out.
-                assert all_states - sources == terminal
+                # ...and exactly the terminal ones have no way out (but an
+                # operator's restart, which runs a finished step again).
+                ways_out = {src for src, name in table if name not in RESTART_EDGES}
+                assert all_states - ways_out == terminal
                 assert model._meta.get_field(field).protected
 
     def test_only_operator_transitions_carry_a_permission(self):
@@ -317,7 +337,7 @@ class TransitionsTest(Placing, TestCase):
                         assert getattr(obj, field) == state
                         refused += 1
         # (states x transitions - edges) per field: every pair was tried.
-        assert refused == (8 * 12 - 15) + (9 * 14 - 23) + (7 * 7 - 8)
+        assert refused == (8 * 14 - 17) + (9 * 15 - 27) + (7 * 8 - 10)
 
     def test_transitions_of_one_step_field_leave_the_other_alone(self):
         step = self.make_step(state="running", compensation_state="none")
@@ -421,8 +441,8 @@ class PermissionsTest(Placing, TestCase):
                     assert not has_transition_perm(bound, self.admin)
                     assert has_transition_perm(bound, self.operator)
                     checked += 1
-        # 9 instance edges (cancel has three) and 5 step edges.
-        assert checked == 14
+        # 10 instance edges (cancel has three) and 5 step edges.
+        assert checked == 15
 
     def test_engine_edges_need_no_permission(self):
         for model, field, table, _, _ in MACHINES:

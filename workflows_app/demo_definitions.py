@@ -26,11 +26,14 @@ DEMO_DEFINITIONS: list[dict[str, Any]] = [
         "approval_actions": ["close_as_failed", "repair"],
         "approval_bulk_over": 20,
         "steps": [
+            # Support may run an order again from the start (e.g. after
+            # correcting the items) or from the payment (e.g. another card).
             {
                 "name": "reserve_inventory",
                 "action": "demo.reserve_inventory",
                 "compensation": "demo.release_inventory",
                 "retry_on_timeout": True,
+                "restart_point": True,
             },
             # Payments must not be charged twice blindly: a timeout waits for a person.
             {
@@ -38,6 +41,7 @@ DEMO_DEFINITIONS: list[dict[str, Any]] = [
                 "action": "demo.charge_payment",
                 "compensation": "demo.refund_payment",
                 "retry_on_timeout": False,
+                "restart_point": True,
             },
             {
                 "name": "create_shipment",
@@ -67,6 +71,8 @@ DEMO_DEFINITIONS: list[dict[str, Any]] = [
                 "action": "demo.book_car",
                 "compensation": "demo.cancel_car",
                 "retry_on_timeout": True,
+                # Rebook the whole trip, e.g. after the dates were corrected.
+                "restart_point": True,
             },
             {
                 "name": "book_hotel",

@@ -42,6 +42,13 @@ class MarkStepDoneForm(ActionForm):
         return parse_json_object(text, "output")
 
 
+class RestartForm(ActionForm):
+    """The step to restart from is required (the page offers the definition's
+    restart points as a select named ``step``)."""
+
+    step = forms.IntegerField(required=True, widget=forms.HiddenInput)
+
+
 class BulkActionForm(forms.Form):
     ACTIONS = [
         ("retry", "Retry (the failed step, or the failed compensation)"),

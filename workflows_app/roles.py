@@ -40,6 +40,8 @@ OPERATE = [
     "approve_request",
     # Repair: correct an instance's input or a step's recorded output.
     "edit_instance_data",
+    # Restart from an earlier step (compensates the steps it re-runs).
+    "restart_instance",
 ]
 EDIT_DEFINITIONS = [
     "add_workflowdefinition",

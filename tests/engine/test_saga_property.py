@@ -215,11 +215,15 @@ RARELY = (False, False, False, True)
 def definitions(draw: Any) -> dict[str, Any]:
     """A definition of 1-4 steps and the faults its first calls run into."""
     n = draw(st.integers(1, 4))
+    pivot = draw(st.none() | st.integers(1, n))
     steps = []
-    for _ in range(n):
+    for position in range(1, n + 1):
         steps.append(
             {
                 "max_attempts": draw(st.integers(1, 3)),
+                # Operators may restart from here (only before the pivot).
+                "restart_point": (pivot is None or position < pivot)
+                and draw(st.booleans()),
                 "retry_on_timeout": draw(st.booleans()),
                 # Done when the participant's event arrives, not on the reply.
                 "awaits_event": draw(st.sampled_from(RARELY)),
@@ -232,8 +236,11 @@ def definitions(draw: Any) -> dict[str, Any]:
         )
     return {
         "failure_policy": draw(st.sampled_from(["compensate", "hold"])),
-        "pivot": draw(st.none() | st.integers(1, n)),
+        "pivot": pivot,
         "workers_continue_inline": draw(st.booleans()),
+        # After healing, the operator restarts from a restart point instead
+        # of retrying the blocked step, where the definition allows it.
+        "rescue_by_restart": draw(st.booleans()),
         "steps": steps,
     }
 
@@ -245,10 +252,12 @@ OPERATOR_ACTIONS = (
     "retry_compensation",
     "mark_step_done",
     "cancel",
+    "restart_from_step",
     "retry_step",
     "compensate",
     "retry_compensation",
     "mark_step_done",
+    "restart_from_step",
 )
 TRANSPORT_OPS = ("deliver", *DELIVERY_FAULTS)
 RESUMED = types.SimpleNamespace(request=types.SimpleNamespace(id="resumed"))
@@ -277,6 +286,7 @@ class SagaMachine(RuleBasedStateMachine):
         self.names: list[str] = []
         self.step_ids: dict[str, int] = {}
         self.specs: list[StepSpec] = []
+        self.rescue_by_restart = False
 
     # -- the instance and its transport ---------------------------------------------
     def instance(self) -> WorkflowInstance:
@@ -361,6 +371,23 @@ class SagaMachine(RuleBasedStateMachine):
                 commands.instance_mark_step_done(
                     self.instance_id, output={"by_hand": True}, **kwargs
                 )
+            elif action == "restart_from_step":
+                # Any restart point, also one after the blocked step (refused).
+                points = list(
+                    StepExecution.objects.filter(
+                        instance_id=self.instance_id,
+                        step_definition__restart_point=True,
+                    )
+                    .order_by("position")
+                    .values_list("id", flat=True)
+                )
+                if not points:
+                    STATS["operator skipped: restart_from_step (no point)"] += 1
+                    return False
+                pick = points[self.instance().version % len(points)]
+                commands.instance_restart_from_step(
+                    self.instance_id, step_id=pick, **kwargs
+                )
             else:
                 getattr(commands, f"instance_{action}")(self.instance_id, **kwargs)
         except (TransitionRejected, NotPermitted):  # AlreadyChanged included
@@ -391,6 +418,7 @@ class SagaMachine(RuleBasedStateMachine):
                     "is_pivot": position == spec["pivot"],
                     "max_attempts": step["max_attempts"],
                     "retry_on_timeout": step["retry_on_timeout"],
+                    "restart_point": step.get("restart_point", False),
                     "awaits_event": f"prop.{name}.done" if step["awaits_event"] else "",
                 }
                 for position, (name, step) in enumerate(
@@ -421,6 +449,7 @@ class SagaMachine(RuleBasedStateMachine):
         }
         SCHEDULES[self.instance_id] = self.faults
         INLINE[0] = always_fits if spec["workers_continue_inline"] else None
+        self.rescue_by_restart = spec.get("rescue_by_restart", False)
 
     @precondition(lambda self: self.queue)
     @rule()
@@ -564,7 +593,11 @@ class SagaMachine(RuleBasedStateMachine):
         )
 
     @precondition(lambda self: self.state == InstanceState.NEEDS_ATTENTION)
-    @rule(choice=st.sampled_from(["retry", "compensate", "mark_step_done"]))
+    @rule(
+        choice=st.sampled_from(
+            ["retry", "compensate", "mark_step_done", "restart_from_step"]
+        )
+    )
     def operator_resolves(self, choice: str) -> None:
         """An operator picks an action that fits why the instance is held."""
         instance = self.instance()
@@ -660,8 +693,11 @@ class SagaMachine(RuleBasedStateMachine):
         )
 
     def _rescue(self) -> None:
-        """L2: after healing, an operator retries what escalated."""
+        """L2: after healing, an operator retries what escalated (or restarts
+        from the earliest restart point up to the blocked step)."""
         instance = self.instance()
+        if self.rescue_by_restart and self._restart_first(instance):
+            return
         action = (
             "retry_compensation"
             if instance.attention_kind == AttentionKind.COMPENSATION_FAILED
@@ -673,6 +709,36 @@ class SagaMachine(RuleBasedStateMachine):
             reason="healed: try again",
             expected_version=instance.version,
         )
+
+    def _restart_first(self, instance: WorkflowInstance) -> bool:
+        steps = list(instance.steps.select_related("step_definition"))
+        blocked = next((s for s in steps if s.state in {"failed", "unknown"}), None)
+        point = next(
+            (
+                s
+                for s in steps
+                if s.step_definition.restart_point
+                and blocked is not None
+                and s.position <= blocked.position
+            ),
+            None,
+        )
+        forward_blocked = instance.attention_kind in {
+            AttentionKind.STEP_FAILED,
+            AttentionKind.STEP_UNKNOWN,
+        }
+        if point is None or instance.pivot_passed or not forward_blocked:
+            return False
+        commands.instance_restart_from_step(
+            self.instance_id,
+            user=self.operators[0],
+            reason="healed: run it again from a restart point",
+            step_id=point.id,
+            expected_version=instance.version,
+        )
+        STATS["rescued by a restart"] += 1
+        self.rescue_by_restart = False  # then retries, as L2 bounds the rounds
+        return True
 
     def teardown(self) -> None:
         try:
@@ -904,4 +970,29 @@ def test_step_awaiting_an_event_completes_once():
     assert machine.instance().state == "completed"
     assert TransitionLog.objects.filter(
         instance_id=machine.instance_id, transition="wait"
+    ).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_restart_from_an_earlier_step_runs_it_again():
+    """Held at the second step; an operator restarts from the first: both are
+    undone (newest first), then run again under new keys and complete."""
+    with machine_session():
+        machine = play(
+            {
+                "workers_continue_inline": True,
+                "failure_policy": "hold",
+                "steps": [
+                    {**one_step(), "restart_point": True},
+                    one_step(action=["permanent"]),
+                ],
+            },
+            ("deliver_next", {}),
+            ("operator_resolves", {"choice": "restart_from_step"}),
+        )
+    assert machine.instance().state == "completed"
+    keys = set(effects(machine).values())
+    assert {e.idempotency_key.rsplit(":", 1)[1] for e in keys} >= {"action", "2"}
+    assert TransitionLog.objects.filter(
+        instance_id=machine.instance_id, transition="restart"
     ).exists()

@@ -133,3 +133,35 @@ def test_repair_a_bad_input_then_retry(broker, wf, open_session):  # noqa: F811
     expect(page.locator("#instance-live")).to_have_attribute(
         "data-state", "completed", timeout=TIMEOUT
     )
+
+
+def test_restart_from_an_earlier_step(broker, wf, open_session):  # noqa: F811
+    wf.steps.filter(name="reserve").update(restart_point=True)
+    instance = held(broker, "ORD-9")
+    # The gateway is back; the support agent wants the order run from the start.
+    WorkflowInstance.objects.filter(pk=instance.pk).update(input={})
+    page = open_session(user_in("operator", "olga"))
+    page.goto(f"/instances/{instance.pk}/")
+    page.locator("#action-restart_from_step summary").click()
+    form = page.locator("#action-restart_from_step")
+    expect(form.get_by_label("Restart from")).to_have_value(
+        str(instance.steps.get(name="reserve").pk)
+    )
+    form.get_by_label("Reason").fill("stock re-counted")
+    page.get_by_role("button", name="Confirm: restart from an earlier step").click()
+    expect(page.locator("#action-message")).to_have_text(
+        "Restart from an earlier step: done."
+    )
+    broker.run()
+    expect(page.locator("#instance-live")).to_have_attribute(
+        "data-state", "completed", timeout=TIMEOUT
+    )
+    expect(page.locator("#idempotency-keys")).to_contain_text(
+        f"{instance.pk}:reserve:action:2"
+    )
+    row = page.locator("#timeline tr", has_text="restart_from_step")
+    expect(row).to_contain_text("olga")
+    expect(row).to_contain_text("stock re-counted")
+    assert (
+        TransitionLog.objects.filter(instance=instance, transition="rerun").count() == 2
+    )  # reserve and charge; ship never ran

@@ -41,9 +41,23 @@ class ActivityContext:
     step_name: str
     direction: Literal["action", "compensation"]
     attempt: int
-    # Stable across attempts: "<instance id>:<step name>:action|compensation".
+    # Stable across attempts: "<instance id>:<step name>:action|compensation",
+    # plus ":<run>" once an operator restarted the step (see step_idempotency_key).
     idempotency_key: str
     deadline: datetime | None
     task_token: str
     # Per-step configuration from the definition (URL for the HTTP activity, ...).
     config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # 1, then 2, 3... each time an operator restarts the workflow at or before
+    # this step. ``attempt`` keeps counting across runs.
+    run: int = 1
+
+
+def step_idempotency_key(
+    instance_id: Any, step_name: str, direction: str, run: int = 1
+) -> str:
+    """``<instance id>:<step name>:action|compensation``, the same on every
+    attempt; a restarted step's later runs add ``:<run>`` (2, 3...) so its
+    participant sees a new request rather than a replay of a compensated one."""
+    key = f"{instance_id}:{step_name}:{direction}"
+    return key if run == 1 else f"{key}:{run}"

@@ -26,7 +26,11 @@ from django.db import transaction
 from django.utils import timezone
 
 from workflows_app.activities import activity
-from workflows_app.activities.base import ActivityContext, ActivityError
+from workflows_app.activities.base import (
+    ActivityContext,
+    ActivityError,
+    step_idempotency_key,
+)
 from workflows_app.models.demo import ParticipantEffect
 
 SIMULATE_MODES = frozenset(
@@ -57,7 +61,9 @@ def _hang(ctx: ActivityContext) -> None:
 
 
 def _sibling_key(ctx: ActivityContext, direction: str) -> str:
-    return f"{ctx.instance_id}:{ctx.step_name}:{direction}"
+    """The other direction's key of the same run: a restarted step's new run
+    is a new request, not the forward call its compensation refuses."""
+    return step_idempotency_key(ctx.instance_id, ctx.step_name, direction, ctx.run)
 
 
 def _ledger_row(key: str, ctx: ActivityContext, direction: str) -> ParticipantEffect:

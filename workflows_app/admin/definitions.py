@@ -24,7 +24,10 @@ from django.urls import URLPattern, path, reverse
 
 from workflows_app.activities import activity_names
 from workflows_app.models import StepDefinition, WorkflowDefinition
-from workflows_app.models.definitions import APPROVABLE_ACTIONS
+from workflows_app.models.definitions import (
+    APPROVABLE_ACTIONS,
+    restart_point_errors,
+)
 
 # Keeps the temporary positions used while saving (see park_edited_rows)
 # far below the largest integer the database stores.
@@ -60,6 +63,7 @@ class StepDefinitionForm(forms.ModelForm):  # type: ignore[type-arg]
             "backoff_jitter",
             "retry_on_timeout",
             "is_pivot",
+            "restart_point",
             "awaits_event",
             "failure_event",
         ]
@@ -104,6 +108,7 @@ class StepDefinitionFormSet(forms.BaseInlineFormSet):  # type: ignore[type-arg]
                 "At most one step can be the pivot; "
                 f"these steps are marked as pivot: {', '.join(pivots)}."
             )
+        errors += restart_point_errors(self.instance.mode, rows)
         if self.instance.mode == WorkflowDefinition.Mode.ORCHESTRATED and not rows:
             errors.append("An orchestrated definition needs at least one step.")
         if errors:
@@ -146,7 +151,7 @@ class StepDefinitionInline(admin.StackedInline):  # type: ignore[type-arg]
             None,
             {
                 "fields": (
-                    ("position", "name", "is_pivot"),
+                    ("position", "name", "is_pivot", "restart_point"),
                     ("action", "compensation"),
                     ("awaits_event", "failure_event"),
                 )

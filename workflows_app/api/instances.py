@@ -128,6 +128,7 @@ def instance_status(request: HttpRequest, instance_id: uuid.UUID) -> dict[str, A
                 "state": step.state,
                 "compensation_state": step.compensation_state,
                 "attempts": step.attempt_count,
+                "run": step.run,
             }
             for step in instance.ordered_steps  # type: ignore[attr-defined]
         ],

@@ -81,6 +81,11 @@ class StepOut(Schema):
     state: StepState
     compensation_state: CompensationState
     attempts: int = Field(description="Attempts so far, actions and compensations.")
+    run: int = Field(
+        1,
+        description="1, then 2, 3... after an operator restarted the workflow "
+        "at or before this step (each run sends its own idempotency keys).",
+    )
 
 
 class InstanceOut(Schema):

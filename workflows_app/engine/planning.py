@@ -29,6 +29,7 @@ class Move(enum.Enum):
     COMPENSATE = "compensate"  # require and dispatch the compensation of `position`
     FINISH_COMPENSATION = "finish_compensation"
     EXPECT = "expect"  # observed workflows: wait for the milestone of `position`
+    RESTART = "restart"  # the steps from `position` are undone: run them again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,7 @@ class StepView:
     position: int
     state: str
     compensation_state: str
+    # Counted within the step's current run (a restart starts a new run).
     attempt: int
     attempts_allowed: int
     has_compensation: bool
@@ -55,6 +57,9 @@ class InstanceView:
     steps: Sequence[StepView]  # ordered by position
     # Observed workflows: services drive the steps, the engine only watches.
     observed: bool = False
+    # An operator's restart: while compensating, only the steps from this
+    # position on are undone, then the instance runs forward from it again.
+    restart_position: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,11 +163,15 @@ def _decide_compensation(view: InstanceView) -> Decision:
             return Decision(Move.UNSCHEDULE, step.position)
         if step.state == "retrying":
             return Decision(Move.ABANDON_RETRY, step.position)
-    for step in view.steps:
+    # A restart undoes only the steps it will run again; the earlier ones keep
+    # their effects (and may still need compensating later).
+    first = view.restart_position or 0
+    undone = [step for step in view.steps if step.position >= first]
+    for step in undone:
         if step.compensation_state == "none" and not needs_compensation(view, step):
             return Decision(Move.SKIP_COMPENSATION, step.position)
     # Reverse order: the latest step first, one at a time.
-    for step in reversed(view.steps):
+    for step in reversed(undone):
         if step.compensation_state in {"done", "not_needed"}:
             continue
         if step.compensation_state == "none":
@@ -176,6 +185,8 @@ def _decide_compensation(view: InstanceView) -> Decision:
                 "compensation_failed",
                 "a compensation exhausted its retries",
             )
+    if view.restart_position is not None:
+        return Decision(Move.RESTART, view.restart_position)
     return Decision(Move.FINISH_COMPENSATION)
 
 

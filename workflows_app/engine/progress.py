@@ -14,13 +14,14 @@ def view_of(change: Change) -> InstanceView:
         failure_policy=change.instance.definition.failure_policy,
         pivot_position=pivot,
         observed=change.instance.definition.mode == "observed",
+        restart_position=change.instance.restart_position,
         steps=[
             StepView(
                 position=s.position,
                 state=s.state,
                 compensation_state=s.compensation_state,
-                attempt=s.attempt,
-                attempts_allowed=s.attempts_allowed,
+                attempt=s.attempt - s.run_base_attempt,
+                attempts_allowed=s.attempts_allowed - s.run_base_attempt,
                 has_compensation=bool(s.step_definition.compensation),
                 retry_on_timeout=s.step_definition.retry_on_timeout,
             )
@@ -92,7 +93,9 @@ def _apply(change: Change, decision: Decision) -> None:
         change.fire(step, "skip_compensation")
     elif move is Move.COMPENSATE:
         assert step is not None
-        step.compensation_attempts_allowed = step.step_definition.max_attempts
+        step.compensation_attempts_allowed = (
+            step.compensation_attempt + step.step_definition.max_attempts
+        )
         change.fire(step, "require_compensation")
         change.dispatch_step(step, "compensation")
     elif move is Move.EXPECT:
@@ -103,5 +106,32 @@ def _apply(change: Change, decision: Decision) -> None:
         step.deadline_at = change.now + step.step_definition.timeout
     elif move is Move.FINISH_COMPENSATION:
         change.fire(instance, "finish_compensation")
+    elif move is Move.RESTART:
+        assert decision.position is not None
+        _restart(change, decision.position)
     else:  # pragma: no cover - exhaustive over Move
         raise AssertionError(move)
+
+
+def _restart(change: Change, position: int) -> None:
+    """Every step from ``position`` on starts a new run (new idempotency keys);
+    their old outputs stay in the timeline, not in the instance."""
+    instance = change.instance
+    outputs = dict(instance.outputs)
+    for step in change.steps:
+        if step.position < position:
+            continue
+        if step.state != "pending":
+            change.fire(
+                step,
+                "rerun",
+                step.step_definition.max_attempts,
+                reason="restarted from an earlier step",
+                data={"run": step.run + 1, "previous_output": step.output},
+            )
+            outputs.pop(step.name, None)
+        if step.compensation_state != "none":
+            change.fire(step, "reopen_compensation")
+    instance.outputs = outputs
+    first = change.step(position=position)
+    change.fire(instance, "restart", reason=f"running again from {first.name}")

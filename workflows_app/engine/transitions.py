@@ -37,6 +37,8 @@ STEP_FIELDS = [
     "attempts_allowed",
     "compensation_attempt",
     "compensation_attempts_allowed",
+    "run",
+    "run_base_attempt",
     "next_attempt_at",
     "deadline_at",
     "redispatch_at",
@@ -62,6 +64,7 @@ INSTANCE_FIELDS = [
     "alert_due",
     "redispatch_at",
     "pivot_passed",
+    "restart_position",
     "outputs",
 ]
 

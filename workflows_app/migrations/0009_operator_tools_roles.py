@@ -8,7 +8,9 @@ from workflows_app.roles import sync_roles_in_migration
 
 
 def sync(apps, schema_editor):
-    sync_roles_in_migration(apps)
+    # Not strict: permissions of later migrations (restart_instance) do not
+    # exist yet; the migration that adds them syncs again.
+    sync_roles_in_migration(apps, strict=False)
 
 
 class Migration(migrations.Migration):

@@ -46,6 +46,7 @@ APPROVABLE_ACTIONS = {
     "cancel": "cancel",
     "close_as_failed": "close as failed",
     "repair": "edit input or output",
+    "restart_from_step": "restart from an earlier step",
 }
 
 
@@ -187,6 +188,10 @@ class WorkflowDefinition(models.Model):
                 errors += [f"Step {step.name!r}: {m}" for m in exc.messages]
         if sum(step.is_pivot for step in steps) > 1:
             errors.append("At most one step can be the pivot.")
+        errors += restart_point_errors(
+            self.mode,
+            [{f: getattr(step, f) for f in RESTART_FIELDS} for step in steps],
+        )
         if errors:
             raise ValidationError(errors)
         published = WorkflowDefinition.objects.filter(
@@ -222,6 +227,24 @@ class WorkflowDefinition(models.Model):
             [step.copy_for(draft) for step in self.steps.order_by("position")]
         )
         return draft
+
+
+RESTART_FIELDS = ("name", "position", "is_pivot", "restart_point")
+
+
+def restart_point_errors(mode: str, steps: list[dict[str, Any]]) -> list[str]:
+    """Restart points must be usable: orchestrated, and before the pivot (the
+    steps a restart re-runs are compensated first, which the pivot forbids).
+    ``steps``: dicts with name, position, is_pivot and restart_point."""
+    points = [step for step in steps if step.get("restart_point")]
+    if points and mode != WorkflowDefinition.Mode.ORCHESTRATED:
+        return ["Only orchestrated workflows can have restart points."]
+    pivot = next((s.get("position") for s in steps if s.get("is_pivot")), None)
+    return [
+        f"Step {step.get('name')!r}: a restart point must come before the pivot."
+        for step in points
+        if pivot is not None and (step.get("position") or 0) >= pivot
+    ]
 
 
 class StepDefinition(models.Model):
@@ -261,6 +284,13 @@ class StepDefinition(models.Model):
         default=False,
         help_text="Point of no return: earlier steps are compensated on failure, "
         "this and later steps are only retried forward.",
+    )
+    restart_point = models.BooleanField(
+        default=False,
+        help_text="Operators may restart a held instance from this step: the "
+        "steps from here on are compensated (newest first) where they have a "
+        "compensation, then run again under new idempotency keys. Only before "
+        "the pivot.",
     )
     failure_event = models.CharField(
         max_length=200,

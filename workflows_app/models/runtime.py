@@ -19,6 +19,7 @@ from django_fsm import (
     transition,
 )
 
+from workflows_app.activities.base import step_idempotency_key
 from workflows_app.models.definitions import StepDefinition, WorkflowDefinition
 
 APP = "workflows_app"
@@ -150,6 +151,9 @@ class WorkflowInstance(VersionedFSMMixin, models.Model):
     redispatch_at = models.DateTimeField(null=True, blank=True)
     # Set once a step at or after the pivot was claimed: no compensation then.
     pivot_passed = models.BooleanField(default=False)
+    # While an operator's restart undoes the steps from this position on
+    # (state compensating); cleared when the instance runs forward again.
+    restart_position = models.PositiveIntegerField(null=True, blank=True)
     stuck = models.BooleanField(default=False)
     stuck_reason = models.CharField(max_length=300, blank=True)
     stuck_since = models.DateTimeField(null=True, blank=True)
@@ -220,6 +224,10 @@ class WorkflowInstance(VersionedFSMMixin, models.Model):
             ("retry_compensation", "Can retry a failed compensation"),
             ("acknowledge_alert", "Can acknowledge an alert"),
             ("edit_instance_data", "Can correct an instance's input or outputs"),
+            (
+                "restart_instance",
+                "Can restart a workflow instance from an earlier step",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -262,6 +270,13 @@ class WorkflowInstance(VersionedFSMMixin, models.Model):
     )
     def finish_compensation(self) -> None:
         pass
+
+    @transition(
+        field=state, source=InstanceState.COMPENSATING, target=InstanceState.RUNNING
+    )
+    def restart(self) -> None:
+        """The steps from the restart point are undone: run forward again."""
+        self.restart_position = None
 
     # -- operator transitions -----------------------------------------------
     @transition(
@@ -306,6 +321,19 @@ class WorkflowInstance(VersionedFSMMixin, models.Model):
 
     @transition(
         field=state,
+        source=InstanceState.NEEDS_ATTENTION,
+        target=InstanceState.COMPENSATING,
+        conditions=[_forward_blocked, _can_compensate, _orchestrated],
+        permission=f"{APP}.restart_instance",
+    )
+    def restart_from_step(self, position: int) -> None:
+        """Undo the steps from ``position`` on (newest first), then run them
+        again; the planner reads ``restart_position``."""
+        self._clear_attention()
+        self.restart_position = position
+
+    @transition(
+        field=state,
         source=InstanceState.ACCEPTED,
         target=InstanceState.CANCELLED,
         permission=f"{APP}.cancel_instance",
@@ -344,7 +372,7 @@ class WorkflowInstance(VersionedFSMMixin, models.Model):
         permission=f"{APP}.close_instance",
     )
     def close_as_failed(self) -> None:
-        pass
+        self.restart_position = None  # a restart left unfinished ends here too
 
     def _clear_attention(self) -> None:
         self.attention_kind = AttentionKind.NONE
@@ -402,6 +430,11 @@ class StepExecution(ConcurrentTransitionMixin, models.Model):
     attempts_allowed = models.PositiveIntegerField(default=1)
     compensation_attempt = models.PositiveIntegerField(default=0)
     compensation_attempts_allowed = models.PositiveIntegerField(default=1)
+    # A restart runs the step again as run 2, 3...: new idempotency keys, and
+    # attempt numbers that keep counting (a message of an earlier run stays
+    # stale). run_base_attempt: the attempts claimed in earlier runs.
+    run = models.PositiveIntegerField(default=1)
+    run_base_attempt = models.PositiveIntegerField(default=0)
     # Bookkeeping shared by the action and its compensation (never both active
     # at once). next_attempt_at: the earliest start of the next attempt
     # (backoff). deadline_at: when the running attempt times out (swept).
@@ -450,12 +483,27 @@ class StepExecution(ConcurrentTransitionMixin, models.Model):
         return f"{self.name} ({self.state}/{self.compensation_state})"
 
     def idempotency_key(self, direction: str) -> str:
-        return f"{self.instance_id}:{self.name}:{direction}"
+        return step_idempotency_key(self.instance_id, self.name, direction, self.run)
+
+    def keys_by_run(self) -> list[tuple[int, str, str]]:
+        """(run, action key, compensation key or "") for every run so far: a
+        restart compensated earlier runs where the step has a compensation."""
+        has_undo = bool(self.step_definition.compensation)
+        return [
+            (
+                run,
+                step_idempotency_key(self.instance_id, self.name, "action", run),
+                step_idempotency_key(self.instance_id, self.name, "compensation", run)
+                if has_undo and (run < self.run or self.compensation_state != "none")
+                else "",
+            )
+            for run in range(1, self.run + 1)
+        ]
 
     @property
     def started(self) -> bool:
-        """Whether any action attempt was claimed: the effect may exist."""
-        return self.attempt > 0
+        """Whether an action attempt of this run was claimed: the effect may exist."""
+        return self.attempt > self.run_base_attempt
 
     # -- action -----------------------------------------------------------
     @transition(field=state, source=StepState.PENDING, target=StepState.SCHEDULED)
@@ -563,7 +611,39 @@ class StepExecution(ConcurrentTransitionMixin, models.Model):
         self.redispatch_at = None
         self.next_attempt_at = None
 
+    @transition(
+        field=state,
+        source=[
+            StepState.SUCCEEDED,
+            StepState.SKIPPED,
+            StepState.FAILED,
+            StepState.UNKNOWN,
+        ],
+        target=StepState.PENDING,
+    )
+    def rerun(self, max_attempts: int) -> None:
+        """A restart: this step runs again as the next run, from scratch."""
+        self.run += 1
+        self.run_base_attempt = self.attempt
+        self.attempts_allowed = self.attempt + max_attempts
+        self.output = None
+        self.last_error = ""
+        self.succeeded_at = None
+        self.next_attempt_at = None
+        self.deadline_at = None
+        self.redispatch_at = None
+
     # -- compensation -------------------------------------------------------
+    @transition(
+        field=compensation_state,
+        source=[CompensationState.DONE, CompensationState.NOT_NEEDED],
+        target=CompensationState.NONE,
+    )
+    def reopen_compensation(self) -> None:
+        """A restart: the new run will need its own compensation decision."""
+        self.compensation_attempts_allowed = self.compensation_attempt
+        self.compensated_at = None
+
     @transition(
         field=compensation_state,
         source=CompensationState.NONE,

@@ -116,6 +116,18 @@ ACTIONS = {
             "workflows_app.retry_compensation",
         ),
         Action(
+            "restart_from_step",
+            "Restart from an earlier step",
+            "Undo the steps from the chosen one up to the failed one (newest "
+            "first, where they have a compensation), then run them again as a "
+            "new run with new idempotency keys.",
+            commands.instance_restart_from_step,
+            "workflows_app.restart_instance",
+            form_class=forms.RestartForm,
+            targets_step=True,
+            danger=True,
+        ),
+        Action(
             "compensate",
             "Compensate",
             "Undo the steps that took effect, newest first. Cannot be reversed.",

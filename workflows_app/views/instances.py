@@ -12,6 +12,7 @@ from django.views.decorators.http import require_GET
 from django_htmx.http import HttpResponseStopPolling
 
 from workflows_app.engine.commands import approvals, repair
+from workflows_app.engine.commands.operator import restart_points
 from workflows_app.filters import SORTS, InstanceFilter
 from workflows_app.forms import ActionForm, BulkActionForm, RepairForm
 from workflows_app.models import (
@@ -119,11 +120,16 @@ def detail_context(
     )
     blocked = blocked_step(steps)
     needs_approval = set(approvals.approval_policy(instance).approval_actions or [])
+    points = restart_points(steps, blocked)
     action_forms = []
     for action in available_actions(instance, request.user):
+        if action.name == "restart_from_step" and not points:
+            continue  # the definition allows no restart from here
         form = bound[1] if bound and bound[0] == action.name else None
         if form is None:
             step_id = blocked.id if action.targets_step and blocked else None
+            if action.name == "restart_from_step":
+                step_id = points[-1].id  # the nearest one: the least undone
             form = action.form_class(
                 initial={"version": instance.version, "step": step_id},
                 auto_id=f"{action.name}-%s",
@@ -136,6 +142,7 @@ def detail_context(
         "definition": instance.definition,
         "steps": steps,
         "blocked": blocked,
+        "restart_points": points,
         "history": history,
         "history_truncated": older,
         "history_limit": HISTORY_LIMIT,

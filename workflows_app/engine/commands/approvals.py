@@ -32,6 +32,7 @@ COMMANDS = {
     "compensate": operator.instance_compensate,
     "cancel": operator.instance_cancel,
     "close_as_failed": operator.instance_close_as_failed,
+    "restart_from_step": operator.instance_restart_from_step,
     "repair_input": repair.instance_repair_input,
     "repair_output": repair.step_repair_output,
 }

@@ -158,6 +158,7 @@ def _claim(change: Change, step: StepExecution, direction: str, task_id: str) ->
             deadline=step.deadline_at,
             task_token=str(attempt.task_token),
             config=config,
+            run=step.run,
         ),
     )
 

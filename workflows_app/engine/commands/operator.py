@@ -168,6 +168,63 @@ instance_close_as_failed.__doc__ = (
 )
 
 
+def restart_points(
+    steps: list[StepExecution], blocked: StepExecution | None
+) -> list[StepExecution]:
+    """The steps an instance may restart from: marked as restart points in
+    its pinned definition, at or before the step that blocks it."""
+    if blocked is None:
+        return []
+    return [
+        s
+        for s in steps
+        if s.step_definition.restart_point and s.position <= blocked.position
+    ]
+
+
+@transaction.atomic(durable=True)
+def instance_restart_from_step(
+    instance_id: Any,
+    *,
+    user: Any,
+    reason: str,
+    step_id: int | None,
+    expected_version: int | None = None,
+    tags: dict[str, Any] | None = None,
+) -> None:
+    """Run the workflow again from an earlier step: the steps from there to the
+    blocked one are compensated first (newest first, where they have a
+    compensation), then run again as a new run with new idempotency keys."""
+    change = _open(instance_id, user, reason, expected_version, tags)
+    blocked = _blocked_step(change, None, "restart_from_step")
+    if step_id is None:
+        raise InvalidInput("choose the step to restart from")
+    target = change.step(step_id=step_id)
+    if target not in restart_points(change.steps, blocked):
+        allowed = [s.name for s in restart_points(change.steps, blocked)]
+        raise TransitionRejected(
+            f"{target.name} is not a restart point of this instance (allowed: "
+            f"{', '.join(allowed) or 'none'})"
+        )
+    undo = [
+        s.name
+        for s in change.steps
+        if s.position >= target.position
+        and (s.started or s.state == StepState.SKIPPED)
+        and s.step_definition.compensation
+    ]
+    change.fire(
+        change.instance,
+        "restart_from_step",
+        target.position,
+        reason=reason,
+        check_user=True,
+        data={"step": target.name, "blocked_step": blocked.name, "undo": undo[::-1]},
+    )
+    progress.advance(change)
+    change.save()
+
+
 @transaction.atomic(durable=True)
 def instance_retry_compensation(
     instance_id: Any,
