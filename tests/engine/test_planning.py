@@ -237,6 +237,51 @@ def test_compensation_exhaustively() -> None:
                     assert "failed" in comps
 
 
+def test_restart_undo_exhaustively() -> None:
+    """A restart from position r undoes only steps r.., newest first, never
+    touches the earlier ones, and restarts once they are all resolved."""
+    checked = 0
+    for actions in itertools.product(ACTION_STATES, repeat=3):
+        for comps in itertools.product(COMP_STATES, repeat=3):
+            for restart in (1, 2, 3):
+                # The steps before the restart point kept their effects.
+                if any(
+                    a not in DONE or c != "none"
+                    for a, c in zip(
+                        actions[: restart - 1], comps[: restart - 1], strict=True
+                    )
+                ):
+                    continue
+                steps = [
+                    step(i + 1, a, c)
+                    for i, (a, c) in enumerate(zip(actions, comps, strict=True))
+                ]
+                v = InstanceView(
+                    "compensating", "compensate", None, steps, restart_position=restart
+                )
+                d = decide(v)
+                checked += 1
+                if any(a in {"running", "waiting"} for a in actions):
+                    assert d.move is Move.IDLE
+                    continue
+                if d.position is not None and d.move is not Move.RESTART:
+                    assert d.position >= restart or d.move in {
+                        Move.UNSCHEDULE,
+                        Move.ABANDON_RETRY,
+                    }, (v, d)
+                if d.move is Move.COMPENSATE:
+                    later = comps[d.position :]
+                    assert all(c in {"done", "not_needed"} for c in later), (v, d)
+                assert d.move is not Move.FINISH_COMPENSATION, (v, d)
+                if d.move is Move.RESTART:
+                    assert d.position == restart
+                    assert all(
+                        c in {"done", "not_needed"} for c in comps[restart - 1 :]
+                    ), (v, d)
+                    assert not any(a in {"scheduled", "retrying"} for a in actions)
+    assert checked > 10_000
+
+
 def test_planner_settles_when_applied() -> None:
     """Applying decisions to an in-memory model always reaches IDLE quickly."""
     rng = random.Random(7)

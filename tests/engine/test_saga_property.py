@@ -531,8 +531,11 @@ class SagaMachine(RuleBasedStateMachine):
             assert after == rows, "S11: a replayed callback wrote history"
 
     def _applied(self, name: str, direction: str = "action") -> bool:
+        """Whether the participant applied the step's current run (a restart
+        sends new keys, and the participant announces each run's effect)."""
+        step = StepExecution.objects.get(instance_id=self.instance_id, name=name)
         return ParticipantEffect.objects.filter(
-            idempotency_key=f"{self.instance_id}:{name}:{direction}", applied=True
+            idempotency_key=step.idempotency_key(direction), applied=True
         ).exists()
 
     def _emit(self, name: str, *, replay: bool = False) -> None:
@@ -996,3 +999,28 @@ def test_restart_from_an_earlier_step_runs_it_again():
     assert TransitionLog.objects.filter(
         instance_id=machine.instance_id, transition="restart"
     ).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_restart_of_a_step_awaiting_an_event_waits_for_the_new_runs_event():
+    """Found by the machine: the hung first run of an event-awaited step is
+    undone by a restart; its participant announces the new run's effect
+    (its new key), which completes the step."""
+    with machine_session():
+        machine = play(
+            {
+                "workers_continue_inline": False,
+                "rescue_by_restart": True,
+                "steps": [
+                    {**one_step(), "restart_point": True, "retry_on_timeout": False},
+                    {
+                        **one_step(action=["hang"]),
+                        "awaits_event": True,
+                        "retry_on_timeout": False,
+                    },
+                    {**one_step(), "retry_on_timeout": False},
+                ],
+            },
+        )
+    assert machine.instance().state == "completed"
+    assert machine.instance().steps.get(name="s2").run == 2

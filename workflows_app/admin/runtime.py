@@ -102,6 +102,7 @@ class StepExecutionInline(ReadOnlyInline):
         "name",
         "state",
         "compensation_state",
+        "run",
         "attempt",
         "attempts_allowed",
         "next_attempt_at",
@@ -171,6 +172,7 @@ class WorkflowInstanceAdmin(ReadOnlyAdmin):
                     "stuck_reason",
                     "stuck_since",
                     "pivot_passed",
+                    "restart_position",
                 )
             },
         ),
