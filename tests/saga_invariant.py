@@ -58,7 +58,8 @@ the history so far):
   operator: "done by hand"); step resets only during a restart.
 - S4: attempt numbers go 1, 2, ...; a claim only when no attempt of the step
   and direction is open; an outcome row names the open attempt.
-- S5: at most one applied effect per step, run and direction.
+- S5: at most one applied effect per step, run and direction (a step without
+  a compensation keeps its keys when restarted, so at most one ever).
 - S6: compensation only while ``compensating``, only of started steps before
   the pivot that have a compensation (during a restart: only from the
   restart point on); a started one is never skipped; no
@@ -168,6 +169,7 @@ class StepSpec:
     name: str
     has_compensation: bool = True
     is_pivot: bool = False
+    restart_point: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +218,7 @@ class Persisted:
 
     state: str
     steps: Mapping[int, StepColumns]
+    restart_position: int | None = None
 
 
 @dataclasses.dataclass
@@ -294,6 +297,7 @@ class _Fold:
         # Set by MANUAL_RESTART_FROM_STEP until WF_RESTARTED: only the steps
         # from this position on are undone, then they run again.
         self.restart_from: int | None = None
+        self.restarted = False  # a WF_RESTARTED was seen
         self.terminal: tuple[str, int] | None = None
         self.outcomes: list[str] = []
         self.alert_open = False
@@ -415,10 +419,7 @@ class _Checker:
             if fold.compensating_since is None:
                 fold.compensating_since = row.seq
             if row.transition == "restart_from_step":
-                spec = self.by_name.get(str(row.data.get("step")))
-                if spec is None:
-                    self.fail("S1", "a restart names no step of the definition", row)
-                fold.restart_from = spec.position if spec else 1
+                self._on_restart_asked(row)
             past_pivot = sorted({p for p, _ in fold.starts if not self.before_pivot(p)})
             if past_pivot:
                 self.fail("S6", f"compensating after step {past_pivot} started", row)
@@ -439,12 +440,30 @@ class _Checker:
             and fold.compensating_since is not None
         ):
             self.fail("S3", "forward again after WF_COMPENSATING", row)
+        if row.transition == "close_as_failed":
+            fold.restart_from = None  # an unfinished restart ends with it
         fold.instance = target
         if target in TERMINAL:
             fold.terminal = (target, row.seq)
             fold.outcomes.append(target)
             if len([o for o in fold.outcomes if o != "failed"]) > 1:
                 self.fail("S2", f"two outcomes: {fold.outcomes}", row)
+
+    def _on_restart_asked(self, row: Row) -> None:
+        """MANUAL_RESTART_FROM_STEP: from a restart point of the pinned
+        definition, at or before the step that blocks the instance."""
+        fold = self.fold
+        spec = self.by_name.get(str(row.data.get("step")))
+        if spec is None:
+            self.fail("S1", "a restart names no step of the definition", row)
+            fold.restart_from = 1
+            return
+        fold.restart_from = spec.position
+        blocked = [p for p, s in fold.state.items() if s in {"failed", "unknown"}]
+        if not spec.restart_point:
+            self.fail("S6", f"step {spec.position} is not a restart point", row)
+        if not blocked or spec.position > min(blocked):
+            self.fail("S6", f"restart from {spec.position} past the blocked step", row)
 
     def _on_restarted(self, row: Row) -> None:
         """WF_RESTARTED: the undo phase of a restart is over; every step from
@@ -463,6 +482,7 @@ class _Checker:
             self.fail("S3", f"restarted while steps are not reset: {unready}", row)
         fold.compensating_since = None
         fold.restart_from = None
+        fold.restarted = True
 
     def _on_completed(self, row: Row) -> None:
         fold = self.fold
@@ -626,7 +646,10 @@ class _Checker:
             self.fail("S4", f"attempt {fold.open[(position, ACTION)]} is open", row)
         if self.needs_compensation(position) and fold.comp[position] != "done":
             self.fail("S7", f"step {position} runs again before it is undone", row)
-        fold.run[position] += 1
+        # Only a step with a compensation starts a new run (new keys); one
+        # without keeps its keys, so its participant can deduplicate (S5).
+        if self.specs[position].has_compensation:
+            fold.run[position] += 1
         if row.data.get("run") != fold.run[position]:
             self.fail(
                 "S1",
@@ -773,6 +796,19 @@ class _Checker:
         state = self.fold.instance
         word = self.word()
         positions = sorted(self.specs)
+        if self.fold.restarted:
+            # A restarted step without a compensation was called again under
+            # its old key: its one effect keeps the time of the first run, so
+            # the order is checked among the steps with a compensation, and
+            # each of the others must have applied at most once (S5), exactly
+            # once if completed.
+            for p in positions:
+                if not self.specs[p].has_compensation:
+                    eff_t = sum(e.applied for e in self.effects(p, ACTION))
+                    if eff_t != 1 and (state == "completed" or eff_t > 1):
+                        self.fail("G", f"{state} with effT={eff_t} at step {p}")
+            positions = [p for p in positions if self.specs[p].has_compensation]
+            word = [w for w in word if int(w[1:]) in positions]
         if state not in {"completed", "compensated", "cancelled", "needs_attention"}:
             self.fail("L1", f"quiescent but {state}: neither finished nor escalated")
         if state == "needs_attention" and not self.fold.alert_open:
@@ -811,6 +847,12 @@ class _Checker:
             self.fail(
                 "S1",
                 f"persisted state {persisted.state} != replayed {fold.instance}",
+            )
+        if persisted.restart_position != fold.restart_from:
+            self.fail(
+                "S1",
+                f"persisted restart position {persisted.restart_position} != "
+                f"replayed {fold.restart_from}",
             )
         for position, cols in persisted.steps.items():
             replayed = StepColumns(
@@ -890,7 +932,7 @@ def check_history(
 def pinned_steps(definition_id: int) -> list[StepSpec]:
     """The steps of the definition version an instance pinned."""
     return [
-        StepSpec(s.position, s.name, bool(s.compensation), s.is_pivot)
+        StepSpec(s.position, s.name, bool(s.compensation), s.is_pivot, s.restart_point)
         for s in StepDefinition.objects.filter(definition_id=definition_id).order_by(
             "position"
         )
@@ -951,6 +993,7 @@ def load(
     ]
     persisted = Persisted(
         state=current.state,
+        restart_position=current.restart_position,
         steps={
             s["position"]: StepColumns(
                 s["state"],

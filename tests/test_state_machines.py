@@ -163,6 +163,7 @@ SAMPLE_ARGS = {
     "extra_attempts": 2,
     "position": 1,
     "max_attempts": 3,
+    "new_keys": True,
 }
 
 RESTART_EDGES = {"rerun", "reopen_compensation"}

@@ -7,13 +7,14 @@ restart rules are proven to fire by breaking a real restart history."""
 from __future__ import annotations
 
 import dataclasses
+from datetime import timedelta
 
 import pytest
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 
 from tests.saga_invariant import Recorded, check_history, check_instance, load
-from tests.support import make_definition, start, user_in
+from tests.support import advance_clock, make_definition, start, user_in
 from workflows_app.engine import commands
 from workflows_app.engine.errors import (
     AlreadyChanged,
@@ -21,6 +22,7 @@ from workflows_app.engine.errors import (
     NotPermitted,
     TransitionRejected,
 )
+from workflows_app.engine.sweeps import sweep_all
 from workflows_app.models import (
     Attempt,
     ParticipantEffect,
@@ -243,6 +245,63 @@ def test_restart_points_must_come_before_the_pivot():
     assert not WorkflowDefinition.objects.filter(status="published").exists()
 
 
+def test_no_restart_point_before_a_step_awaiting_an_event():
+    """Events carry no run: a late event of an undone run must never be able
+    to complete the new run, so such a step is never re-run."""
+    steps = [
+        {"name": "one", "restart_point": True},
+        {"name": "two", "awaits_event": "two.done"},
+        {"name": "three", "is_pivot": True},
+    ]
+    with pytest.raises(ValidationError, match="re-run two, which awaits an event"):
+        make_definition("a", steps=steps)
+    # After the pivot the event step is never re-run: allowed.
+    steps[1:] = [{"name": "three", "is_pivot": True}, steps[1]]
+    make_definition("b", steps=steps)
+
+
+def test_a_step_without_compensation_is_called_again_under_its_old_key(broker):
+    """Nothing undoes it, so a new key would make the participant act twice;
+    under the old key it answers from its record (one effect, two calls)."""
+    steps = [
+        {"name": "one", "restart_point": True},
+        {"name": "two", "compensation": ""},
+        {"name": "three"},
+    ]
+    instance = held(broker, steps=steps, three="fail")
+    heal(instance)
+    restart(instance, "one")
+    broker.run()
+    instance.refresh_from_db()
+    assert instance.state == "completed"
+    assert ledger(instance) == ["T:one", "T:two", "C:one", "T:one#2", "T:three#2"]
+    two = step(instance, "two")
+    assert two.run == 1
+    effect = ParticipantEffect.objects.get(
+        instance_id=instance.id, step_name="two", direction="action"
+    )
+    assert (effect.idempotency_key, effect.calls) == (f"{instance.id}:two:action", 2)
+    check_instance(instance, quiescent=True)
+
+
+def test_a_passed_deadline_is_accepted_by_the_restart(broker):
+    make_definition(
+        steps=THREE_STEPS, failure_policy="hold", deadline=timedelta(minutes=5)
+    )
+    instance = start(simulate={"three": "fail"})
+    broker.run()
+    heal(instance)
+    advance_clock(instance, 600)
+    restart(instance, "one")
+    row = TransitionLog.objects.get(instance=instance, transition="restart_from_step")
+    assert "deadline_accepted" in row.data
+    sweep_all()  # would hold it again for the deadline if it were kept
+    broker.run()
+    instance.refresh_from_db()
+    assert (instance.state, instance.deadline_at) == ("completed", None)
+    check_instance(instance, quiescent=True)
+
+
 # -- the checker's restart rules fire -----------------------------------------------
 
 
@@ -287,6 +346,14 @@ def test_checker_catches_forward_work_during_the_undo_and_an_undo_too_early(brok
     report = violations(recorded)
     assert "restarted while steps are not reset" in report
     assert "S6" in report  # compensations after the instance ran forward again
+
+
+def test_checker_catches_a_restart_from_a_step_that_is_no_restart_point(broker):
+    recorded = restarted(broker)
+    recorded.steps = [
+        dataclasses.replace(s, restart_point=False) for s in recorded.steps
+    ]
+    assert "step 1 is not a restart point" in violations(recorded)
 
 
 def test_checker_catches_an_undo_before_the_restart_point(broker):

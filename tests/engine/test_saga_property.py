@@ -14,8 +14,12 @@ After every rule the safety part of the invariant (S1-S10, S12, with the
 replay equality of S1) is checked. The teardown lets the remaining faults play
 out, heals everything, drives the instance to quiescence within a bound (L3),
 checks L1 and G, lets an operator retry what escalated (L2) and checks G again.
+Operators also restart instances from a restart point (a random action, a
+way to resolve a hold, and half the time the teardown's rescue); a second
+machine over definitions built for it makes restarts the common path.
 
-Environment: ``SAGA_PROPERTY_EXAMPLES`` (default 500), ``SAGA_PROPERTY_STEPS``
+Environment: ``SAGA_PROPERTY_EXAMPLES`` (default 500; the restart machine runs
+a fifth of that), ``SAGA_PROPERTY_STEPS``
 (rules per example, default 25), ``SAGA_PROPERTY_STATS=1`` prints what the
 examples exercised.
 """
@@ -221,12 +225,15 @@ def definitions(draw: Any) -> dict[str, Any]:
         steps.append(
             {
                 "max_attempts": draw(st.integers(1, 3)),
-                # Operators may restart from here (only before the pivot).
+                # Operators may restart from here (where the definition
+                # rules allow it: see _valid_restart_points).
                 "restart_point": (pivot is None or position < pivot)
                 and draw(st.booleans()),
                 "retry_on_timeout": draw(st.booleans()),
                 # Done when the participant's event arrives, not on the reply.
                 "awaits_event": draw(st.sampled_from(RARELY)),
+                # A step with nothing to undo (a notification, a lookup).
+                "no_undo": draw(st.sampled_from(RARELY)),
                 "faults": {
                     "action": draw(CALL_PLANS),
                     "compensation": draw(CALL_PLANS),
@@ -234,6 +241,7 @@ def definitions(draw: Any) -> dict[str, Any]:
                 },
             }
         )
+    _valid_restart_points(steps, pivot)
     return {
         "failure_policy": draw(st.sampled_from(["compensate", "hold"])),
         "pivot": pivot,
@@ -243,6 +251,39 @@ def definitions(draw: Any) -> dict[str, Any]:
         "rescue_by_restart": draw(st.booleans()),
         "steps": steps,
     }
+
+
+@st.composite
+def restartable_definitions(draw: Any) -> dict[str, Any]:
+    """Definitions where restarts are the common path: held on failure, the
+    first step a restart point, one step declined for good at first."""
+    spec = draw(definitions())
+    steps = spec["steps"]
+    if len(steps) < 2:
+        steps.append(draw(definitions())["steps"][0])
+    pivot = draw(st.sampled_from([None, len(steps)]))
+    for position, step in enumerate(steps, start=1):
+        step["awaits_event"] = False
+        step["restart_point"] = position == 1 or (
+            step["restart_point"] and (pivot is None or position < pivot)
+        )
+    declined = draw(st.integers(2, len(steps)))
+    steps[declined - 1]["faults"]["action"].insert(0, "permanent")
+    return {
+        **spec,
+        "failure_policy": "hold",
+        "pivot": pivot,
+        "rescue_by_restart": True,
+    }
+
+
+def _valid_restart_points(steps: list[dict[str, Any]], pivot: int | None) -> None:
+    """No restart point may re-run a step that awaits an event (the
+    definition rule): drop the points that would."""
+    end = pivot or len(steps) + 1
+    for position, step in enumerate(steps, start=1):
+        if any(s["awaits_event"] for s in steps[position - 1 : end - 1]):
+            step["restart_point"] = False
 
 
 # Cancel once, the others twice: a cancel before the start ends an example.
@@ -414,7 +455,7 @@ class SagaMachine(RuleBasedStateMachine):
                 {
                     "name": name,
                     "action": "prop.step",
-                    "compensation": "prop.undo",
+                    "compensation": "" if step.get("no_undo") else "prop.undo",
                     "is_pivot": position == spec["pivot"],
                     "max_attempts": step["max_attempts"],
                     "retry_on_timeout": step["retry_on_timeout"],
@@ -813,14 +854,21 @@ def machine_session() -> Iterator[None]:
         yield
 
 
-@pytest.mark.django_db(transaction=True)
-def test_saga_invariant_holds_under_faults():
+class RestartMachine(SagaMachine):
+    """The same machine over definitions where operators restart often."""
+
+    @initialize(spec=restartable_definitions())
+    def start(self, spec: dict[str, Any]) -> None:
+        super().start(spec)
+
+
+def _run_machine(machine: type[SagaMachine], examples: int) -> None:
     STATS.clear()
     with machine_session():
         run_state_machine_as_test(
-            SagaMachine,
+            machine,
             settings=settings(
-                max_examples=EXAMPLES,
+                max_examples=examples,
                 stateful_step_count=STEPS_PER_EXAMPLE,
                 deadline=None,
                 print_blob=True,
@@ -832,6 +880,16 @@ def test_saga_invariant_holds_under_faults():
         )
     if SHOW_STATS:
         print(*(f"{n:6} {what}" for what, n in sorted(STATS.items())), sep="\n")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_saga_invariant_holds_across_restarts():
+    _run_machine(RestartMachine, max(1, EXAMPLES // 5))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_saga_invariant_holds_under_faults():
+    _run_machine(SagaMachine, EXAMPLES)
 
 
 # -- scenarios the machine must reach: fixed rule sequences ---------------------------
@@ -999,28 +1057,3 @@ def test_restart_from_an_earlier_step_runs_it_again():
     assert TransitionLog.objects.filter(
         instance_id=machine.instance_id, transition="restart"
     ).exists()
-
-
-@pytest.mark.django_db(transaction=True)
-def test_restart_of_a_step_awaiting_an_event_waits_for_the_new_runs_event():
-    """Found by the machine: the hung first run of an event-awaited step is
-    undone by a restart; its participant announces the new run's effect
-    (its new key), which completes the step."""
-    with machine_session():
-        machine = play(
-            {
-                "workers_continue_inline": False,
-                "rescue_by_restart": True,
-                "steps": [
-                    {**one_step(), "restart_point": True, "retry_on_timeout": False},
-                    {
-                        **one_step(action=["hang"]),
-                        "awaits_event": True,
-                        "retry_on_timeout": False,
-                    },
-                    {**one_step(), "retry_on_timeout": False},
-                ],
-            },
-        )
-    assert machine.instance().state == "completed"
-    assert machine.instance().steps.get(name="s2").run == 2

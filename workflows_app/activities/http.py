@@ -49,6 +49,7 @@ def http_request(ctx: ActivityContext) -> dict[str, Any] | Waiting:
             "step": ctx.step_name,
             "direction": ctx.direction,
             "attempt": ctx.attempt,
+            "run": ctx.run,
             "task_token": ctx.task_token,
             "input": dict(ctx.input),
             "outputs": dict(ctx.outputs),

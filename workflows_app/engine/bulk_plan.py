@@ -44,6 +44,8 @@ def plan_item(
         if instance.attention_kind == AttentionKind.COMPENSATION_FAILED:
             transition = "retry_compensation"
             what = f"retry the compensation of {', '.join(failed_compensations)}"
+            if instance.restart_position is not None:
+                what += " (then its restart runs the steps again)"
         else:
             transition = "retry_step"
             what = f"retry {blocked_step or 'the blocked step'}"

@@ -114,20 +114,23 @@ def _apply(change: Change, decision: Decision) -> None:
 
 
 def _restart(change: Change, position: int) -> None:
-    """Every step from ``position`` on starts a new run (new idempotency keys);
-    their old outputs stay in the timeline, not in the instance."""
+    """Every step from ``position`` on runs again: with a compensation (its
+    earlier run is undone by now) as a new run with new idempotency keys,
+    without one under its old keys. Old outputs stay in the timeline only."""
     instance = change.instance
     outputs = dict(instance.outputs)
     for step in change.steps:
         if step.position < position:
             continue
         if step.state != "pending":
+            new_keys = bool(step.step_definition.compensation)
             change.fire(
                 step,
                 "rerun",
                 step.step_definition.max_attempts,
+                new_keys,
                 reason="restarted from an earlier step",
-                data={"run": step.run + 1, "previous_output": step.output},
+                data={"run": step.run + new_keys, "previous_output": step.output},
             )
             outputs.pop(step.name, None)
         if step.compensation_state != "none":

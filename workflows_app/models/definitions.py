@@ -229,22 +229,47 @@ class WorkflowDefinition(models.Model):
         return draft
 
 
-RESTART_FIELDS = ("name", "position", "is_pivot", "restart_point")
+RESTART_FIELDS = ("name", "position", "is_pivot", "restart_point", "awaits_event")
 
 
 def restart_point_errors(mode: str, steps: list[dict[str, Any]]) -> list[str]:
-    """Restart points must be usable: orchestrated, and before the pivot (the
-    steps a restart re-runs are compensated first, which the pivot forbids).
-    ``steps``: dicts with name, position, is_pivot and restart_point."""
+    """Restart points must be usable and safe. A restart re-runs the steps
+    from its point up to the failed one (which is before the pivot), after
+    compensating them: so a point must come before the pivot, and no step it
+    may re-run may await an event (events carry no run: a late event of the
+    undone run could complete the new one). ``steps``: dicts with
+    ``RESTART_FIELDS``."""
     points = [step for step in steps if step.get("restart_point")]
-    if points and mode != WorkflowDefinition.Mode.ORCHESTRATED:
+    if not points:
+        return []
+    if mode != WorkflowDefinition.Mode.ORCHESTRATED:
         return ["Only orchestrated workflows can have restart points."]
-    pivot = next((s.get("position") for s in steps if s.get("is_pivot")), None)
-    return [
-        f"Step {step.get('name')!r}: a restart point must come before the pivot."
-        for step in points
-        if pivot is not None and (step.get("position") or 0) >= pivot
-    ]
+    ordered = sorted(steps, key=lambda s: s.get("position") or 0)
+    pivot = next((s.get("position") for s in ordered if s.get("is_pivot")), None)
+    errors = []
+    for point in points:
+        start = point.get("position") or 0
+        if pivot is not None and start >= pivot:
+            errors.append(
+                f"Step {point.get('name')!r}: a restart point must come before "
+                "the pivot."
+            )
+            continue
+        awaiting = [
+            str(s.get("name"))
+            for s in ordered
+            if (s.get("position") or 0) >= start
+            and (pivot is None or (s.get("position") or 0) < pivot)
+            and s.get("awaits_event")
+        ]
+        if awaiting:
+            errors.append(
+                f"Step {point.get('name')!r}: a restart from here would re-run "
+                f"{', '.join(awaiting)}, which awaits an event; events carry no "
+                "run, so a late event of the undone run could complete the new "
+                "one. Move the restart point after it."
+            )
+    return errors
 
 
 class StepDefinition(models.Model):

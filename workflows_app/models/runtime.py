@@ -430,9 +430,10 @@ class StepExecution(ConcurrentTransitionMixin, models.Model):
     attempts_allowed = models.PositiveIntegerField(default=1)
     compensation_attempt = models.PositiveIntegerField(default=0)
     compensation_attempts_allowed = models.PositiveIntegerField(default=1)
-    # A restart runs the step again as run 2, 3...: new idempotency keys, and
-    # attempt numbers that keep counting (a message of an earlier run stays
-    # stale). run_base_attempt: the attempts claimed in earlier runs.
+    # A restart runs the step again as run 2, 3... (if it has a compensation):
+    # new idempotency keys, and attempt numbers that keep counting (a message
+    # of an earlier run stays stale). run_base_attempt: the attempts claimed
+    # before the latest restart.
     run = models.PositiveIntegerField(default=1)
     run_base_attempt = models.PositiveIntegerField(default=0)
     # Bookkeeping shared by the action and its compensation (never both active
@@ -621,9 +622,13 @@ class StepExecution(ConcurrentTransitionMixin, models.Model):
         ],
         target=StepState.PENDING,
     )
-    def rerun(self, max_attempts: int) -> None:
-        """A restart: this step runs again as the next run, from scratch."""
-        self.run += 1
+    def rerun(self, max_attempts: int, new_keys: bool) -> None:
+        """A restart: this step runs again, from scratch. ``new_keys``: as
+        the next run (its earlier run was undone); a step without a
+        compensation keeps its keys, so an idempotent participant answers the
+        repeat from its record instead of acting twice."""
+        if new_keys:
+            self.run += 1
         self.run_base_attempt = self.attempt
         self.attempts_allowed = self.attempt + max_attempts
         self.output = None
@@ -727,6 +732,8 @@ class Attempt(models.Model):
     direction = models.CharField(max_length=20, choices=Direction.choices)
     number = models.PositiveIntegerField()
     task_token = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    # The step's run when claimed: which idempotency key the call carried.
+    run = models.PositiveIntegerField(default=1)
     started_at = models.DateTimeField()
     finished_at = models.DateTimeField(null=True, blank=True)
     outcome = models.CharField(

@@ -67,6 +67,7 @@ INSTANCE_COLUMNS = (
     "version",
     "attention_kind",
     "pivot_passed",
+    "restart_position",
     "definition_key",
     "business_key",
     "definition__mode",

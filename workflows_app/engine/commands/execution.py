@@ -135,6 +135,7 @@ def _claim(change: Change, step: StepExecution, direction: str, task_id: str) ->
         step=step,
         direction=direction,
         number=number,
+        run=step.run,
         started_at=change.now,
         worker_host=change.actor.label[:200],
         task_id=task_id[:200],
@@ -343,7 +344,7 @@ def _record_action(
         )
         if retry:
             _schedule_retry(
-                change, step, ACTION, step.attempt, "retry", outcome.error, data
+                change, step, ACTION, _run_attempt(step), "retry", outcome.error, data
             )
         else:
             change.fire(step, "fail", outcome.error, reason=outcome.error, data=data)
@@ -356,8 +357,14 @@ def _record_action(
             and step.attempt < step.attempts_allowed
         ):
             _schedule_retry(
-                change, step, ACTION, step.attempt, "retry", outcome.error, data
+                change, step, ACTION, _run_attempt(step), "retry", outcome.error, data
             )
+
+
+def _run_attempt(step: StepExecution) -> int:
+    """The attempt's number within the step's current run: backoff grows
+    from the run's first attempt, not from every attempt ever made."""
+    return step.attempt - step.run_base_attempt
 
 
 def _record_compensation(

@@ -213,13 +213,24 @@ def instance_restart_from_step(
         and (s.started or s.state == StepState.SKIPPED)
         and s.step_definition.compensation
     ]
+    data: dict[str, Any] = {
+        "step": target.name,
+        "blocked_step": blocked.name,
+        "undo": undo[::-1],
+    }
+    instance = change.instance
+    if instance.deadline_at is not None and instance.deadline_at <= change.now:
+        # As with resume: the operator runs it again knowing the deadline
+        # passed; otherwise the sweeper would hold it again at once.
+        data["deadline_accepted"] = instance.deadline_at.isoformat()
+        instance.deadline_at = None
     change.fire(
-        change.instance,
+        instance,
         "restart_from_step",
         target.position,
         reason=reason,
         check_user=True,
-        data={"step": target.name, "blocked_step": blocked.name, "undo": undo[::-1]},
+        data=data,
     )
     progress.advance(change)
     change.save()
