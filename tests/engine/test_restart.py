@@ -16,6 +16,7 @@ from django.core.exceptions import ValidationError
 from tests.saga_invariant import Recorded, check_history, check_instance, load
 from tests.support import advance_clock, make_definition, start, user_in
 from workflows_app.engine import commands
+from workflows_app.engine.actors import Actor
 from workflows_app.engine.errors import (
     AlreadyChanged,
     InvalidInput,
@@ -367,3 +368,38 @@ def test_checker_catches_an_undo_before_the_restart_point(broker):
     report = violations(recorded)
     assert "undone by a restart from 2" in report
     assert "before the restart point 2" in report
+
+
+def test_backoff_counts_from_the_runs_first_attempt(broker_no_inline):
+    broker = broker_no_inline
+    steps = [
+        {
+            "name": "one",
+            "restart_point": True,
+            "backoff_initial": timedelta(seconds=10),
+            "backoff_max": timedelta(minutes=5),
+        },
+        {"name": "two"},
+    ]
+    instance = held(broker, steps=steps, two="fail")
+    heal(instance)
+    restart(instance, "one")
+    one = step(instance, "one")
+    # Deliver the undo messages until step one of run 2 is due.
+    while step(instance, "one").state != "scheduled":
+        broker.deliver(broker.queue.pop(0))
+    worker = Actor.worker("test")
+    claim = commands.attempt_claim(instance.id, one.id, "action", actor=worker)
+    assert claim is not None and claim.context.attempt == 2  # run 2's first
+    assert claim.context.idempotency_key.endswith(":one:action:2")
+    commands.attempt_record(
+        instance.id,
+        one.id,
+        "action",
+        claim.context.attempt,
+        commands.Outcome("failed", error_class="Busy", error_message="try later"),
+        actor=worker,
+    )
+    retry = TransitionLog.objects.get(instance=instance, transition="retry")
+    # The run's first failure: the initial backoff, not the second step of it.
+    assert retry.data["retry_in_seconds"] == 10.0

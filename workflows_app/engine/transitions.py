@@ -39,6 +39,7 @@ STEP_FIELDS = [
     "compensation_attempts_allowed",
     "run",
     "run_base_attempt",
+    "run_base_compensation_attempt",
     "next_attempt_at",
     "deadline_at",
     "redispatch_at",

@@ -70,6 +70,11 @@ class Migration(migrations.Migration):
             field=models.PositiveIntegerField(default=0),
         ),
         migrations.AddField(
+            model_name="stepexecution",
+            name="run_base_compensation_attempt",
+            field=models.PositiveIntegerField(default=0),
+        ),
+        migrations.AddField(
             model_name="workflowinstance",
             name="restart_position",
             field=models.PositiveIntegerField(blank=True, null=True),

@@ -432,10 +432,11 @@ class StepExecution(ConcurrentTransitionMixin, models.Model):
     compensation_attempts_allowed = models.PositiveIntegerField(default=1)
     # A restart runs the step again as run 2, 3... (if it has a compensation):
     # new idempotency keys, and attempt numbers that keep counting (a message
-    # of an earlier run stays stale). run_base_attempt: the attempts claimed
-    # before the latest restart.
+    # of an earlier run stays stale). run_base_*: the attempts claimed before
+    # the latest restart (backoff counts from there).
     run = models.PositiveIntegerField(default=1)
     run_base_attempt = models.PositiveIntegerField(default=0)
+    run_base_compensation_attempt = models.PositiveIntegerField(default=0)
     # Bookkeeping shared by the action and its compensation (never both active
     # at once). next_attempt_at: the earliest start of the next attempt
     # (backoff). deadline_at: when the running attempt times out (swept).
@@ -647,6 +648,7 @@ class StepExecution(ConcurrentTransitionMixin, models.Model):
     def reopen_compensation(self) -> None:
         """A restart: the new run will need its own compensation decision."""
         self.compensation_attempts_allowed = self.compensation_attempt
+        self.run_base_compensation_attempt = self.compensation_attempt
         self.compensated_at = None
 
     @transition(

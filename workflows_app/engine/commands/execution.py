@@ -386,7 +386,7 @@ def _record_compensation(
             change,
             step,
             COMPENSATION,
-            step.compensation_attempt,
+            step.compensation_attempt - step.run_base_compensation_attempt,
             "compensation_retry",
             error,
             data,
