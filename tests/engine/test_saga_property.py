@@ -68,6 +68,7 @@ from workflows_app.activities.base import ActivityContext, ActivityError, Waitin
 from workflows_app.activities.demo import perform_action, perform_compensation
 from workflows_app.engine import commands, sweeps
 from workflows_app.engine.actors import Actor
+from workflows_app.engine.commands.operator import restart_points
 from workflows_app.engine.errors import NotPermitted, TransitionRejected
 from workflows_app.models import (
     TERMINAL_STATES,
@@ -80,6 +81,7 @@ from workflows_app.models import (
     TransitionLog,
     WorkflowInstance,
 )
+from workflows_app.views.common import blocked_step
 
 EXAMPLES = int(os.environ.get("SAGA_PROPERTY_EXAMPLES", "500"))
 STEPS_PER_EXAMPLE = int(os.environ.get("SAGA_PROPERTY_STEPS", "25"))
@@ -755,18 +757,11 @@ class SagaMachine(RuleBasedStateMachine):
         )
 
     def _restart_first(self, instance: WorkflowInstance) -> bool:
-        steps = list(instance.steps.select_related("step_definition"))
-        blocked = next((s for s in steps if s.state in {"failed", "unknown"}), None)
-        point = next(
-            (
-                s
-                for s in steps
-                if s.step_definition.restart_point
-                and blocked is not None
-                and s.position <= blocked.position
-            ),
-            None,
+        steps = list(
+            instance.steps.select_related("step_definition").order_by("position")
         )
+        points = restart_points(steps, blocked_step(steps))
+        point = points[0] if points else None
         forward_blocked = instance.attention_kind in {
             AttentionKind.STEP_FAILED,
             AttentionKind.STEP_UNKNOWN,

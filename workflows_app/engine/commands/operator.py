@@ -200,8 +200,9 @@ def instance_restart_from_step(
     if step_id is None:
         raise InvalidInput("choose the step to restart from")
     target = change.step(step_id=step_id)
-    if target not in restart_points(change.steps, blocked):
-        allowed = [s.name for s in restart_points(change.steps, blocked)]
+    points = restart_points(change.steps, blocked)
+    if target not in points:
+        allowed = [s.name for s in points]
         raise TransitionRejected(
             f"{target.name} is not a restart point of this instance (allowed: "
             f"{', '.join(allowed) or 'none'})"
