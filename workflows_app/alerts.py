@@ -83,8 +83,11 @@ def sync_alerts(now: datetime, batch: int) -> dict[str, int]:
 def _resolve(now: datetime, batch: int) -> int:
     """Close open alerts whose instance moved on (or into another episode)."""
     resolved = []
+    # A late-effect alert is not an episode the instance can end by moving
+    # (it is closed): a person acknowledging it ends it.
     open_alerts = (
         Alert.objects.filter(resolved_at__isnull=True)
+        .exclude(kind=Alert.Kind.LATE_EFFECT)
         .select_related("instance")
         .order_by("id")[: batch * 4]
     )
@@ -149,11 +152,11 @@ def _open(now: datetime, batch: int) -> int:
                 instance_id__in=[a.instance_id for a in alerts],
                 opened_at=now,
                 resolved_at__isnull=True,
-            ).values_list("instance_id", "kind", "reason")
+            ).values_list("id", "instance_id", "kind", "reason")
         )
         TransitionLog.objects.bulk_create(
-            _note(instance_id, "alert_opened", reason, {"kind": kind})
-            for instance_id, kind, reason in opened
+            _note(instance_id, "alert_opened", reason, {"alert": pk, "kind": kind})
+            for pk, instance_id, kind, reason in opened
         )
         WorkflowInstance.objects.filter(pk__in=[i.id for i in stuck]).update(
             alert_due=False

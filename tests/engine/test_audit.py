@@ -148,8 +148,8 @@ class HappyAndCompensationTest(FlowTestCase):
         assert inst.state == "compensated"
         assert self.states(inst) == {
             "one": ("succeeded", "done"),
-            # The failed call may have applied: it is compensated too.
-            "two": ("failed", "done"),
+            # Declined for good (a permanent failure): nothing to undo.
+            "two": ("failed", "not_needed"),
             "three": ("pending", "not_needed"),
         }
         rows = self.rows(inst)
@@ -249,7 +249,7 @@ class OperatorActionsTest(FlowTestCase):
         assert inst.state == "failed"
         assert self.states(inst) == {
             "one": ("succeeded", "failed"),
-            "two": ("failed", "done"),
+            "two": ("failed", "not_needed"),
             "three": ("pending", "not_needed"),
         }
 

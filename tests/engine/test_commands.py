@@ -308,7 +308,7 @@ def test_compensation_failure_holds_then_retry_compensation_finishes(broker):
     assert instance.attention_kind == "compensation_failed"
     assert states(instance) == [
         ("succeeded", "failed"),
-        ("failed", "done"),
+        ("failed", "not_needed"),  # declined for good: nothing to undo
         ("pending", "not_needed"),
     ]
     # Heal the participant, then retry the compensation.

@@ -43,10 +43,21 @@ def step(
     allowed: int = 3,
     has_comp: bool = True,
     retry_on_timeout: bool = False,
+    perm: bool = False,
 ) -> StepView:
+    """``perm``: a failed step's last answer was a permanent failure."""
     if attempt is None:
         attempt = 0 if state in {"pending", "scheduled"} else 1
-    return StepView(position, state, comp, attempt, allowed, has_comp, retry_on_timeout)
+    return StepView(
+        position,
+        state,
+        comp,
+        attempt,
+        allowed,
+        has_comp,
+        retry_on_timeout,
+        failed_permanently=perm and state == "failed",
+    )
 
 
 def view(
@@ -86,12 +97,45 @@ def view(
             Decision(Move.HOLD, 1, "step_failed", "step failed; policy is hold"),
         ),
         (
+            view(
+                "running",
+                [step(1, "succeeded"), step(2, "succeeded"), step(3, "failed")],
+                pivot=2,
+            ),
+            Decision(
+                Move.HOLD,
+                3,
+                "after_pivot",
+                "failed after the pivot: only forward retries are possible",
+            ),
+        ),
+        # A pivot declined for good did not apply: a failure before the pivot.
+        (
+            view(
+                "running", [step(1, "succeeded"), step(2, "failed", perm=True)], pivot=2
+            ),
+            Decision(Move.BEGIN_COMPENSATION, 2, reason="step failed"),
+        ),
+        # A pivot that may have applied: a person chooses retry or compensate.
+        (
             view("running", [step(1, "succeeded"), step(2, "failed")], pivot=2),
             Decision(
                 Move.HOLD,
                 2,
-                "after_pivot",
-                "failed at or after the pivot: only forward retries are possible",
+                "pivot_uncertain",
+                "the pivot may have applied (its attempts ran out on errors that "
+                "may hide a success): retry it, or compensate if you know it did "
+                "not apply",
+            ),
+        ),
+        (
+            view("running", [step(1, "succeeded"), step(2, "unknown")], pivot=2),
+            Decision(
+                Move.HOLD,
+                2,
+                "pivot_uncertain",
+                "the pivot may have applied (its outcome is unknown after a "
+                "timeout): retry it, or compensate if you know it did not apply",
             ),
         ),
         (
@@ -125,7 +169,21 @@ def view(
         ),
         (
             view("compensating", [step(1, "succeeded"), step(2, "pending")]),
-            Decision(Move.SKIP_COMPENSATION, 2),
+            Decision(
+                Move.SKIP_COMPENSATION,
+                2,
+                reason="the step never started: nothing to undo",
+            ),
+        ),
+        # Declined for good: nothing applied, so nothing is undone.
+        (
+            view("compensating", [step(1, "succeeded"), step(2, "failed", perm=True)]),
+            Decision(
+                Move.SKIP_COMPENSATION,
+                2,
+                reason="its last answer was a permanent failure: nothing applied, "
+                "nothing to undo",
+            ),
         ),
         (
             view("compensating", [step(1, "succeeded"), step(2, "scheduled")]),
@@ -144,7 +202,7 @@ def view(
                 "compensating",
                 [step(1, "succeeded", has_comp=False), step(2, "failed", "done")],
             ),
-            Decision(Move.SKIP_COMPENSATION, 1),
+            Decision(Move.SKIP_COMPENSATION, 1, reason="the step has no compensation"),
         ),
         (
             view("compensating", [step(1, "succeeded", "failed")]),
@@ -165,10 +223,13 @@ def test_examples(instance: InstanceView, expected: Decision) -> None:
 
 def _forward_views():
     for states in itertools.product(ACTION_STATES, repeat=3):
-        for pivot, policy, rot in itertools.product(
-            (None, 1, 2, 3), ("compensate", "hold"), (False, True)
+        for pivot, policy, rot, perm in itertools.product(
+            (None, 1, 2, 3), ("compensate", "hold"), (False, True), (False, True)
         ):
-            steps = [step(i + 1, s, retry_on_timeout=rot) for i, s in enumerate(states)]
+            steps = [
+                step(i + 1, s, retry_on_timeout=rot, perm=perm)
+                for i, s in enumerate(states)
+            ]
             yield view("running", steps, policy=policy, pivot=pivot)
 
 
@@ -188,9 +249,18 @@ def test_forward_exhaustively() -> None:
             assert all(s in DONE for s in states), (v, d)
         if d.move is Move.BEGIN_COMPENSATION:
             assert v.failure_policy == "compensate"
-            assert v.pivot_position is None or d.position < v.pivot_position
+            pivot = v.pivot_position
+            # At the pivot only when it was declined for good.
+            assert (
+                pivot is None
+                or d.position < pivot
+                or (d.position == pivot and v.steps[pivot - 1].failed_permanently)
+            ), (v, d)
         if d.move is Move.HOLD and d.attention_kind == "after_pivot":
-            assert d.position >= v.pivot_position
+            assert d.position > v.pivot_position
+        if d.move is Move.HOLD and d.attention_kind == "pivot_uncertain":
+            held = v.steps[d.position - 1]
+            assert d.position == v.pivot_position and held.may_have_applied, (v, d)
         assert d.move in {
             Move.IDLE,
             Move.SCHEDULE,
@@ -199,16 +269,16 @@ def test_forward_exhaustively() -> None:
             Move.HOLD,
         }
         checked += 1
-    assert checked == 9**3 * 4 * 2 * 2
+    assert checked == 9**3 * 4 * 2 * 2 * 2
 
 
 def test_compensation_exhaustively() -> None:
     """Reverse order, one at a time, never past the pivot, never unstarted."""
     for actions in itertools.product(ACTION_STATES, repeat=3):
         for comps in itertools.product(COMP_STATES, repeat=3):
-            for pivot in (None, 2, 3):
+            for pivot, perm in itertools.product((None, 2, 3), (False, True)):
                 steps = [
-                    step(i + 1, a, c)
+                    step(i + 1, a, c, perm=perm)
                     for i, (a, c) in enumerate(zip(actions, comps, strict=True))
                 ]
                 v = view("compensating", steps, pivot=pivot)
@@ -219,7 +289,7 @@ def test_compensation_exhaustively() -> None:
                 if d.move is Move.COMPENSATE:
                     i = d.position - 1
                     target = steps[i]
-                    assert comps[i] == "none" and target.started
+                    assert comps[i] == "none" and target.may_have_applied
                     assert pivot is None or d.position < pivot
                     assert all(c in {"done", "not_needed"} for c in comps[i + 1 :]), (
                         v,
@@ -232,7 +302,9 @@ def test_compensation_exhaustively() -> None:
                 if d.move is Move.SKIP_COMPENSATION:
                     s = steps[d.position - 1]
                     assert comps[d.position - 1] == "none"
-                    assert not s.started or (pivot is not None and s.position >= pivot)
+                    assert not s.may_have_applied or (
+                        pivot is not None and s.position >= pivot
+                    ), (v, d)
                 if d.move is Move.HOLD:
                     assert "failed" in comps
 

@@ -99,7 +99,8 @@ def test_restart_undoes_newest_first_then_runs_again_under_new_keys(broker):
     instance.refresh_from_db()
     assert instance.state == "completed"
     assert instance.restart_position is None
-    # C3 was a no-op (T3 never applied); C2 and C1 undid run 1, newest first.
+    # three was declined for good (not undone); C2 and C1 undid run 1, newest
+    # first.
     assert ledger(instance) == [
         "T:one",
         "T:two",
@@ -115,7 +116,8 @@ def test_restart_undoes_newest_first_then_runs_again_under_new_keys(broker):
     }
     assert f"{instance.id}:one:action" in keys
     assert f"{instance.id}:one:action:2" in keys
-    assert f"{instance.id}:three:compensation" in keys  # the no-op undo
+    # Nothing applied under three's key, so its compensation was never called.
+    assert f"{instance.id}:three:compensation" not in keys
     one = step(instance, "one")
     assert (one.run, one.state, one.compensation_state) == (2, "succeeded", "none")
     # Attempt numbers keep counting across runs: a message of run 1 stays stale.

@@ -42,11 +42,19 @@ class StepView:
     attempts_allowed: int
     has_compensation: bool
     retry_on_timeout: bool
+    # The last answer under the step's current key was a permanent failure.
+    failed_permanently: bool = False
 
     @property
     def started(self) -> bool:
         # A claimed attempt may have had an effect; a skipped step was done by hand.
         return self.attempt > 0 or self.state == "skipped"
+
+    @property
+    def may_have_applied(self) -> bool:
+        """Succeeded, done by hand, timed out, or failed retryably (a 5xx may
+        have applied); not when never started or declined for good."""
+        return self.started and not self.failed_permanently
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +88,25 @@ def before_pivot(view: InstanceView, step: StepView) -> bool:
     return view.pivot_position is None or step.position < view.pivot_position
 
 
+def after_pivot(view: InstanceView, step: StepView) -> bool:
+    return view.pivot_position is not None and step.position > view.pivot_position
+
+
 def needs_compensation(view: InstanceView, step: StepView) -> bool:
-    """Compensate every started step before the pivot that has a compensation,
-    whatever its outcome: a timed-out or failed call may still have applied."""
-    return step.has_compensation and step.started and before_pivot(view, step)
+    """Compensate a step before the pivot whose effect may exist: it succeeded,
+    was done by hand, timed out or failed retryably. Never one that was not
+    started or whose last answer was a permanent failure."""
+    return step.has_compensation and step.may_have_applied and before_pivot(view, step)
+
+
+def why_no_compensation(view: InstanceView, step: StepView) -> str:
+    if not step.has_compensation:
+        return "the step has no compensation"
+    if not before_pivot(view, step):
+        return "the step is at or after the pivot"
+    if not step.started:
+        return "the step never started: nothing to undo"
+    return "its last answer was a permanent failure: nothing applied, nothing to undo"
 
 
 def decide(view: InstanceView) -> Decision:
@@ -106,9 +129,12 @@ def _decide_forward(view: InstanceView) -> Decision:
             return Decision(Move.SCHEDULE, step.position)
         if step.state in {"scheduled", "retrying"}:
             return IDLE
+        at_pivot = step.position == view.pivot_position
         if step.state == "unknown" and not (
             step.retry_on_timeout and step.attempt >= step.attempts_allowed
         ):
+            if at_pivot:
+                return _pivot_uncertain(step, "its outcome is unknown after a timeout")
             return Decision(
                 Move.HOLD,
                 step.position,
@@ -116,12 +142,16 @@ def _decide_forward(view: InstanceView) -> Decision:
                 "outcome unknown after a timeout; a person must decide",
             )
         # Failed for good: permanent error, or attempts used up.
-        if not before_pivot(view, step):
+        if at_pivot and step.may_have_applied:
+            return _pivot_uncertain(
+                step, "its attempts ran out on errors that may hide a success"
+            )
+        if after_pivot(view, step):
             return Decision(
                 Move.HOLD,
                 step.position,
                 "after_pivot",
-                "failed at or after the pivot: only forward retries are possible",
+                "failed after the pivot: only forward retries are possible",
             )
         if view.failure_policy == "compensate":
             return Decision(
@@ -131,6 +161,18 @@ def _decide_forward(view: InstanceView) -> Decision:
             Move.HOLD, step.position, "step_failed", "step failed; policy is hold"
         )
     return Decision(Move.COMPLETE)
+
+
+def _pivot_uncertain(step: StepView, why: str) -> Decision:
+    """The pivot may or may not have applied: only a person can tell, so both
+    ways stay open (a pivot declined for good is a failure before the pivot)."""
+    return Decision(
+        Move.HOLD,
+        step.position,
+        "pivot_uncertain",
+        f"the pivot may have applied ({why}): retry it, or compensate if you "
+        "know it did not apply",
+    )
 
 
 def _decide_observed(view: InstanceView) -> Decision:
@@ -169,7 +211,11 @@ def _decide_compensation(view: InstanceView) -> Decision:
     undone = [step for step in view.steps if step.position >= first]
     for step in undone:
         if step.compensation_state == "none" and not needs_compensation(view, step):
-            return Decision(Move.SKIP_COMPENSATION, step.position)
+            return Decision(
+                Move.SKIP_COMPENSATION,
+                step.position,
+                reason=why_no_compensation(view, step),
+            )
     # Reverse order: the latest step first, one at a time.
     for step in reversed(undone):
         if step.compensation_state in {"done", "not_needed"}:

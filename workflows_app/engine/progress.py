@@ -24,6 +24,7 @@ def view_of(change: Change) -> InstanceView:
                 attempts_allowed=s.attempts_allowed - s.run_base_attempt,
                 has_compensation=bool(s.step_definition.compensation),
                 retry_on_timeout=s.step_definition.retry_on_timeout,
+                failed_permanently=s.last_failure_permanent,
             )
             for s in steps
         ],
@@ -35,12 +36,50 @@ def advance(change: Change) -> None:
 
     Every decision changes a state, so the loop ends; the bound only guards
     against a planner bug turning into an endless transaction."""
+    _send_parked_work(change)
     for _ in range(4 * len(change.steps) + 8):
         decision = decide(view_of(change))
         if decision.move is Move.IDLE:
             return
         _apply(change, decision)
     raise RuntimeError(f"planner did not settle for instance {change.instance.id}")
+
+
+def _send_parked_work(change: Change) -> None:
+    """Work parked while the instance could not run it (held: the sweeper
+    stops re-sending it) is sent again once the instance runs it again."""
+    state = change.instance.state
+    if state == "running":
+        parked = [
+            (s, "action")
+            for s in change.steps
+            if s.state in {"scheduled", "retrying"} and s.redispatch_at is None
+        ]
+    elif state == "compensating":
+        parked = [
+            (s, "compensation")
+            for s in change.steps
+            if s.compensation_state in {"pending", "retrying"}
+            and s.redispatch_at is None
+        ]
+    else:
+        return
+    for step, direction in parked:
+        due = step.next_attempt_at
+        wait = due - change.now if due is not None and due > change.now else None
+        change.dispatch_step(step, direction, delay=wait)
+
+
+def park_work(change: Change) -> None:
+    """The instance is held: its scheduled work waits (the sweeper does not
+    re-send it) until a person lets it run again."""
+    for step in change.steps:
+        if step.redispatch_at is not None and (
+            step.state in {"scheduled", "retrying"}
+            or step.compensation_state in {"pending", "retrying"}
+        ):
+            step.redispatch_at = None
+            change.mark_step(step)
 
 
 def _apply(change: Change, decision: Decision) -> None:
@@ -82,6 +121,7 @@ def _apply(change: Change, decision: Decision) -> None:
         instance.alert_due = True
         instance.stuck_reason = reason[:300]
         instance.stuck_since = change.now
+        park_work(change)
     elif move is Move.UNSCHEDULE:
         assert step is not None
         change.fire(step, "unschedule", reason="the instance stopped moving forward")
@@ -90,7 +130,7 @@ def _apply(change: Change, decision: Decision) -> None:
         change.fire(step, "abandon_retry", reason="the instance stopped moving forward")
     elif move is Move.SKIP_COMPENSATION:
         assert step is not None
-        change.fire(step, "skip_compensation")
+        change.fire(step, "skip_compensation", reason=decision.reason)
     elif move is Move.COMPENSATE:
         assert step is not None
         step.compensation_attempts_allowed = (

@@ -29,7 +29,7 @@ from django.db import connection, transaction
 from django.db.models import Case, F, Q, QuerySet, Value, When
 
 from workflows_app import alerts
-from workflows_app.engine import commands, dispatch
+from workflows_app.engine import commands, dispatch, progress
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands import approvals
 from workflows_app.engine.errors import EngineError
@@ -77,18 +77,20 @@ def redispatch_steps(now: datetime, batch: int) -> int:
                 "next_attempt_at",
                 "state",
                 "compensation_state",
+                "instance__state",
                 "step_definition__timeout",
             ],
             batch,
         ):
-            comp = row["compensation_state"] in {
-                CompensationState.PENDING,
-                CompensationState.RETRYING,
-            }
-            claimable = comp or row["state"] in {
-                StepState.SCHEDULED,
-                StepState.RETRYING,
-            }
+            # Only work the instance's state lets run: a held or closed
+            # instance's work is parked (resume sends it again), not re-sent.
+            comp = row["instance__state"] == InstanceState.COMPENSATING and row[
+                "compensation_state"
+            ] in {CompensationState.PENDING, CompensationState.RETRYING}
+            claimable = comp or (
+                row["instance__state"] == InstanceState.RUNNING
+                and row["state"] in {StepState.SCHEDULED, StepState.RETRYING}
+            )
             new_value = now + _lease() if claimable else None
             won = StepExecution.objects.filter(
                 pk=row["id"], redispatch_at=row["redispatch_at"]
@@ -190,6 +192,7 @@ def instance_enforce_deadline(instance_id: Any) -> bool:
         change.now,
     )
     instance.alert_due = True
+    progress.park_work(change)
     change.save()
     return True
 

@@ -25,6 +25,7 @@ from workflows_app.engine.signatures import error_signature
 from workflows_app.models import (
     TERMINAL_STATES,
     ActorKind,
+    Alert,
     StepExecution,
     TransitionLog,
     WorkflowInstance,
@@ -40,6 +41,8 @@ STEP_FIELDS = [
     "run",
     "run_base_attempt",
     "run_base_compensation_attempt",
+    "last_failure_permanent",
+    "data_repaired",
     "next_attempt_at",
     "deadline_at",
     "redispatch_at",
@@ -112,6 +115,8 @@ class Change:
         # Merged into the data of every history row (e.g. the bulk job that
         # caused the change), so the timeline can say where an action came from.
         self.tags: dict[str, Any] = {}
+        # A stuck instance that moves on ends its alert episode in this change.
+        self._stuck_at_open = instance.stuck
 
     @classmethod
     def open(cls, instance_id: Any, actor: Actor) -> Change:
@@ -155,6 +160,12 @@ class Change:
         bound = getattr(obj, name)
         field = bound._django_fsm.field.name
         source = getattr(obj, field)
+        if self.instance.state in TERMINAL_STATES:
+            # Closed means closed: after its outcome nothing of an instance
+            # changes state again, whoever asks.
+            raise TransitionRejected(
+                f"the instance is {self.instance.state}: nothing changes any more"
+            )
         if not can_proceed(bound):
             raise TransitionRejected(
                 f"{name.replace('_', ' ')} is not allowed while "
@@ -248,6 +259,8 @@ class Change:
                 step.save(update_fields=STEP_FIELDS)
         except ConcurrentTransition as exc:
             raise AlreadyChanged(CHANGED_MEANWHILE) from exc
+        if self._stuck_at_open and not instance.stuck:
+            self._end_alert_episode()
         if self._logs:
             TransitionLog.objects.bulk_create(self._logs)
         for step, direction, wait in self._dispatches:
@@ -266,8 +279,34 @@ class Change:
         self._dispatches = []
         self._instance_dirty = False
         self._extra_fields = set()
+        self._stuck_at_open = instance.stuck
 
     # -- internals ----------------------------------------------------------
+    def _end_alert_episode(self) -> None:
+        """The instance moved on: its open alerts are over (in this transaction,
+        so no page shows a stale alert), and a new hold opens a new one. A
+        late-effect alert stays until a person acknowledges it."""
+        ended = list(
+            Alert.objects.filter(instance_id=self.instance.id, resolved_at__isnull=True)
+            .exclude(kind=Alert.Kind.LATE_EFFECT)
+            .values_list("id", "kind")
+        )
+        if not ended:
+            return
+        Alert.objects.filter(pk__in=[pk for pk, _ in ended]).update(
+            resolved_at=self.now, next_send_at=None, escalate_at=None
+        )
+        for pk, kind in ended:
+            self._log(
+                "alert_resolved",
+                step=None,
+                field="",
+                source="",
+                target="",
+                reason=f"{Alert.Kind(kind).label} is over: the instance moved on",
+                data={"alert": pk},
+            )
+
     def _log(
         self,
         name: str,

@@ -82,7 +82,8 @@ class AttentionKind(models.TextChoices):
     NONE = "", "-"
     STEP_FAILED = "step_failed", "a step failed for good"
     STEP_UNKNOWN = "step_unknown", "a step's outcome is unknown"
-    AFTER_PIVOT = "after_pivot", "a step at or after the pivot failed"
+    AFTER_PIVOT = "after_pivot", "a step after the pivot failed"
+    PIVOT_UNCERTAIN = "pivot_uncertain", "the pivot may or may not have applied"
     COMPENSATION_FAILED = "compensation_failed", "a compensation exhausted its retries"
     DEADLINE = "deadline", "the workflow deadline passed"
 
@@ -92,6 +93,7 @@ def _forward_blocked(instance: WorkflowInstance) -> bool:
         AttentionKind.STEP_FAILED,
         AttentionKind.STEP_UNKNOWN,
         AttentionKind.AFTER_PIVOT,
+        AttentionKind.PIVOT_UNCERTAIN,
     }
 
 
@@ -100,8 +102,13 @@ def _compensation_blocked(instance: WorkflowInstance) -> bool:
 
 
 def _can_compensate(instance: WorkflowInstance) -> bool:
-    # Past the pivot nothing is undone; a failed compensation is retried instead.
-    return not instance.pivot_passed and not _compensation_blocked(instance)
+    # Past the pivot nothing is undone, unless a person judges that an uncertain
+    # pivot did not apply; a failed compensation is retried instead.
+    before_pivot = (
+        not instance.pivot_passed
+        or instance.attention_kind == AttentionKind.PIVOT_UNCERTAIN
+    )
+    return before_pivot and not _compensation_blocked(instance)
 
 
 def _orchestrated(instance: WorkflowInstance) -> bool:
@@ -149,7 +156,8 @@ class WorkflowInstance(VersionedFSMMixin, models.Model):
     # Sweep bookkeeping: when to re-send the start of an accepted instance
     # whose message may have been lost.
     redispatch_at = models.DateTimeField(null=True, blank=True)
-    # Set once a step at or after the pivot was claimed: no compensation then.
+    # Set once the pivot (or a later step) was claimed: its effect may exist,
+    # so nothing is compensated; cleared again if the pivot fails permanently.
     pivot_passed = models.BooleanField(default=False)
     # While an operator's restart undoes the steps from this position on
     # (state compensating); cleared when the instance runs forward again.
@@ -334,6 +342,19 @@ class WorkflowInstance(VersionedFSMMixin, models.Model):
 
     @transition(
         field=state,
+        source=InstanceState.NEEDS_ATTENTION,
+        target=InstanceState.COMPENSATING,
+        conditions=[_forward_blocked, _can_compensate, _orchestrated],
+        permission=f"{APP}.retry_step",
+    )
+    def retry_repaired_step(self, position: int) -> None:
+        """Retry with repaired data a step whose earlier call may have applied:
+        undo that call first, then run the step again as a new run."""
+        self._clear_attention()
+        self.restart_position = position
+
+    @transition(
+        field=state,
         source=InstanceState.ACCEPTED,
         target=InstanceState.CANCELLED,
         permission=f"{APP}.cancel_instance",
@@ -437,6 +458,12 @@ class StepExecution(ConcurrentTransitionMixin, models.Model):
     run = models.PositiveIntegerField(default=1)
     run_base_attempt = models.PositiveIntegerField(default=0)
     run_base_compensation_attempt = models.PositiveIntegerField(default=0)
+    # The last answer under the current key was a permanent failure: nothing
+    # applied, so there is nothing to compensate.
+    last_failure_permanent = models.BooleanField(default=False)
+    # An operator corrected the data this step was called with: its next call
+    # is a new run under new idempotency keys.
+    data_repaired = models.BooleanField(default=False)
     # Bookkeeping shared by the action and its compensation (never both active
     # at once). next_attempt_at: the earliest start of the next attempt
     # (backoff). deadline_at: when the running attempt times out (swept).
@@ -507,6 +534,12 @@ class StepExecution(ConcurrentTransitionMixin, models.Model):
         """Whether an action attempt of this run was claimed: the effect may exist."""
         return self.attempt > self.run_base_attempt
 
+    @property
+    def may_have_applied(self) -> bool:
+        """Started (or done by hand) and not answered with a permanent failure."""
+        done_by_hand = self.state == StepState.SKIPPED
+        return (self.started or done_by_hand) and not self.last_failure_permanent
+
     # -- action -----------------------------------------------------------
     @transition(field=state, source=StepState.PENDING, target=StepState.SCHEDULED)
     def schedule(self) -> None:
@@ -519,6 +552,7 @@ class StepExecution(ConcurrentTransitionMixin, models.Model):
     )
     def begin_attempt(self) -> None:
         self.attempt += 1
+        self.last_failure_permanent = False
         self.next_attempt_at = None
         self.redispatch_at = None
 
@@ -550,8 +584,9 @@ class StepExecution(ConcurrentTransitionMixin, models.Model):
         source=[StepState.RUNNING, StepState.WAITING],
         target=StepState.FAILED,
     )
-    def fail(self, error: str) -> None:
+    def fail(self, error: str, permanent: bool = False) -> None:
         self.last_error = error
+        self.last_failure_permanent = permanent
         self.deadline_at = None
 
     @transition(
@@ -580,6 +615,8 @@ class StepExecution(ConcurrentTransitionMixin, models.Model):
     )
     def mark_done(self, output: Any) -> None:
         self.output = output
+        self.last_failure_permanent = False
+        self.data_repaired = False
         self.deadline_at = None
 
     # -- observed workflows: states follow the events services report -------
@@ -630,6 +667,8 @@ class StepExecution(ConcurrentTransitionMixin, models.Model):
         repeat from its record instead of acting twice."""
         if new_keys:
             self.run += 1
+        self.data_repaired = False
+        self.last_failure_permanent = False
         self.run_base_attempt = self.attempt
         self.attempts_allowed = self.attempt + max_attempts
         self.output = None
@@ -727,6 +766,8 @@ class Attempt(models.Model):
         FAILED = "failed", "failed (retryable)"
         FAILED_PERMANENT = "failed_permanent", "failed (permanent)"
         TIMED_OUT = "timed_out", "timed out"
+        # The instance was closed while the attempt was in flight.
+        ABANDONED = "abandoned", "abandoned (instance closed)"
 
     step = models.ForeignKey(
         StepExecution, on_delete=models.CASCADE, related_name="attempts"

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 
 from workflows_app.activities.base import ActivityContext
@@ -21,6 +22,8 @@ from workflows_app.engine import planning, progress
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.transitions import Change
 from workflows_app.models import (
+    TERMINAL_STATES,
+    Alert,
     Attempt,
     CompensationState,
     InstanceState,
@@ -254,7 +257,12 @@ def _record(
 ) -> bool:
     step = change.step(step_id=step_id)
     current = step.attempt if direction == ACTION else step.compensation_attempt
-    if number != current or not _live(step, direction):
+    closed = change.instance.state in TERMINAL_STATES
+    if closed and _abandoned(step, direction, number):
+        _late_outcome(change, step, direction, number, outcome, source)
+        change.save()
+        return False
+    if closed or number != current or not _live(step, direction):
         change.note(
             "stale_outcome_ignored",
             step=step,
@@ -282,6 +290,65 @@ def _record(
     if save:
         change.save()
     return True
+
+
+def _abandoned(step: StepExecution, direction: str, number: int) -> bool:
+    """Whether this attempt was in flight when the instance was closed."""
+    return Attempt.objects.filter(
+        step=step,
+        direction=direction,
+        number=number,
+        outcome=Attempt.Outcome.ABANDONED,
+    ).exists()
+
+
+def _late_outcome(
+    change: Change,
+    step: StepExecution,
+    direction: str,
+    number: int,
+    outcome: Outcome,
+    source: str,
+) -> None:
+    """An attempt fenced by the close reported back: nothing changes state; a
+    reported effect opens an alert, since money may have moved after all."""
+    instance = change.instance
+    change.note(
+        "late_outcome_ignored",
+        step=step,
+        reason=f"{source} reported {outcome.kind} for {direction} attempt {number} "
+        f"after the instance was {instance.state}",
+        data={
+            "attempt": number,
+            "direction": direction,
+            "outcome": outcome.kind,
+            "error": outcome.error[:500],
+        },
+    )
+    if outcome.kind != "succeeded":
+        return
+    reason = (
+        f"{step.name} ({direction}) reported an effect after the instance was "
+        f"{instance.state}"
+    )
+    alert = Alert.objects.filter(
+        instance=instance, kind=Alert.Kind.LATE_EFFECT, resolved_at__isnull=True
+    ).first()
+    if alert is None:
+        alert = Alert.objects.create(
+            instance=instance,
+            definition_key=instance.definition_key,
+            kind=Alert.Kind.LATE_EFFECT,
+            reason=reason[:300],
+            opened_at=change.now,
+            next_send_at=change.now + timedelta(seconds=settings.SAGA_ALERT_GATHER),
+        )
+    change.note(
+        "alert_opened",
+        step=step,
+        reason=reason,
+        data={"alert": alert.pk, "kind": alert.kind},
+    )
 
 
 def _close_attempt(
@@ -315,14 +382,27 @@ def _schedule_retry(
     delay = planning.retry_delay(_backoff(step), failed_attempt)
     step.next_attempt_at = change.now + delay
     data = {**data, "retry_in_seconds": round(delay.total_seconds(), 3)}
+    held = change.instance.state == InstanceState.NEEDS_ATTENTION
+    if held:
+        data["parked"] = True  # sent when a person lets the instance run again
     change.fire(step, transition, error, reason=error, data=data)
-    change.dispatch_step(step, direction, delay=delay)
+    if not held:
+        change.dispatch_step(step, direction, delay=delay)
+
+
+def _may_retry_forward(change: Change) -> bool:
+    """A held instance keeps its retry budget (the retry waits for Resume);
+    one that is compensating or closed does not go forward any more."""
+    return change.instance.state in {
+        InstanceState.RUNNING,
+        InstanceState.NEEDS_ATTENTION,
+    }
 
 
 def _record_action(
     change: Change, step: StepExecution, outcome: Outcome, data: dict[str, Any]
 ) -> None:
-    running = change.instance.state == InstanceState.RUNNING
+    forward = _may_retry_forward(change)
     awaited = step.step_definition.awaits_event
     if outcome.kind == "succeeded" and awaited and data.get("source") == "worker":
         # The participant accepted the request; the step is done when the
@@ -337,7 +417,7 @@ def _record_action(
     elif outcome.kind == "waiting":
         change.fire(step, "wait", data={**data, "detail": outcome.output})
     elif outcome.kind == "failed":
-        retry = running and planning.should_retry(
+        retry = forward and planning.should_retry(
             attempt=step.attempt,
             attempts_allowed=step.attempts_allowed,
             permanent=outcome.permanent,
@@ -347,12 +427,24 @@ def _record_action(
                 change, step, ACTION, _run_attempt(step), "retry", outcome.error, data
             )
         else:
-            change.fire(step, "fail", outcome.error, reason=outcome.error, data=data)
+            data["permanent"] = outcome.permanent
+            change.fire(
+                step,
+                "fail",
+                outcome.error,
+                outcome.permanent,
+                reason=outcome.error,
+                data=data,
+            )
+            if outcome.permanent and step.step_definition.is_pivot:
+                # Declined for good: the pivot did not apply, so the point of
+                # no return was not passed after all.
+                change.instance.pivot_passed = False
     else:  # timed out: the effect may or may not have happened
         change.fire(step, "time_out", outcome.error, reason=outcome.error, data=data)
         definition = step.step_definition
         if (
-            running
+            forward
             and definition.retry_on_timeout
             and step.attempt < step.attempts_allowed
         ):
@@ -421,6 +513,12 @@ def attempt_time_out(
     step = change.step(step_id=step_id)
     if step.deadline_at is None or step.deadline_at > change.now:
         return False  # someone recorded an outcome or a new attempt meanwhile
+    if change.instance.state in TERMINAL_STATES:
+        # Closed: nothing to time out any more (the close fenced the attempt).
+        step.deadline_at = None
+        change.mark_step(step)
+        change.save()
+        return False
     if change.instance.definition.mode == "observed":
         return _milestone_overdue(change, step)
     active_comp = step.compensation_state == CompensationState.RUNNING

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import transaction
-from django_fsm import can_proceed
+from django_fsm import can_proceed, has_transition_perm
 
 from workflows_app.engine import progress
 from workflows_app.engine.actors import Actor
@@ -17,7 +17,13 @@ from workflows_app.engine.errors import (
     TransitionRejected,
 )
 from workflows_app.engine.transitions import Change
-from workflows_app.models import Alert, CompensationState, StepExecution, StepState
+from workflows_app.models import (
+    Alert,
+    Attempt,
+    CompensationState,
+    StepExecution,
+    StepState,
+)
 
 BLOCKED = {StepState.FAILED, StepState.UNKNOWN}
 
@@ -75,9 +81,14 @@ def instance_retry_step(
     expected_version: int | None = None,
     tags: dict[str, Any] | None = None,
 ) -> None:
-    """Run the blocking step again now, with a fresh budget of attempts."""
+    """Run the blocking step again now, with a fresh budget of attempts; after
+    a repair of its data, as a new run under new idempotency keys."""
     change = _open(instance_id, user, reason, expected_version, tags)
     step = _blocked_step(change, step_id, "retry_step")
+    if step.data_repaired:
+        _retry_repaired(change, step, reason)
+        change.save()
+        return
     change.fire(
         change.instance,
         "retry_step",
@@ -94,6 +105,45 @@ def instance_retry_step(
     )
     change.dispatch_step(step, "action")
     change.save()
+
+
+def _retry_repaired(change: Change, step: StepExecution, reason: str) -> None:
+    """The step's data was corrected, so its next call is a new request: a new
+    run with new keys (a participant that honours keys would otherwise answer
+    with its stored result, or refuse the changed parameters). An earlier call
+    that may have applied is undone first, as a restart from this step does."""
+    definition = step.step_definition
+    data = {"step": step.name, "run": step.run + 1, "repaired": True}
+    if not step.may_have_applied:
+        change.fire(
+            change.instance, "retry_step", reason=reason, check_user=True, data=data
+        )
+        change.fire(
+            step,
+            "rerun",
+            definition.max_attempts,
+            True,
+            reason="retried with repaired data: a new run",
+            data={"run": step.run + 1, "previous_output": step.output},
+        )
+        progress.advance(change)
+        return
+    pivot = next((s.position for s in change.steps if s.step_definition.is_pivot), None)
+    if not definition.compensation or (pivot is not None and step.position >= pivot):
+        raise TransitionRejected(
+            f"{step.name}'s earlier call may have applied and cannot be undone "
+            "here, so a new call with the repaired data could apply twice: mark "
+            "the step done by hand, or close the instance"
+        )
+    change.fire(
+        change.instance,
+        "retry_repaired_step",
+        step.position,
+        reason=reason,
+        check_user=True,
+        data={**data, "undo": [step.name]},
+    )
+    progress.advance(change)
 
 
 @transaction.atomic(durable=True)
@@ -162,10 +212,71 @@ instance_cancel = _simple("cancel")
 instance_cancel.__doc__ = (
     "Cancel: accepted instances end at once, started ones compensate."
 )
-instance_close_as_failed = _simple("close_as_failed")
-instance_close_as_failed.__doc__ = (
-    "End a held instance as failed: a person takes it from here."
-)
+
+
+@transaction.atomic(durable=True)
+def instance_close_as_failed(
+    instance_id: Any,
+    *,
+    user: Any,
+    reason: str,
+    expected_version: int | None = None,
+    tags: dict[str, Any] | None = None,
+) -> None:
+    """End a held instance as failed: a person takes it from here. Work still
+    open is fenced first, in the same transaction: an attempt in flight
+    becomes unknown (its late outcome is only noted, and a reported effect
+    raises an alert), scheduled and pending retries are dropped."""
+    change = _open(instance_id, user, reason, expected_version, tags)
+    instance = change.instance
+    if not can_proceed(instance.close_as_failed):
+        raise TransitionRejected(
+            f"close as failed is not allowed while the instance is {instance.state}"
+        )
+    if not has_transition_perm(instance.close_as_failed, user):
+        raise NotPermitted("you are not allowed to close as failed")
+    _fence_open_work(change)
+    change.fire(instance, "close_as_failed", reason=reason, check_user=True)
+    change.save()
+
+
+CLOSED_IN_FLIGHT = "the instance was closed while this attempt was in flight"
+
+
+def _fence_open_work(change: Change) -> None:
+    for step in change.steps:
+        if step.state in {StepState.RUNNING, StepState.WAITING}:
+            Attempt.objects.filter(
+                step=step, direction=Attempt.Direction.ACTION, number=step.attempt
+            ).update(
+                outcome=Attempt.Outcome.ABANDONED,
+                finished_at=change.now,
+                error_message=CLOSED_IN_FLIGHT,
+            )
+            change.fire(
+                step,
+                "time_out",
+                f"Abandoned: {CLOSED_IN_FLIGHT}",
+                reason=CLOSED_IN_FLIGHT,
+                data={"attempt": step.attempt, "abandoned": True},
+            )
+        elif step.state == StepState.SCHEDULED:
+            change.fire(step, "unschedule", reason="the instance was closed")
+        elif step.state == StepState.RETRYING:
+            change.fire(step, "abandon_retry", reason="the instance was closed")
+        if step.compensation_state in {
+            CompensationState.PENDING,
+            CompensationState.RUNNING,
+            CompensationState.RETRYING,
+        }:
+            # Never reached: a held instance has no compensation under way
+            # (it holds on a failed one); refuse rather than leave one open.
+            raise TransitionRejected(
+                f"{step.name}'s compensation is {step.compensation_state}: wait for it"
+            )
+        if step.deadline_at or step.redispatch_at or step.next_attempt_at:
+            step.deadline_at = step.redispatch_at = step.next_attempt_at = None
+            change.mark_step(step)
 
 
 def restart_points(
@@ -211,7 +322,7 @@ def instance_restart_from_step(
         s.name
         for s in change.steps
         if s.position >= target.position
-        and (s.started or s.state == StepState.SKIPPED)
+        and s.may_have_applied
         and s.step_definition.compensation
     ]
     data: dict[str, Any] = {
@@ -277,12 +388,20 @@ def alert_acknowledge(alert_id: int, *, user: Any, reason: str = "") -> None:
     instance moves on."""
     if not user.has_perm("workflows_app.acknowledge_alert"):
         raise NotPermitted("you are not allowed to acknowledge alerts")
+    instance_id = Alert.objects.values_list("instance_id", flat=True).get(pk=alert_id)
+    # One lock order everywhere: the instance row first, then the alert.
+    change = Change.open(instance_id, Actor.operator(user))
     alert = Alert.objects.select_for_update().get(pk=alert_id)
     if alert.resolved_at is not None or alert.acknowledged_at is not None:
         raise AlreadyChanged(f"this alert is already {alert.status}")
-    change = Change.open(alert.instance_id, Actor.operator(user))
+    # A late effect is not an episode that ends when the instance moves (it is
+    # closed): a person taking it is its end.
+    late = alert.kind == Alert.Kind.LATE_EFFECT
     Alert.objects.filter(pk=alert.pk).update(
-        acknowledged_at=change.now, acknowledged_by=user, escalate_at=None
+        acknowledged_at=change.now,
+        acknowledged_by=user,
+        escalate_at=None,
+        **({"resolved_at": change.now, "next_send_at": None} if late else {}),
     )
     change.note(
         "alert_acknowledged",

@@ -17,6 +17,20 @@ from workflows_app.models import StepState
 PERMISSION = "workflows_app.edit_instance_data"
 # Steps whose output is recorded (and so can be corrected).
 WITH_OUTPUT = {StepState.SUCCEEDED, StepState.SKIPPED}
+# Steps that called with the old data and will be called again.
+CALLED_AGAIN = {StepState.FAILED, StepState.UNKNOWN}
+
+
+def _mark_called_steps(change: Any) -> list[str]:
+    """Their next call carries other data, so it is a new request: a retry
+    runs it as a new run under new idempotency keys."""
+    marked = []
+    for step in change.steps:
+        if step.state in CALLED_AGAIN and step.started and not step.data_repaired:
+            step.data_repaired = True
+            change.mark_step(step)
+            marked.append(step.name)
+    return marked
 
 
 def _check(change: Any, user: Any, value: Any) -> None:
@@ -53,7 +67,12 @@ def instance_repair_input(
     change.note(
         "input_repaired",
         reason=reason,
-        data={"diff": diff, "before": before, "after": new_input},
+        data={
+            "diff": diff,
+            "before": before,
+            "after": new_input,
+            "new_run_for": _mark_called_steps(change),
+        },
     )
     change.save()
     return diff
@@ -90,7 +109,12 @@ def step_repair_output(
         "output_repaired",
         step=step,
         reason=reason,
-        data={"diff": diff, "before": before, "after": new_output},
+        data={
+            "diff": diff,
+            "before": before,
+            "after": new_output,
+            "new_run_for": _mark_called_steps(change),
+        },
     )
     change.save()
     return diff
