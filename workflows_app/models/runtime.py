@@ -111,6 +111,12 @@ def _can_compensate(instance: WorkflowInstance) -> bool:
     return before_pivot and not _compensation_blocked(instance)
 
 
+def _can_restart(instance: WorkflowInstance) -> bool:
+    # A restart runs the steps again under new keys: never a pivot that may
+    # have applied, since nothing undoes it.
+    return not instance.pivot_passed and not _compensation_blocked(instance)
+
+
 def _orchestrated(instance: WorkflowInstance) -> bool:
     # Observed workflows run nothing: nothing to retry, resume or compensate.
     return instance.definition.mode == WorkflowDefinition.Mode.ORCHESTRATED
@@ -331,7 +337,7 @@ class WorkflowInstance(VersionedFSMMixin, models.Model):
         field=state,
         source=InstanceState.NEEDS_ATTENTION,
         target=InstanceState.COMPENSATING,
-        conditions=[_forward_blocked, _can_compensate, _orchestrated],
+        conditions=[_forward_blocked, _can_restart, _orchestrated],
         permission=f"{APP}.restart_instance",
     )
     def restart_from_step(self, position: int) -> None:
