@@ -282,6 +282,35 @@ SAGA_BULK_QUEUE = os.environ.get("SAGA_BULK_QUEUE", "")
 # Extra modules that register activities (dotted paths, comma separated).
 SAGA_ACTIVITY_MODULES = env_list("SAGA_ACTIVITY_MODULES")
 
+# --- The HTTP activity --------------------------------------------------------
+# Hosts http.request may call (host, host:port, *.domain, or * for any),
+# checked when a definition is saved and before every call; empty: none.
+SAGA_HTTP_ALLOWED_HOSTS = env_list("SAGA_HTTP_ALLOWED_HOSTS")
+# Where ``secret:NAME`` header references are read from (one file per secret).
+SAGA_HTTP_SECRETS_DIR = os.environ.get("SAGA_HTTP_SECRETS_DIR", "/run/secrets")
+# A larger response is an error (never a cut string); bytes.
+SAGA_HTTP_MAX_RESPONSE_BYTES = int(
+    os.environ.get("SAGA_HTTP_MAX_RESPONSE_BYTES", str(1_000_000))
+)
+# A participant's Retry-After is honoured up to this many seconds.
+SAGA_HTTP_MAX_RETRY_AFTER = float(os.environ.get("SAGA_HTTP_MAX_RETRY_AFTER", "3600"))
+# The callback URL participants receive is built on this base.
+SAGA_HTTP_CALLBACK_BASE_URL = os.environ.get(
+    "SAGA_HTTP_CALLBACK_BASE_URL", SITE_URL
+).rstrip("/")
+# What each attempt sent and received: the first bytes of each body, JSON
+# fields always blanked, and how long / how many exchanges per step are kept.
+SAGA_HTTP_EXCHANGE_BODY_BYTES = int(
+    os.environ.get("SAGA_HTTP_EXCHANGE_BODY_BYTES", "4096")
+)
+SAGA_HTTP_REDACT_FIELDS = env_list(
+    "SAGA_HTTP_REDACT_FIELDS", "password,secret,card_number,cvv,iban,api_key"
+)
+SAGA_HTTP_EXCHANGE_KEEP_DAYS = float(
+    os.environ.get("SAGA_HTTP_EXCHANGE_KEEP_DAYS", "14")
+)
+SAGA_HTTP_EXCHANGES_PER_STEP = int(os.environ.get("SAGA_HTTP_EXCHANGES_PER_STEP", "20"))
+
 CELERY_BEAT_SCHEDULE = {
     "saga-sweep": {"task": "workflows.sweep", "schedule": SAGA_SWEEP_INTERVAL},
     "saga-alerts": {"task": "workflows.send_alerts", "schedule": SAGA_ALERT_INTERVAL},

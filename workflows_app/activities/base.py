@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 
@@ -14,11 +14,21 @@ class ActivityError(Exception):
     ``permanent=True`` means retrying cannot help (a declined card, a 4xx):
     the engine stops retrying at once. Otherwise the attempt is retried per
     the step's backoff policy until ``max_attempts`` is used up.
+    ``retry_after`` is the participant's own earliest time for the next try
+    (an HTTP ``Retry-After``): the next attempt waits at least that long,
+    or longer if the step's backoff says so.
     """
 
-    def __init__(self, message: str, *, permanent: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        permanent: bool = False,
+        retry_after: timedelta | None = None,
+    ) -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.retry_after = retry_after
 
 
 @dataclasses.dataclass(frozen=True)

@@ -74,6 +74,7 @@ def call_activity(claim: Claim) -> Outcome:
             error_class=type(exc).__name__,
             error_message=str(exc),
             permanent=exc.permanent,
+            retry_after=exc.retry_after,
         )
     except LookupError as exc:
         return Outcome(

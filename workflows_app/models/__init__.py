@@ -4,6 +4,7 @@ from workflows_app.models.alerts import Alert
 from workflows_app.models.audit import ActorKind, InboundMessage, TransitionLog
 from workflows_app.models.definitions import StepDefinition, WorkflowDefinition
 from workflows_app.models.demo import ParticipantEffect
+from workflows_app.models.exchanges import AttemptExchange
 from workflows_app.models.operations import (
     ApprovalRequest,
     BulkJob,
@@ -32,6 +33,7 @@ __all__ = [
     "ApiToken",
     "ApprovalRequest",
     "Attempt",
+    "AttemptExchange",
     "BulkJob",
     "BulkJobItem",
     "AttentionKind",

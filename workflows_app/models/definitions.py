@@ -362,6 +362,9 @@ class StepDefinition(models.Model):
 
     def clean(self) -> None:
         from workflows_app.activities import registry
+        from workflows_app.activities.http_config import (
+            config_errors as http_config_errors,
+        )
 
         known = registry()
         errors: dict[str, list[str]] = {}
@@ -388,6 +391,11 @@ class StepDefinition(models.Model):
         for field in ("action_config", "compensation_config"):
             if not isinstance(getattr(self, field), dict):
                 err(field, "Must be a JSON object.")
+            elif getattr(self, field.removesuffix("_config")) == "http.request":
+                # The HTTP activity's URL must be on the host allow-list, and
+                # its credentials references, checked before anything runs.
+                for message in http_config_errors(getattr(self, field)):
+                    err(field, message)
         if self.timeout is not None and self.timeout <= timedelta(0):
             err("timeout", "The timeout must be positive.")
         if self.max_attempts is not None and not 1 <= self.max_attempts <= 100:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from django.db.models import OuterRef, Subquery
+from django.db.models import OuterRef, Prefetch, Subquery, prefetch_related_objects
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, render
 from django.views.decorators.http import require_GET
@@ -91,6 +91,20 @@ def change_token(instance: Any) -> str:
     return f"{instance.version}-{instance.last_log_id or 0}"
 
 
+def _attach_exchanges(steps: list[Any]) -> None:
+    """Each attempt's HTTP exchanges as ``attempt.exchange_list``, in one
+    query, and none at all for an instance without HTTP steps."""
+    attempts = [attempt for step in steps for attempt in step.attempts.all()]
+    definitions = [step.step_definition for step in steps]
+    if any("http.request" in (d.action, d.compensation) for d in definitions):
+        prefetch_related_objects(
+            attempts, Prefetch("exchanges", to_attr="exchange_list")
+        )
+    else:
+        for attempt in attempts:
+            attempt.exchange_list = []
+
+
 def detail_context(
     request: HtmxHttpRequest,
     pk: Any,
@@ -109,6 +123,7 @@ def detail_context(
         .prefetch_related("attempts")
         .order_by("position")
     )
+    _attach_exchanges(steps)
     history, older = queries.history_for(instance, HISTORY_LIMIT)
     names = {step.id: step.name for step in steps}
     for row in history:

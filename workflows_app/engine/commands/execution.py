@@ -42,6 +42,7 @@ class Outcome:
     error_class: str = ""
     error_message: str = ""
     permanent: bool = False
+    retry_after: timedelta | None = None  # the participant's earliest retry
 
     @property
     def error(self) -> str:
@@ -378,8 +379,10 @@ def _schedule_retry(
     transition: str,
     error: str,
     data: dict[str, Any],
+    retry_after: timedelta | None = None,
 ) -> None:
     delay = planning.retry_delay(_backoff(step), failed_attempt)
+    delay = max(delay, retry_after or timedelta(0))
     step.next_attempt_at = change.now + delay
     data = {**data, "retry_in_seconds": round(delay.total_seconds(), 3)}
     held = change.instance.state == InstanceState.NEEDS_ATTENTION
@@ -424,7 +427,14 @@ def _record_action(
         )
         if retry:
             _schedule_retry(
-                change, step, ACTION, _run_attempt(step), "retry", outcome.error, data
+                change,
+                step,
+                ACTION,
+                _run_attempt(step),
+                "retry",
+                outcome.error,
+                data,
+                outcome.retry_after,
             )
         else:
             data["permanent"] = outcome.permanent
@@ -449,7 +459,14 @@ def _record_action(
             and step.attempt < step.attempts_allowed
         ):
             _schedule_retry(
-                change, step, ACTION, _run_attempt(step), "retry", outcome.error, data
+                change,
+                step,
+                ACTION,
+                _run_attempt(step),
+                "retry",
+                outcome.error,
+                data,
+                outcome.retry_after,
             )
 
 
@@ -482,6 +499,7 @@ def _record_compensation(
             "compensation_retry",
             error,
             data,
+            outcome.retry_after,
         )
     else:
         change.fire(step, "compensation_fail", error, reason=error, data=data)
