@@ -18,8 +18,9 @@ from workflows_app.engine.errors import (
     NotPermitted,
     TransitionRejected,
 )
+from workflows_app.engine.four_eyes import Approval, approval_policy, needs_approval
 from workflows_app.engine.transitions import Change, db_now, lock_instance
-from workflows_app.models import ApprovalRequest, WorkflowDefinition, WorkflowInstance
+from workflows_app.models import ApprovalRequest
 
 APPROVE_PERMISSION = "workflows_app.approve_request"
 BULK = "bulk_job"
@@ -36,23 +37,6 @@ COMMANDS = {
     "repair_input": repair.instance_repair_input,
     "repair_output": repair.step_repair_output,
 }
-
-
-def gate(action: str) -> str:
-    """The definition setting that governs ``action`` (both repairs are one)."""
-    return "repair" if action.startswith("repair_") else action
-
-
-def approval_policy(instance: WorkflowInstance) -> WorkflowDefinition:
-    """Four-eyes rules are an operational control, not part of the pinned
-    execution plan: the newest published version's rules apply to every
-    instance of the key (the pinned version when none is published)."""
-    current = WorkflowDefinition.objects.current(instance.definition_key)
-    return current or instance.definition
-
-
-def needs_approval(instance: WorkflowInstance, action: str) -> bool:
-    return gate(action) in (approval_policy(instance).approval_actions or [])
 
 
 def _may_request(change: Change, action: str, user: Any) -> None:
@@ -124,7 +108,8 @@ def _execute(request: ApprovalRequest) -> None:
         user=request.requested_by,
         reason=request.reason,
         expected_version=request.seen_version,
-        tags={"approval": request.pk, "approved_by": request.decided_by.get_username()},
+        tags={"approval": request.pk},
+        approval=Approval.of_request(request),
         **request.params,
     )
 
@@ -243,6 +228,7 @@ def expire_approvals(now: Any, batch: int) -> int:
 
 __all__ = [
     "approval_decide",
+    "approval_policy",
     "approval_request",
     "expire_approvals",
     "needs_approval",

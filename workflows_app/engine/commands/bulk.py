@@ -38,6 +38,7 @@ from workflows_app.engine.errors import (
     NotPermitted,
     TransitionRejected,
 )
+from workflows_app.engine.four_eyes import Approval
 from workflows_app.engine.transitions import db_now
 from workflows_app.models import (
     ApprovalRequest,
@@ -213,19 +214,29 @@ def _operate(job_id: int, user: Any, name: str, reason: str = "") -> BulkJob:
 
 def _approval_window(job: BulkJob) -> timedelta | None:
     """How long an approval may take, when the job acts on more instances of
-    some workflow than its current definition allows without approval."""
-    per_key = dict(
+    some workflow than its current definition allows without approval, or
+    does to one an action that workflow puts under four eyes (the engine
+    refuses such an item without the job's approval)."""
+    acting = (
         job.items.exclude(outcome=BulkJobItem.Outcome.SKIPPED)
         .order_by()
-        .values_list("instance__definition_key")
+        .values_list("instance__definition_key", "command")
         .annotate(n=Count("id"))
     )
+    per_key: dict[str, int] = defaultdict(int)
+    commands_per_key: dict[str, set[str]] = defaultdict(set)
+    for key, command, n in acting:
+        per_key[key] += n
+        commands_per_key[key].add(command.removeprefix("instance_"))
     windows = []
     for key, n in per_key.items():
         current = WorkflowDefinition.objects.current(key)
-        over = current.approval_bulk_over if current else None
-        if over is not None and n > over:
-            windows.append(current.approval_expires_after)  # type: ignore[union-attr]
+        if current is None:
+            continue
+        over = current.approval_bulk_over
+        guarded = commands_per_key[key] & set(current.approval_actions or [])
+        if (over is not None and n > over) or guarded:
+            windows.append(current.approval_expires_after)
     return min(windows) if windows else None
 
 
@@ -333,7 +344,7 @@ def _record(item: BulkJobItem, outcome: str, message: str) -> None:
     )
 
 
-def _apply(job: BulkJob, item: BulkJobItem) -> None:
+def _apply(job: BulkJob, item: BulkJobItem, approval: Approval | None) -> None:
     """Run one item's command and record its outcome in the same transaction:
     a runner killed half-way leaves the item pending and the instance
     untouched, so the next runner acts on it exactly once."""
@@ -353,6 +364,7 @@ def _apply(job: BulkJob, item: BulkJobItem) -> None:
                 reason=job.reason,
                 expected_version=item.seen_version,
                 tags={"bulk_job": job.pk},
+                approval=approval,
             )
             _record(item, BulkJobItem.Outcome.DONE, f"{item.plan}: done")
     except AlreadyChanged:
@@ -373,6 +385,9 @@ def bulk_job_work(job_id: int, *, budget: float | None = None) -> str:
         return "busy"
     _transition(job_id, token, "begin")
     job = BulkJob.objects.select_related("created_by").get(pk=job_id)
+    # Items under four eyes run only with the job's approval by a second
+    # operator; without it the engine refuses them one by one.
+    approval = Approval.of_job(job)
     pause = 1 / job.rate if job.rate > 0 else 0
     ends = time.monotonic() + (budget or settings.SAGA_BULK_TASK_BUDGET)
     checked = 0.0
@@ -390,7 +405,7 @@ def bulk_job_work(job_id: int, *, budget: float | None = None) -> str:
                 if not _holds(job_id, token):
                     return "stopped"
                 checked = now
-            _apply(job, item)
+            _apply(job, item, approval)
             if pause:
                 time.sleep(pause)
             if time.monotonic() >= ends:

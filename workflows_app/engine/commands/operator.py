@@ -8,7 +8,7 @@ from typing import Any
 from django.db import transaction
 from django_fsm import can_proceed, has_transition_perm
 
-from workflows_app.engine import progress
+from workflows_app.engine import four_eyes, progress
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.errors import (
     AlreadyChanged,
@@ -16,6 +16,7 @@ from workflows_app.engine.errors import (
     NotPermitted,
     TransitionRejected,
 )
+from workflows_app.engine.four_eyes import Approval
 from workflows_app.engine.transitions import Change
 from workflows_app.models import (
     Alert,
@@ -33,15 +34,22 @@ def _open(
     user: Any,
     reason: str,
     expected_version: int | None,
-    tags: dict[str, Any] | None = None,
+    tags: dict[str, Any] | None,
+    *,
+    action: str,
+    approval: Approval | None,
 ) -> Change:
     """Lock the instance for an operator; ``tags`` (the bulk job or approval
-    the action comes from) go into every timeline row it writes."""
+    the action comes from) go into every timeline row it writes. An action
+    the workflow puts under four eyes needs its ``approval``."""
     if not reason or not reason.strip():
         raise InvalidInput("a reason is required")
     change = Change.open(instance_id, Actor.operator(user))
     change.check_version(expected_version)
+    four_eyes.require(change.instance, action, approval)
     change.tags.update(tags or {})
+    if approval is not None:
+        change.tags.setdefault("approved_by", approval.approved_by)
     return change
 
 
@@ -80,10 +88,19 @@ def instance_retry_step(
     step_id: int | None = None,
     expected_version: int | None = None,
     tags: dict[str, Any] | None = None,
+    approval: Approval | None = None,
 ) -> None:
     """Run the blocking step again now, with a fresh budget of attempts; after
     a repair of its data, as a new run under new idempotency keys."""
-    change = _open(instance_id, user, reason, expected_version, tags)
+    change = _open(
+        instance_id,
+        user,
+        reason,
+        expected_version,
+        tags,
+        action="retry_step",
+        approval=approval,
+    )
     step = _blocked_step(change, step_id, "retry_step")
     if step.data_repaired:
         _retry_repaired(change, step, reason)
@@ -156,9 +173,18 @@ def instance_mark_step_done(
     step_id: int | None = None,
     expected_version: int | None = None,
     tags: dict[str, Any] | None = None,
+    approval: Approval | None = None,
 ) -> None:
     """Record that a person did the blocking step by hand, then move on."""
-    change = _open(instance_id, user, reason, expected_version, tags)
+    change = _open(
+        instance_id,
+        user,
+        reason,
+        expected_version,
+        tags,
+        action="mark_step_done",
+        approval=approval,
+    )
     step = _blocked_step(change, step_id, "mark_step_done")
     change.fire(
         change.instance,
@@ -189,8 +215,17 @@ def _simple(name: str) -> Any:
         reason: str,
         expected_version: int | None = None,
         tags: dict[str, Any] | None = None,
+        approval: Approval | None = None,
     ) -> None:
-        change = _open(instance_id, user, reason, expected_version, tags)
+        change = _open(
+            instance_id,
+            user,
+            reason,
+            expected_version,
+            tags,
+            action=name,
+            approval=approval,
+        )
         change.fire(change.instance, name, reason=reason, check_user=True)
         if name == "resume":
             # The operator accepted the passed deadline; do not hold again for it.
@@ -222,12 +257,21 @@ def instance_close_as_failed(
     reason: str,
     expected_version: int | None = None,
     tags: dict[str, Any] | None = None,
+    approval: Approval | None = None,
 ) -> None:
     """End a held instance as failed: a person takes it from here. Work still
     open is fenced first, in the same transaction: an attempt in flight
     becomes unknown (its late outcome is only noted, and a reported effect
     raises an alert), scheduled and pending retries are dropped."""
-    change = _open(instance_id, user, reason, expected_version, tags)
+    change = _open(
+        instance_id,
+        user,
+        reason,
+        expected_version,
+        tags,
+        action="close_as_failed",
+        approval=approval,
+    )
     instance = change.instance
     if not can_proceed(instance.close_as_failed):
         raise TransitionRejected(
@@ -302,11 +346,20 @@ def instance_restart_from_step(
     step_id: int | None,
     expected_version: int | None = None,
     tags: dict[str, Any] | None = None,
+    approval: Approval | None = None,
 ) -> None:
     """Run the workflow again from an earlier step: the steps from there to the
     blocked one are compensated first (newest first, where they have a
     compensation), then run again as a new run with new idempotency keys."""
-    change = _open(instance_id, user, reason, expected_version, tags)
+    change = _open(
+        instance_id,
+        user,
+        reason,
+        expected_version,
+        tags,
+        action="restart_from_step",
+        approval=approval,
+    )
     blocked = _blocked_step(change, None, "restart_from_step")
     if step_id is None:
         raise InvalidInput("choose the step to restart from")
@@ -356,9 +409,18 @@ def instance_retry_compensation(
     reason: str,
     expected_version: int | None = None,
     tags: dict[str, Any] | None = None,
+    approval: Approval | None = None,
 ) -> None:
     """Retry the compensation that exhausted its attempts, then continue undoing."""
-    change = _open(instance_id, user, reason, expected_version, tags)
+    change = _open(
+        instance_id,
+        user,
+        reason,
+        expected_version,
+        tags,
+        action="retry_compensation",
+        approval=approval,
+    )
     failed = [
         s for s in change.steps if s.compensation_state == CompensationState.FAILED
     ]

@@ -11,6 +11,7 @@ from django.db import transaction
 
 from workflows_app.engine.commands.operator import _open
 from workflows_app.engine.errors import InvalidInput, NotPermitted, TransitionRejected
+from workflows_app.engine.four_eyes import Approval
 from workflows_app.engine.json_diff import json_diff
 from workflows_app.models import StepState
 
@@ -53,10 +54,19 @@ def instance_repair_input(
     new_input: Any,
     expected_version: int | None = None,
     tags: dict[str, Any] | None = None,
+    approval: Approval | None = None,
 ) -> list[dict[str, Any]]:
     """Replace the instance's input (what later attempts receive); returns the
     diff. The idempotency fingerprint keeps describing the original request."""
-    change = _open(instance_id, user, reason, expected_version, tags)
+    change = _open(
+        instance_id,
+        user,
+        reason,
+        expected_version,
+        tags,
+        action="repair_input",
+        approval=approval,
+    )
     _check(change, user, new_input)
     before = change.instance.input
     diff = json_diff(before, new_input)
@@ -88,9 +98,18 @@ def step_repair_output(
     new_output: Any,
     expected_version: int | None = None,
     tags: dict[str, Any] | None = None,
+    approval: Approval | None = None,
 ) -> list[dict[str, Any]]:
     """Replace a finished step's recorded output (what later steps read)."""
-    change = _open(instance_id, user, reason, expected_version, tags)
+    change = _open(
+        instance_id,
+        user,
+        reason,
+        expected_version,
+        tags,
+        action="repair_output",
+        approval=approval,
+    )
     _check(change, user, new_output)
     step = change.step(step_id=step_id)
     if step.state not in WITH_OUTPUT:

@@ -1,0 +1,173 @@
+"""Four eyes is enforced by the engine: an action a workflow puts under
+approval gets past no entry point without a second operator — not the
+engine command called directly, not the instance page, not a selection in
+the list, not a bulk job. (The operator API and command line of issue 14 do
+not exist yet; they go through the same commands.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.test import Client
+
+from tests.operations.conftest import held
+from workflows_app.engine import commands
+from workflows_app.engine.commands import approvals, bulk, repair
+from workflows_app.engine.four_eyes import ApprovalRequired
+from workflows_app.models import (
+    ApprovalRequest,
+    BulkJob,
+    BulkJobItem,
+    TransitionLog,
+    WorkflowInstance,
+)
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+# Every approvable action a held-at-a-failed-step instance allows, with the
+# engine command and its extra arguments.
+DIRECT = {
+    "retry_step": (commands.instance_retry_step, {}),
+    "mark_step_done": (commands.instance_mark_step_done, {"output": {"by": "hand"}}),
+    "compensate": (commands.instance_compensate, {}),
+    "cancel": (commands.instance_cancel, {}),
+    "close_as_failed": (commands.instance_close_as_failed, {}),
+    "repair": (repair.instance_repair_input, {"new_input": {"fixed": True}}),
+}
+
+
+def guard(wf: Any, *actions: str) -> None:
+    wf.approval_actions = list(actions)
+    wf.save(update_fields=["approval_actions"])
+
+
+def snapshot(instance: WorkflowInstance) -> tuple[Any, ...]:
+    fresh = WorkflowInstance.objects.get(pk=instance.pk)
+    rows = TransitionLog.objects.filter(instance=instance).exclude(
+        transition="approval_requested"
+    )
+    return fresh.state, fresh.version, fresh.input, rows.count()
+
+
+def logged_in(user: Any) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+@pytest.mark.parametrize("action", sorted(DIRECT))
+def test_the_engine_command_refuses_without_approval(broker, wf, operator, action):
+    guard(wf, action)
+    instance = held(broker, f"ORD-{action}")
+    before = snapshot(instance)
+    command, extra = DIRECT[action]
+    with pytest.raises(ApprovalRequired, match="second operator"):
+        command(
+            instance.pk,
+            user=operator,
+            reason="no second pair of eyes",
+            expected_version=instance.version,
+            **extra,
+        )
+    assert snapshot(instance) == before
+
+
+@pytest.mark.parametrize("action", ["retry_step", "compensate", "cancel"])
+def test_the_page_asks_for_approval_and_does_nothing(broker, wf, operator, action):
+    guard(wf, action)
+    instance = held(broker, "ORD-page")
+    before = snapshot(instance)
+    response = logged_in(operator).post(
+        f"/instances/{instance.pk}/actions/{action}/",
+        {"reason": "please", "version": instance.version},
+        headers={"HX-Request": "true"},
+    )
+    assert response.status_code == 200
+    assert "Sent for approval" in response.content.decode()
+    assert snapshot(instance) == before
+    assert ApprovalRequest.objects.get().action == action
+
+
+@pytest.mark.parametrize(
+    ("action", "guarded"), [("retry", "retry_step"), ("compensate", "compensate")]
+)
+def test_a_selection_in_the_list_is_refused(broker, wf, operator, action, guarded):
+    guard(wf, guarded)
+    instance = held(broker, "ORD-list")
+    before = snapshot(instance)
+    response = logged_in(operator).post(
+        "/instances/bulk/",
+        {
+            "action": action,
+            "reason": "all of them",
+            "selected": [f"{instance.pk}:{instance.version}"],
+        },
+    )
+    assert response.status_code == 200
+    assert "second operator" in response.content.decode()
+    assert snapshot(instance) == before
+
+
+@pytest.mark.parametrize(
+    ("action", "guarded"), [("retry", "retry_step"), ("compensate", "compensate")]
+)
+def test_a_bulk_job_needs_approval_and_its_runner_refuses_without(
+    broker, wf, operator, second_operator, action, guarded
+):
+    guard(wf, guarded)  # approval_bulk_over stays unset: one item is enough
+    instance = held(broker, "ORD-job")
+    before = snapshot(instance)
+    job = bulk.bulk_job_plan(
+        WorkflowInstance.objects.filter(pk=instance.pk),
+        action=action,
+        reason="the outage is over",
+        user=operator,
+        description="one group",
+    )
+    bulk.bulk_job_confirm(job.pk, user=operator)
+    job.refresh_from_db()
+    assert job.status == BulkJob.Status.DRAFT  # waits for a second operator
+    request = ApprovalRequest.objects.get(bulk_job=job)
+
+    # Forced onto a worker without the approval: the engine refuses the item.
+    BulkJob.objects.filter(pk=job.pk).update(status=BulkJob.Status.QUEUED)
+    bulk.bulk_job_work(job.pk, budget=5)
+    item = BulkJobItem.objects.get(job=job)
+    assert item.outcome == BulkJobItem.Outcome.REFUSED
+    assert "second operator" in item.message
+    assert snapshot(instance) == before
+
+    # The proper way: a second operator approves the job, then it acts.
+    BulkJob.objects.filter(pk=job.pk).update(status=BulkJob.Status.DRAFT)
+    BulkJobItem.objects.filter(pk=item.pk).update(
+        outcome=BulkJobItem.Outcome.PENDING, message=""
+    )
+    approvals.approval_decide(request.pk, user=second_operator, approve=True)
+    bulk.bulk_job_work(job.pk, budget=5)
+    assert BulkJobItem.objects.get(pk=item.pk).outcome == BulkJobItem.Outcome.DONE
+    row = TransitionLog.objects.filter(instance=instance, user=operator).latest("id")
+    assert row.data["bulk_job"] == job.pk
+    assert row.data["approved_by"] == second_operator.get_username()
+
+
+def test_an_approved_request_does_the_action_once(
+    broker, wf, operator, second_operator
+):
+    guard(wf, "compensate")
+    instance = held(broker, "ORD-ok")
+    request = approvals.approval_request(
+        instance.pk,
+        action="compensate",
+        user=operator,
+        reason="customer cancelled",
+        expected_version=instance.version,
+    )
+    approvals.approval_decide(request.pk, user=second_operator, approve=True)
+    assert WorkflowInstance.objects.get(pk=instance.pk).state in {
+        "compensating",
+        "compensated",
+    }
+    row = TransitionLog.objects.get(instance=instance, transition="compensate")
+    assert row.user == operator
+    assert row.data["approved_by"] == second_operator.get_username()
