@@ -64,7 +64,7 @@ def test_status_and_history_have_the_contract_fields(api, transport):
         for s in status["steps"]
     ] == [
         ("one", "succeeded", "done", 2),  # its action and its compensation
-        ("two", "failed", "done", 2),  # a failed action is undone too
+        ("two", "failed", "not_needed", 1),  # declined for good: not undone
     ]
 
     history = api.history(started.id)
