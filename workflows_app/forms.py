@@ -3,18 +3,61 @@ view passes the cleaned values to one engine command."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
 from django import forms
+from django.core.validators import ProhibitNullCharactersValidator
+from django.utils.text import capfirst
+
+from workflows_app.validation import BadInput, check_text, parse_json
 
 MAX_OUTPUT_BYTES = 64 * 1024
 BULK_LIMIT = 100
 
 
+def sentence(message: str) -> str:
+    """A validation message as the pages show it: capitalised, with a period."""
+    return f"{capfirst(message)}."
+
+
+def refusal(exc: BadInput) -> forms.ValidationError:
+    return forms.ValidationError(sentence(exc.message), code=exc.code)
+
+
+class TextField(forms.CharField):
+    """Free text PostgreSQL can store, checked like the API checks it (no NUL
+    characters, no lone surrogates), with a message that names the field."""
+
+    def __init__(self, *, what: str = "text", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.what = what
+        # Replaced by the shared check below (one message, not two).
+        self.validators = [
+            v
+            for v in self.validators
+            if not isinstance(v, ProhibitNullCharactersValidator)
+        ]
+
+    def validate(self, value: Any) -> None:
+        super().validate(value)
+        try:
+            check_text(value or "", f"the {self.what}")
+        except BadInput as exc:
+            raise refusal(exc) from None
+
+
+def clean_reason(value: str, what: str = "reason") -> str:
+    """An optional reason posted outside a form: stripped, cut to 2,000
+    characters and checked; raises ``forms.ValidationError``."""
+    return TextField(what=what, required=False, max_length=None).clean(
+        value.strip()[:2000]
+    )
+
+
 class ActionForm(forms.Form):
-    reason = forms.CharField(
+    reason = TextField(
+        what="reason",
         max_length=2000,
         strip=True,
         widget=forms.Textarea(attrs={"rows": 2}),
@@ -27,7 +70,8 @@ class ActionForm(forms.Form):
 
 
 class MarkStepDoneForm(ActionForm):
-    output = forms.CharField(
+    output = TextField(
+        what="output",
         required=False,
         strip=True,
         widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false"}),
@@ -56,8 +100,11 @@ class BulkActionForm(forms.Form):
     ]
 
     action = forms.ChoiceField(choices=ACTIONS)
-    reason = forms.CharField(
-        max_length=2000, strip=True, widget=forms.Textarea(attrs={"rows": 1})
+    reason = TextField(
+        what="reason",
+        max_length=2000,
+        strip=True,
+        widget=forms.Textarea(attrs={"rows": 1}),
     )
     # "<instance id>:<version seen>" per selected row.
     selected = forms.MultipleChoiceField(required=True)
@@ -88,7 +135,8 @@ class BulkJobForm(forms.Form):
     ACTIONS = BulkActionForm.ACTIONS
 
     action = forms.ChoiceField(choices=ACTIONS)
-    reason = forms.CharField(
+    reason = TextField(
+        what="reason",
         max_length=2000,
         strip=True,
         widget=forms.Textarea(attrs={"rows": 2}),
@@ -104,12 +152,19 @@ class BulkJobForm(forms.Form):
 
 
 class KnownFailureForm(forms.Form):
-    definition_key = forms.CharField(max_length=100, widget=forms.HiddenInput)
-    step_name = forms.CharField(max_length=100, widget=forms.HiddenInput)
-    signature = forms.CharField(
-        max_length=300, required=False, strip=False, widget=forms.HiddenInput
+    definition_key = TextField(
+        what="definition", max_length=100, widget=forms.HiddenInput
     )
-    note = forms.CharField(
+    step_name = TextField(what="step", max_length=100, widget=forms.HiddenInput)
+    signature = TextField(
+        what="signature",
+        max_length=300,
+        required=False,
+        strip=False,
+        widget=forms.HiddenInput,
+    )
+    note = TextField(
+        what="note",
         max_length=2000,
         strip=True,
         required=False,  # not when forgetting the mark
@@ -119,15 +174,15 @@ class KnownFailureForm(forms.Form):
 
 
 def parse_json_object(text: str, what: str) -> dict[str, Any]:
-    """A JSON object from a form field, with a message a person can act on."""
-    if len(text.encode()) > MAX_OUTPUT_BYTES:
+    """A JSON object from a form field, with a message a person can act on:
+    the API's checks, so that nothing the database cannot store gets to a
+    command (NaN, 1e999, lone surrogates, NUL, deep nesting)."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_OUTPUT_BYTES:
         raise forms.ValidationError(f"The {what} is larger than 64 KB.")
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise forms.ValidationError(
-            f"Not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})."
-        ) from exc
+        value = parse_json(text, f"the {what}")
+    except BadInput as exc:
+        raise refusal(exc) from None
     if not isinstance(value, dict):
         raise forms.ValidationError(f"The {what} must be a JSON object: {{...}}.")
     return value
@@ -142,7 +197,8 @@ class RepairForm(ActionForm):
         widget=forms.HiddenInput,
         help_text='"input", or the id of a finished step',
     )
-    value = forms.CharField(
+    value = TextField(
+        what="value",
         strip=True,
         widget=forms.Textarea(attrs={"rows": 10, "spellcheck": "false"}),
         label="New value (JSON object)",
@@ -162,7 +218,8 @@ class RepairForm(ActionForm):
 
 
 class DecisionForm(forms.Form):
-    note = forms.CharField(
+    note = TextField(
+        what="note",
         max_length=2000,
         required=False,
         strip=True,

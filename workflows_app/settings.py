@@ -74,6 +74,8 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "workflows_app.middleware.ContentSecurityPolicyMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # A view that cannot reach the database answers 503 + Retry-After.
+    "workflows_app.middleware.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "workflows_app.urls"
@@ -310,6 +312,23 @@ SAGA_HTTP_EXCHANGE_KEEP_DAYS = float(
     os.environ.get("SAGA_HTTP_EXCHANGE_KEEP_DAYS", "14")
 )
 SAGA_HTTP_EXCHANGES_PER_STEP = int(os.environ.get("SAGA_HTTP_EXCHANGES_PER_STEP", "20"))
+
+# --- Metrics (GET /metrics, Prometheus) ---------------------------------------
+# A scraper must send "Authorization: Bearer <token>" when this is set.
+SAGA_METRICS_TOKEN = os.environ.get("SAGA_METRICS_TOKEN", "")
+# Seconds a process reuses the gauges it read from the database.
+SAGA_METRICS_CACHE_SECONDS = float(os.environ.get("SAGA_METRICS_CACHE_SECONDS", "10"))
+# host:port where a Celery worker's main process serves its machine's
+# counters (for worker machines without a web process); empty: none.
+SAGA_METRICS_WORKER_BIND = os.environ.get("SAGA_METRICS_WORKER_BIND", "")
+# Every process of a machine (gunicorn workers, Celery pool children, beat)
+# writes its counters into this folder and a scrape adds them up. Set here,
+# into the environment, because prometheus-client reads it when first
+# imported, and child processes inherit it. Empty it when the services start.
+PROMETHEUS_MULTIPROC_DIR = os.environ.setdefault(
+    "PROMETHEUS_MULTIPROC_DIR", str(VAR_DIR / "prometheus")
+)
+Path(PROMETHEUS_MULTIPROC_DIR).mkdir(parents=True, exist_ok=True)
 
 CELERY_BEAT_SCHEDULE = {
     "saga-sweep": {"task": "workflows.sweep", "schedule": SAGA_SWEEP_INTERVAL},

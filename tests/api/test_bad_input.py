@@ -1,13 +1,23 @@
 """Every class of bad input gets its 4xx with the error envelope and leaves
-the database exactly as it was; unexpected errors are JSON 500s."""
+the database exactly as it was; unexpected errors are JSON 500s. A chunked
+body is read like any other (through gunicorn, which decodes chunks)."""
 
 from __future__ import annotations
 
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 from unittest import mock
 
 import pytest
 from django.conf import settings
+from django.db import connection
 from django.test import override_settings
 
 from tests.api.helpers import (
@@ -18,6 +28,7 @@ from tests.api.helpers import (
     waiting_definition,
 )
 from tests.support import make_definition
+from workflows_app.models import WorkflowInstance
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -250,6 +261,57 @@ def inbound_cases(live_token):
     ]
 
 
+# Issue 15's inputs, as JSON text inside each endpoint's free-form value.
+EXACT = [
+    ("NaN", "NaN", 400, "invalid_json"),
+    ("Infinity", "Infinity", 400, "invalid_json"),
+    ("-Infinity", "-Infinity", 400, "invalid_json"),
+    ("1e999", "1e999", 400, "invalid_json"),
+    ("lone surrogate", '"\\ud800"', 400, "invalid_json"),
+    ("NUL", '"\\u0000"', 422, "invalid_input"),
+    ("NUL in a key", '{"a\\u0000": 1}', 422, "invalid_input"),
+    ("5,000 deep", "[" * 5000 + "]" * 5000, 400, "invalid_json"),
+    ("65 deep", "[" * 65 + "]" * 65, 400, "invalid_json"),
+]
+
+
+def exact_cases(live_token):
+    """Every exact input into every API body that takes free-form JSON."""
+    cb = f"/api/v1/callbacks/{live_token}"
+    bodies = [
+        ("start input", START, '{"business_key": "b", "input": {"a": %s}}', KEY),
+        (
+            "callback output",
+            cb,
+            '{"id": "m-9", "status": "succeeded", "output": %s}',
+            {},
+        ),
+        (
+            "event payload",
+            "/api/v1/events",
+            '{"id": "e-9", "type": "t", "correlation_key": "b-1", "payload": %s}',
+            {},
+        ),
+    ]
+    cases = [
+        (f"{where}: {label}", path, body % value, headers, None, status, code)
+        for where, path, body, headers in bodies
+        for label, value, status, code in EXACT
+    ]
+    cases.append(
+        (
+            "callback error with NUL",
+            cb,
+            '{"id": "m-9", "status": "failed", "error": "down\\u0000"}',
+            {},
+            None,
+            422,
+            "invalid_input",
+        )
+    )
+    return cases
+
+
 @pytest.fixture
 def world(api, transport):
     """A waiting instance (with a live task token), an observed definition
@@ -295,6 +357,10 @@ def test_bad_starts_are_refused_and_change_nothing(world, raw):
 
 def test_bad_callbacks_and_events_are_refused_and_change_nothing(world, raw):
     check(raw, inbound_cases(world))
+
+
+def test_the_exact_inputs_of_issue_15_are_refused_everywhere(world, raw):
+    check(raw, exact_cases(world))
 
 
 def test_unknown_paths_and_methods_answer_in_the_envelope(world, raw):
@@ -356,3 +422,123 @@ def test_the_body_limit_is_the_setting(world, raw):
         assert refused.status == 413
         assert_envelope(413, refused.json, "payload_too_large")
         assert raw("POST", "/api/v1/events", small).status == 200
+
+
+# -- chunked bodies, through a real gunicorn -------------------------------------
+
+GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def gunicorn(transactional_db, tmp_path):
+    """gunicorn serving the app from the test database (committed rows only);
+    yields its port."""
+    db = settings.DATABASES["default"]
+    assert db["ENGINE"] == "django.db.backends.postgresql", "needs PostgreSQL"
+    user = db.get("USER") or "postgres"
+    url = f"postgres://{user}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}"
+    port = _free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"{url}/{db['NAME']}",
+        "SAGA_DESK_VAR_DIR": str(tmp_path),
+        "PYTHONPATH": str(ROOT),
+    }
+    connection.close()  # the server must not share this process's connection
+    log = (tmp_path / "gunicorn.log").open("wb")
+    server = subprocess.Popen(
+        [GUNICORN, "workflows_app.wsgi", "--bind", f"127.0.0.1:{port}", "-w", "1"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(
+                        (tmp_path / "gunicorn.log").read_text()[-2000:]
+                    ) from None
+                time.sleep(0.2)
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def _chunked_post(port, token, key, chunks):
+    """http.client sends an iterable body as Transfer-Encoding: chunked."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request(
+        "POST",
+        START,
+        body=iter(chunks),
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Idempotency-Key": key,
+            "Content-Type": "application/json",
+        },
+        encode_chunked=True,
+    )
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    return response.status, body
+
+
+def test_a_chunked_start_is_accepted(gunicorn, token):
+    waiting_definition("wf")
+    status, body = _chunked_post(
+        gunicorn,
+        token,
+        "chunked-1",
+        [b'{"business_key": "ch', b'unked-1", "input"', b": {}}"],
+    )
+    assert status == 202, body
+    instance = WorkflowInstance.objects.get(business_key="chunked-1")
+    assert instance.idempotency_key == "chunked-1"
+
+
+def test_bad_chunked_bodies_are_4xx_and_change_nothing(gunicorn, token):
+    waiting_definition("wf")
+    before = counts()
+    status, body = _chunked_post(
+        gunicorn,
+        token,
+        "chunked-2",
+        [b'{"business_key": "b", ', b'"input": {"a": NaN}}'],
+    )
+    assert status == 400, body
+    assert_envelope(400, json.loads(body), "invalid_json")
+    limit = settings.SAGA_API_MAX_BODY
+    big = [b'{"business_key": "b", "input": {"x": "', b"x" * limit, b'"}}']
+    status, body = _chunked_post(gunicorn, token, "chunked-3", big)
+    assert status == 413, body
+    # A chunk size that is not hexadecimal: the framing itself is broken.
+    with socket.create_connection(("127.0.0.1", gunicorn), timeout=30) as sock:
+        sock.sendall(
+            b"POST " + START.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Authorization: Bearer " + token.encode() + b"\r\n"
+            b"Idempotency-Key: chunked-4\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            b"zz\r\n{}\r\n0\r\n\r\n"
+        )
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    status_line = reply.split(b"\r\n", 1)[0]
+    assert status_line.startswith(b"HTTP/1.1 4"), reply[:500]
+    assert counts() == before

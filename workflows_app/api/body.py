@@ -1,67 +1,49 @@
 """Strict request bodies: JSON only, bounded, and storable as it is.
 
-Python's ``json`` module accepts more than PostgreSQL's ``jsonb`` stores
-(NaN and Infinity, lone UTF-16 surrogates, NUL characters). Letting those
-through would fail at the INSERT, halfway through a command; refusing them
-here keeps bad input a 4xx that changes nothing.
+The checks are the dashboard's (``workflows_app.validation``): NaN,
+Infinity, ``1e999``, lone surrogates, NUL characters and deep nesting are
+refused here, before any command runs, so bad input stays a 4xx that
+changes nothing. A chunked body (no Content-Length) is read too, up to the
+same limit.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import logging
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse
+from django.core.exceptions import RequestDataTooBig
+from django.core.handlers.wsgi import LimitedStream
+from django.http import HttpRequest, HttpResponse, UnreadablePostError
 from ninja.parser import Parser
 
-from workflows_app.api.errors import ApiError, body_too_large
+from workflows_app import validation
+from workflows_app.api.errors import ApiError, body_too_large, error_response
+from workflows_app.validation import BadInput
 
-MAX_DEPTH = 64
 JSON_TYPES = ("application/json",)
+log = logging.getLogger(__name__)
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
+def refusal(exc: BadInput) -> ApiError:
+    """The validator's refusal as an API error: a NUL in valid JSON is a
+    value the API refuses (422); anything else is not storable JSON (400)."""
+    return ApiError(422 if exc.code == "invalid_input" else 400, exc.code, exc.message)
 
 
 def check_text(value: str, where: str = "a string") -> None:
-    """Refuse text that PostgreSQL cannot store (NUL, lone surrogates)."""
-    if "\x00" in value:
-        raise ApiError(
-            422, "invalid_input", f"{where} contains a NUL (\\u0000) character"
-        )
+    """Refuse text PostgreSQL cannot store (NUL, lone surrogates)."""
     try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(
-            400, "invalid_json", f"{where} is not valid Unicode (lone surrogate)"
-        ) from None
+        validation.check_text(value, where)
+    except BadInput as exc:
+        raise refusal(exc) from None
 
 
-def check_storable(data: Any) -> None:
-    """Walk a parsed document (iteratively: no recursion limit to hit)."""
-    stack: list[tuple[Any, int]] = [(data, 0)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise ApiError(
-                400, "invalid_json", f"the body is nested deeper than {MAX_DEPTH}"
-            )
-        if isinstance(value, str):
-            check_text(value)
-        elif isinstance(value, float) and not math.isfinite(value):
-            # json.loads reads 1e999 as infinity, which jsonb cannot store.
-            raise ApiError(400, "invalid_json", "a number is out of range")
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                check_text(key, "an object key")
-                stack.append((item, depth + 1))
-        elif isinstance(value, list):
-            stack.extend((item, depth + 1) for item in value)
+def _chunked(request: HttpRequest) -> bool:
+    return "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower()
 
 
 def _content_length(request: HttpRequest) -> int:
@@ -76,7 +58,16 @@ class StrictJSONParser(Parser):
     "Cannot parse request body"; the error handler unwraps our ApiError."""
 
     def parse_body(self, request: HttpRequest) -> dict[str, Any]:
-        if len(request.body) > settings.SAGA_API_MAX_BODY:
+        try:
+            body = request.body
+        except UnreadablePostError:
+            # A broken chunked encoding, or a client gone mid-body.
+            raise ApiError(
+                400,
+                "invalid_body",
+                "the body could not be read (bad chunked encoding?)",
+            ) from None
+        if len(body) > settings.SAGA_API_MAX_BODY:
             raise ApiError(
                 413,
                 "payload_too_large",
@@ -92,23 +83,55 @@ class StrictJSONParser(Parser):
                 f"send JSON (Content-Type: application/json), not {content_type}",
             )
         try:
-            data = json.loads(request.body, parse_constant=_refuse_constant)
-        except (ValueError, RecursionError) as exc:
-            raise ApiError(
-                400, "invalid_json", f"the body is not valid JSON: {exc}"[:300]
-            ) from None
-        check_storable(data)
-        return data  # type: ignore[no-any-return]
+            return validation.parse_json(body, "the body")  # type: ignore[no-any-return]
+        except BadInput as exc:
+            raise refusal(exc) from None
+
+
+def _read_chunked(request: HttpRequest) -> HttpResponse | None:
+    """Read a chunked body now, where a broken framing can be told apart
+    (ninja reads the body before the parser and would answer 500)."""
+    try:
+        body = request.body
+    except RequestDataTooBig:
+        return body_too_large()
+    except Exception:  # the server's chunk decoder raises its own types
+        log.info("unreadable chunked body on %s", request.path, exc_info=True)
+        return error_response(
+            400, "invalid_body", "the chunked body is malformed: it could not be read"
+        )
+    if len(body) > settings.SAGA_API_MAX_BODY:
+        return body_too_large()
+    return None
 
 
 def limit_body(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
     """Refuse an announced oversized body before anything reads it (and
-    before authentication: rejecting it costs nothing)."""
+    before authentication: rejecting it costs nothing); make a chunked body
+    readable."""
 
     @wraps(view)
     def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         if _content_length(request) > settings.SAGA_API_MAX_BODY:
             return body_too_large()
+        if _chunked(request) and not request.META.get("CONTENT_LENGTH"):
+            if not request.META.get("wsgi.input_terminated"):
+                # The server hands over the raw socket (runserver): there is
+                # no telling where the body ends.
+                return error_response(
+                    411,
+                    "length_required",
+                    "this server cannot read a chunked body: send Content-Length",
+                )
+            # Django reads Content-Length bytes, none here. The server
+            # (gunicorn) decodes the chunks and ends the stream with the
+            # body; read it directly, one byte past the limit at most.
+            request._stream = LimitedStream(  # type: ignore[attr-defined]
+                request.META["wsgi.input"], settings.SAGA_API_MAX_BODY + 1
+            )
+            refused = _read_chunked(request)
+            if refused is not None:
+                return refused
         return view(request, *args, **kwargs)
 
     return wrapper

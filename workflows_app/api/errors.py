@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
+from django.db import InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from ninja import NinjaAPI
 from ninja.errors import (
@@ -17,6 +18,7 @@ from ninja.errors import (
     ValidationError,
 )
 
+from workflows_app import middleware
 from workflows_app.engine.errors import (
     AlreadyChanged,
     DefinitionNotFound,
@@ -151,6 +153,18 @@ def _unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
     )
 
 
+def _database_error(request: HttpRequest, exc: Exception) -> HttpResponse:
+    """503 with Retry-After while the database cannot be reached (sent
+    again with the same Idempotency-Key, a start happens at most once);
+    other database errors are unexpected."""
+    if middleware.database_unavailable(exc):
+        log.error(
+            "database unavailable in %s %s: %s", request.method, request.path, exc
+        )
+        return middleware.unavailable_json()
+    return _unexpected(request, exc)
+
+
 def body_too_large() -> HttpResponse:
     from django.conf import settings
 
@@ -172,3 +186,5 @@ def install(api: NinjaAPI) -> None:
     api.add_exception_handler(AuthorizationError, _authorization_error)
     api.add_exception_handler(Http404, _not_found)
     api.add_exception_handler(RequestDataTooBig, _too_large)
+    api.add_exception_handler(OperationalError, _database_error)
+    api.add_exception_handler(InterfaceError, _database_error)

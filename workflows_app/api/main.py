@@ -18,12 +18,19 @@ Scopes: `start` (start instances), `read` (GET endpoints), `report`
 **Errors**: every 4xx and 5xx has the body
 `{"error": {"code": "...", "message": "..."}}` (validation errors add
 `details`). Bad input never creates anything. Codes: `invalid_json`,
-`idempotency_key_required`, `invalid_cursor` (400); `unauthorized` (401);
-`forbidden` (403); `not_found`, `unknown_definition`, `unknown_instance`,
-`unknown_task_token` (404); `method_not_allowed` (405);
-`idempotency_conflict`, `already_changed` (409); `payload_too_large` (413);
-`unsupported_media_type` (415); `invalid_request` (422: shape or types),
-`invalid_input` (422: values the engine refuses); `internal_error` (500).
+`invalid_body`, `idempotency_key_required`, `invalid_cursor` (400);
+`unauthorized` (401); `forbidden` (403); `not_found`, `unknown_definition`,
+`unknown_instance`, `unknown_task_token` (404); `method_not_allowed` (405);
+`idempotency_conflict`, `already_changed` (409); `length_required` (411);
+`payload_too_large` (413); `unsupported_media_type` (415); `invalid_request`
+(422: shape or types), `invalid_input` (422: values the engine refuses);
+`internal_error` (500); `database_unavailable` (503, with `Retry-After`:
+send the request again later, with the same `Idempotency-Key`).
+
+**Bodies**: JSON as PostgreSQL stores it: no NaN or Infinity, no number
+beyond the double range, no lone surrogate (`\\ud800`), no NUL (`\\u0000`),
+at most 64 levels deep. A chunked body (`Transfer-Encoding: chunked`) is
+accepted.
 
 **Replays**: callbacks and events carry an `id`; sending the same id again
 returns the first answer with `replay: true` and changes nothing. Starting

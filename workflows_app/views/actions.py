@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from django import forms
 from django.contrib import messages
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
@@ -24,13 +25,20 @@ from workflows_app.engine.errors import (
     NotPermitted,
     TransitionRejected,
 )
-from workflows_app.forms import ActionForm, BulkActionForm, DecisionForm, RepairForm
+from workflows_app.forms import (
+    ActionForm,
+    BulkActionForm,
+    DecisionForm,
+    RepairForm,
+    clean_reason,
+)
 from workflows_app.models import (
     Alert,
     ApprovalRequest,
     AttentionKind,
     WorkflowInstance,
 )
+from workflows_app.views.bulk_jobs import refuse_on_job
 from workflows_app.views.common import (
     ACTIONS,
     Action,
@@ -125,15 +133,18 @@ def _answer(
     text: str,
     bound: tuple[str, ActionForm] | None = None,
 ) -> HttpResponse:
-    """The instance's fresh live part with the message (htmx), or a redirect."""
-    if not request.htmx:
+    """The instance's fresh live part with the message (htmx), or a redirect;
+    refused input (422) gets the whole page back without htmx, so that the
+    form keeps what was typed and shows what is wrong with it."""
+    if not request.htmx and status != 422:
         messages.add_message(request, LEVELS.get(status, messages.ERROR), text)
         return redirect("instance_detail", pk=pk)
     kind = "success" if status == 200 else "error"
     context = detail_context(request, pk, message=(kind, text), bound=bound)
-    return render(
-        request, "workflows/instance_detail.html#live", context, status=status
-    )
+    template = "workflows/instance_detail.html"
+    if request.htmx:
+        template += "#live"
+    return render(request, template, context, status=status)
 
 
 @require_POST
@@ -187,12 +198,18 @@ def approval_decide(
     if target is None:
         raise Http404("no such request")
     form = DecisionForm(request.POST)
-    note = form.cleaned_data["note"] if form.is_valid() else ""
     status = 200
     try:
+        if not form.is_valid():
+            raise InvalidInput(" ".join(form.errors["note"]).rstrip("."))
         decided = approvals.approval_decide(
-            approval_id, user=request.user, approve=decision == "approve", note=note
+            approval_id,
+            user=request.user,
+            approve=decision == "approve",
+            note=form.cleaned_data["note"],
         )
+    except InvalidInput as exc:
+        status, text = 422, f"Not done: {exc}."
     except NotPermitted as exc:
         status, text = 403, f"Not done: {exc}."
     except AlreadyChanged as exc:
@@ -207,6 +224,8 @@ def approval_decide(
         if decided.status != "approved":
             status = 409 if decided.status in {"expired", "failed"} else 200
     if target["bulk_job_id"] is not None:
+        if status == 422:
+            return refuse_on_job(request, target["bulk_job_id"], text)
         messages.add_message(request, LEVELS.get(status, messages.ERROR), text)
         return redirect("bulk_job_detail", pk=target["bulk_job_id"])
     return _answer(request, target["instance_id"], status, text)
@@ -225,23 +244,15 @@ def alert_acknowledge(request: HtmxHttpRequest, alert_id: int) -> HttpResponse:
         raise Http404("no such alert")
     status, text = 200, "Alert acknowledged: it will not be escalated."
     try:
-        commands.alert_acknowledge(
-            alert_id,
-            user=request.user,
-            reason=request.POST.get("reason", "").strip()[:2000],
-        )
+        reason = clean_reason(request.POST.get("reason", ""))
+        commands.alert_acknowledge(alert_id, user=request.user, reason=reason)
+    except forms.ValidationError as exc:
+        status, text = 422, f"Not done: {' '.join(exc.messages)}"
     except AlreadyChanged as exc:
         status, text = 409, f"Not done: {exc}."
     except NotPermitted as exc:
         status, text = 403, f"Not done: {exc}."
-    if not request.htmx:
-        messages.add_message(request, LEVELS.get(status, messages.ERROR), text)
-        return redirect("instance_detail", pk=instance_id)
-    kind = "success" if status == 200 else "error"
-    context = detail_context(request, instance_id, message=(kind, text))
-    return render(
-        request, "workflows/instance_detail.html#live", context, status=status
-    )
+    return _answer(request, instance_id, status, text)
 
 
 # -- bulk ------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.contrib import messages
 from django.db.models import Count
 from django.http import Http404, HttpResponse, QueryDict
@@ -15,7 +16,7 @@ from django_htmx.http import HttpResponseStopPolling
 from workflows_app.engine.commands import bulk
 from workflows_app.engine.errors import EngineError
 from workflows_app.filters import InstanceFilter
-from workflows_app.forms import BulkJobForm
+from workflows_app.forms import BulkJobForm, clean_reason
 from workflows_app.models import BulkJob, BulkJobItem, WorkflowInstance
 from workflows_app.views.common import (
     HtmxHttpRequest,
@@ -170,6 +171,14 @@ def bulk_job_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     return response
 
 
+def refuse_on_job(request: HtmxHttpRequest, pk: int, text: str) -> HttpResponse:
+    """The job's page with why the input was refused (422, nothing done)."""
+    job = get_object_or_404(BulkJob.objects.select_related("created_by"), pk=pk)
+    messages.error(request, text)
+    context = job_context(job, request.user)
+    return render(request, "workflows/bulk_job_detail.html", context, status=422)
+
+
 @require_POST
 @dashboard_view
 def bulk_job_operate(request: HtmxHttpRequest, pk: int, operation: str) -> HttpResponse:
@@ -179,8 +188,10 @@ def bulk_job_operate(request: HtmxHttpRequest, pk: int, operation: str) -> HttpR
     try:
         kwargs: dict[str, Any] = {"user": request.user}
         if operation == "cancel":
-            kwargs["reason"] = request.POST.get("reason", "").strip()[:2000]
+            kwargs["reason"] = clean_reason(request.POST.get("reason", ""))
         command(pk, **kwargs)
+    except forms.ValidationError as exc:
+        return refuse_on_job(request, pk, f"Not done: {' '.join(exc.messages)}")
     except BulkJob.DoesNotExist as exc:
         raise Http404("no such job") from exc
     except EngineError as exc:

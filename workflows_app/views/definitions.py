@@ -9,6 +9,7 @@ from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
 from workflows_app.models import WorkflowDefinition
+from workflows_app.validation import BadInput, check_text
 from workflows_app.views import queries
 from workflows_app.views.common import HtmxHttpRequest, dashboard_view
 
@@ -51,6 +52,10 @@ def _selected(versions: list[WorkflowDefinition], wanted: str | None) -> Any:
 @require_GET
 @dashboard_view
 def definition_detail(request: HtmxHttpRequest, key: str) -> HttpResponse:
+    try:
+        check_text(key)  # %00 names no definition; PostgreSQL refuses NUL
+    except BadInput:
+        raise Http404("no such definition") from None
     versions = queries.definition_versions(key)
     if not versions:
         raise Http404("no such definition")

@@ -18,7 +18,12 @@ MARK_PERMISSION = "workflows_app.add_knownfailure"
 @require_GET
 @dashboard_view
 def failure_group_list(request: HtmxHttpRequest) -> HttpResponse:
-    include_known = request.GET.get("known") != "hide"
+    return _groups_page(request, include_known=request.GET.get("known") != "hide")
+
+
+def _groups_page(
+    request: HtmxHttpRequest, *, include_known: bool, status: int = 200
+) -> HttpResponse:
     groups = failure_groups(include_known=include_known)
     return render(
         request,
@@ -35,6 +40,7 @@ def failure_group_list(request: HtmxHttpRequest) -> HttpResponse:
                 )
             ),
         },
+        status=status,
     )
 
 
@@ -47,7 +53,12 @@ def failure_group_mark(request: HtmxHttpRequest) -> HttpResponse:
         return forbidden(request, "You are not allowed to mark failure groups.")
     form = KnownFailureForm(request.POST)
     forget = "forget" in request.POST
-    if not form.is_valid() or not (forget or form.cleaned_data["note"]):
+    if not form.is_valid():
+        # Refused input (NUL characters...): the page with why, nothing done.
+        problems = [m for errors in form.errors.values() for m in errors]
+        messages.error(request, f"Not marked: {' '.join(problems)}")
+        return _groups_page(request, include_known=True, status=422)
+    if not (forget or form.cleaned_data["note"]):
         messages.error(request, "Not marked: a note is required.")
         return redirect("failure_group_list")
     key = {

@@ -13,7 +13,9 @@ from django.shortcuts import get_object_or_404, redirect
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
+from workflows_app.forms import TextField, sentence
 from workflows_app.models import SavedView
+from workflows_app.validation import BadInput, check_text
 from workflows_app.views.common import HtmxHttpRequest, dashboard_view
 
 # Page position is not part of a view.
@@ -21,9 +23,23 @@ NOT_SAVED = ("cursor",)
 
 
 class SavedViewForm(forms.Form):
-    name = forms.CharField(max_length=100, strip=True)
-    query = forms.CharField(max_length=4000, required=False, strip=True)
+    name = TextField(what="name", max_length=100, strip=True)
+    query = TextField(what="query", max_length=4000, required=False, strip=True)
     shared = forms.BooleanField(required=False, initial=True)
+
+    def clean_query(self) -> QueryDict:
+        """The list's filters, decoded: a %00 in them is refused like a NUL
+        typed in (the saved list could never be shown)."""
+        params = QueryDict(self.cleaned_data["query"], mutable=True)
+        for name in NOT_SAVED:
+            params.pop(name, None)
+        for name, values in params.lists():
+            for value in [name, *values]:
+                try:
+                    check_text(value, "a filter of the list")
+                except BadInput as exc:
+                    raise forms.ValidationError(sentence(exc.message)) from None
+        return params
 
 
 def saved_views_for(user: Any) -> list[SavedView]:
@@ -44,11 +60,12 @@ def view_url(view: SavedView) -> str:
 def saved_view_create(request: HtmxHttpRequest) -> HttpResponse:
     form = SavedViewForm(request.POST)
     if not form.is_valid():
-        messages.error(request, "Not saved: the view needs a name.")
+        problems = [m for errors in form.errors.values() for m in errors]
+        if not request.POST.get("name", "").strip():
+            problems = ["the view needs a name."]
+        messages.error(request, f"Not saved: {' '.join(problems)}")
         return redirect("instance_list")
-    params = QueryDict(form.cleaned_data["query"], mutable=True)
-    for name in NOT_SAVED:
-        params.pop(name, None)
+    params = form.cleaned_data["query"]
     try:
         with transaction.atomic():
             view = SavedView.objects.create(
