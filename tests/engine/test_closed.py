@@ -590,3 +590,48 @@ def test_acknowledge_takes_the_instance_lock_before_the_alert(broker):
     holder.join(10)
     acker.join(10)
     assert Alert.objects.get(pk=alert.pk).acknowledged_at is not None
+
+
+def test_an_event_after_close_is_noted_and_alerts(broker_no_inline):
+    """A step that awaits an event is waiting when its instance is closed;
+    the event then reports the effect: a note and an alert, no change."""
+    instance, _claim = in_flight_at_deadline(
+        broker_no_inline,
+        steps=[
+            {"name": "one"},
+            {
+                "name": "two",
+                "timeout": ATTEMPT_TIMEOUT,
+                "awaits_event": "parcel.shipped",
+            },
+        ],
+    )
+    claim = _claim
+    # The participant accepted the call: the step waits for the event.
+    commands.attempt_record(
+        claim.instance_id,
+        claim.step_id,
+        "action",
+        claim.context.attempt,
+        SUCCESS,
+        actor=WORKER,
+    )
+    assert step(instance, "two").state == "waiting"
+    instance = close(instance)
+    before = last_row(instance)
+    result = commands.event_ingest(
+        "evt-1",
+        event_type="parcel.shipped",
+        correlation_key=instance.business_key,
+        payload={"parcel": "P-1"},
+        actor=Actor.event("shipping"),
+    )
+    assert result.response["completed"] == []
+    assert [r.transition for r in rows_after(instance, before)] == [
+        "late_outcome_ignored",
+        "alert_opened",
+    ]
+    assert Alert.objects.get(instance=instance, resolved_at__isnull=True).kind == (
+        Alert.Kind.LATE_EFFECT
+    )
+    assert state_changes_after_outcome(instance) == []

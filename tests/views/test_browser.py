@@ -169,20 +169,21 @@ def test_operator_compensates_an_instance_on_hold_and_watches_it_undo(
     expect(page.locator("#instance-live")).to_have_attribute(
         "data-state", "compensating"
     )
-    # Newest first: step three's undo (its outcome is uncertain) is queued,
-    # the earlier steps wait their turn.
-    expect(strip.nth(2).locator(".strip__comp")).to_contain_text("pending")
-    expect(strip.nth(1).locator(".strip__comp")).to_contain_text("undo ready")
-    broker.deliver(broker.queue.pop(0))  # step three's compensation runs
-    expect(strip.nth(2).locator(".strip__comp")).to_contain_text("undone")
+    # Newest first: step three was declined for good, so nothing of it is
+    # undone; step two's undo is queued, step one waits its turn.
+    expect(strip.nth(2).locator(".strip__comp")).to_contain_text("not needed")
     expect(strip.nth(1).locator(".strip__comp")).to_contain_text("pending")
     expect(strip.nth(0).locator(".strip__comp")).to_contain_text("undo ready")
-    broker.run()  # then step two's, then step one's
+    broker.deliver(broker.queue.pop(0))  # step two's compensation runs
+    expect(strip.nth(1).locator(".strip__comp")).to_contain_text("undone")
+    expect(strip.nth(0).locator(".strip__comp")).to_contain_text("pending")
+    broker.run()  # then step one's
     expect(page.locator("#instance-live")).to_have_attribute(
         "data-state", "compensated"
     )
-    for n in range(3):
+    for n in range(2):
         expect(strip.nth(n).locator(".strip__comp")).to_contain_text("undone")
+    expect(strip.nth(2).locator(".strip__comp")).to_contain_text("not needed")
     expect(page.locator("#timeline")).to_contain_text("finish_compensation")
 
 

@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.db.models.functions import Now
 
 from workflows_app.engine.actors import Actor
@@ -21,6 +21,7 @@ from workflows_app.engine.commands.execution import Outcome, _record
 from workflows_app.engine.errors import InvalidInput
 from workflows_app.engine.transitions import Change, db_now
 from workflows_app.models import (
+    TERMINAL_STATES,
     Attempt,
     InboundMessage,
     StepExecution,
@@ -176,13 +177,18 @@ def event_ingest(
 def _complete_waiting_steps(
     event: dict[str, Any], actor: Actor
 ) -> list[dict[str, Any]]:
-    """Orchestrated steps that await this event type for this business key."""
+    """Orchestrated steps that await this event type for this business key;
+    and steps whose wait a close cut short (the engine then only notes the
+    event, and raises an alert: the effect came after the close)."""
+    awaiting = Q(state__in=[StepState.RUNNING, StepState.WAITING]) | Q(
+        state=StepState.UNKNOWN, instance__state__in=TERMINAL_STATES
+    )
     waiting = list(
         StepExecution.objects.filter(
+            awaiting,
             instance__business_key=event["correlation_key"],
             instance__definition__mode="orchestrated",
             step_definition__awaits_event=event["type"],
-            state__in=[StepState.RUNNING, StepState.WAITING],
         )
         .order_by("instance_id", "position")
         .values_list("instance_id", "id", "attempt")
