@@ -19,7 +19,7 @@ from workflows_app.engine import commands
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands.execution import Outcome
 from workflows_app.engine.commands.repair import instance_repair_input
-from workflows_app.engine.errors import TransitionRejected
+from workflows_app.engine.errors import InvalidInput, TransitionRejected
 from workflows_app.engine.sweeps import sweep_all
 from workflows_app.models import (
     TERMINAL_STATES,
@@ -635,3 +635,27 @@ def test_an_event_after_close_is_noted_and_alerts(broker_no_inline):
         Alert.Kind.LATE_EFFECT
     )
     assert state_changes_after_outcome(instance) == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("reason", "nul \x00 inside"),
+        ("reason", "lone \ud800"),
+        ("output", {"a": float("nan")}),
+    ],
+)
+def test_the_engine_refuses_what_postgres_cannot_store(broker, field, value):
+    """Pages and the API validate first; the engine refuses on its own too,
+    whatever calls it, before anything is written."""
+    make_definition(steps=[{"name": "one", "max_attempts": 1}], failure_policy="hold")
+    instance = refresh(start(simulate={"one": "fail"}))
+    broker.run()
+    instance = refresh(instance)
+    before = last_row(instance)
+    kwargs = {"reason": "done by hand", "output": {"ok": True}, field: value}
+    with pytest.raises(InvalidInput):
+        commands.instance_mark_step_done(
+            instance.id, user=operator(), expected_version=instance.version, **kwargs
+        )
+    assert rows_after(instance, before) == []

@@ -8,6 +8,7 @@ from typing import Any
 from django.db import transaction
 from django_fsm import can_proceed, has_transition_perm
 
+from workflows_app import validation
 from workflows_app.engine import four_eyes, progress
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.errors import (
@@ -42,8 +43,9 @@ def _open(
     """Lock the instance for an operator; ``tags`` (the bulk job or approval
     the action comes from) go into every timeline row it writes. An action
     the workflow puts under four eyes needs its ``approval``."""
-    if not reason or not reason.strip():
+    if not isinstance(reason, str) or not reason.strip():
         raise InvalidInput("a reason is required")
+    checked_text(reason, "the reason")
     change = Change.open(instance_id, Actor.operator(user))
     change.check_version(expected_version)
     four_eyes.require(change.instance, action, approval)
@@ -51,6 +53,24 @@ def _open(
     if approval is not None:
         change.tags.setdefault("approved_by", approval.approved_by)
     return change
+
+
+def checked_text(value: Any, where: str) -> None:
+    """The engine's own guard (the pages and the API check first): text that
+    PostgreSQL cannot store is refused before anything is written."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{where} must be text")
+    try:
+        validation.check_text(value, where)
+    except validation.BadInput as exc:
+        raise InvalidInput(str(exc)) from None
+
+
+def checked_json(value: Any, where: str) -> None:
+    try:
+        validation.check_json(value, where)
+    except validation.BadInput as exc:
+        raise InvalidInput(str(exc)) from None
 
 
 def without_transaction(command: Any) -> Any:
@@ -176,6 +196,7 @@ def instance_mark_step_done(
     approval: Approval | None = None,
 ) -> None:
     """Record that a person did the blocking step by hand, then move on."""
+    checked_json(output, "the output")
     change = _open(
         instance_id,
         user,

@@ -9,7 +9,7 @@ from typing import Any
 
 from django.db import transaction
 
-from workflows_app.engine.commands.operator import _open
+from workflows_app.engine.commands.operator import _open, checked_json
 from workflows_app.engine.errors import InvalidInput, NotPermitted, TransitionRejected
 from workflows_app.engine.four_eyes import Approval
 from workflows_app.engine.json_diff import json_diff
@@ -43,6 +43,7 @@ def _check(change: Any, user: Any, value: Any) -> None:
         )
     if not isinstance(value, dict):
         raise InvalidInput("the new value must be a JSON object")
+    checked_json(value, "the new value")
 
 
 @transaction.atomic(durable=True)
