@@ -16,7 +16,7 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
-from workflows_app.engine import commands
+from workflows_app.engine import commands, operate
 from workflows_app.engine.commands import approvals, repair
 from workflows_app.engine.errors import (
     AlreadyChanged,
@@ -58,46 +58,47 @@ LEVELS = {200: messages.SUCCESS, 403: messages.ERROR, 409: messages.WARNING}
 def _perform(
     request: HtmxHttpRequest, pk: Any, action: Action, form: ActionForm
 ) -> tuple[int, str]:
-    """Run the action's command; return the HTTP status and what to tell."""
+    """Run the action; return the HTTP status and what to tell."""
     if not form.is_valid():
         return 422, "Not done: please correct the form below."
     data = form.cleaned_data
-    kwargs: dict[str, Any] = {
-        "user": request.user,
-        "reason": data["reason"],
-        "expected_version": data["version"],
-    }
-    if action.targets_step and data.get("step"):
-        kwargs["step_id"] = data["step"]
-    if "output" in data:
-        kwargs["output"] = data["output"]
-    return _run(pk, action.name, action.command, kwargs, f"{action.label}: done.")
+    step = data.get("step") if action.targets_step else None
+    extra = {"output": data["output"]} if "output" in data else None
+    return _run(
+        pk,
+        action.name,
+        request.user,
+        data["reason"],
+        data["version"],
+        step=step or None,
+        data=extra,
+        done=f"{action.label}: done.",
+    )
 
 
 def _run(
-    pk: Any, name: str, command: Any, kwargs: dict[str, Any], done: str
+    pk: Any,
+    name: str,
+    user: Any,
+    reason: str,
+    version: int | None,
+    *,
+    step: int | None = None,
+    data: dict[str, Any] | None = None,
+    done: str,
 ) -> tuple[int, str]:
-    """Run an operator command, or hold it for approval where the instance's
-    definition asks for four eyes; return the HTTP status and what to tell."""
+    """Do the action through the catalogue (which asks a second operator
+    where the workflow wants four eyes); return the HTTP status and text."""
     try:
-        instance = WorkflowInstance.objects.select_related("definition").get(pk=pk)
-        if approvals.needs_approval(instance, name):
-            user = kwargs.pop("user")
-            reason = kwargs.pop("reason")
-            version = kwargs.pop("expected_version")
-            approvals.approval_request(
-                pk,
-                action=name,
-                user=user,
-                reason=reason,
-                params=kwargs,
-                expected_version=version,
-            )
-            return 200, (
-                "Sent for approval: a second operator must approve it before "
-                "anything happens."
-            )
-        command(pk, **kwargs)
+        outcome = operate.act(
+            pk,
+            name,
+            user=user,
+            reason=reason,
+            step_id=step,
+            data=data,
+            expected_version=version,
+        )
     except WorkflowInstance.DoesNotExist as exc:
         raise Http404("no such instance") from exc
     except AlreadyChanged:
@@ -108,6 +109,11 @@ def _run(
         return 422, f"Not done: {exc}."
     except TransitionRejected as exc:
         return 409, f"Not done: {exc}. {CHANGED.split('. ', 1)[1]}"
+    if not outcome.done:
+        return 200, (
+            "Sent for approval: a second operator must approve it before "
+            "anything happens."
+        )
     return 200, done
 
 
@@ -163,20 +169,22 @@ def instance_repair(request: HtmxHttpRequest, pk: Any) -> HttpResponse:
             bound=("repair", form),
         )
     data = form.cleaned_data
-    kwargs: dict[str, Any] = {
-        "user": request.user,
-        "reason": data["reason"],
-        "expected_version": data["version"],
-    }
     if data["target"] == "input":
-        name, command = "repair_input", repair.instance_repair_input
-        kwargs["new_input"] = data["value"]
+        name, step, value = "repair_input", None, {"input": data["value"]}
         done = "Input corrected; the timeline shows the change."
     else:
-        name, command = "repair_output", repair.step_repair_output
-        kwargs.update(step_id=data["target"], new_output=data["value"])
+        name, step, value = "repair_output", data["target"], {"output": data["value"]}
         done = "Step output corrected; the timeline shows the change."
-    status, text = _run(pk, name, command, kwargs, done)
+    status, text = _run(
+        pk,
+        name,
+        request.user,
+        data["reason"],
+        data["version"],
+        step=step,
+        data=value,
+        done=done,
+    )
     return _answer(
         request, pk, status, text, bound=("repair", form) if status == 422 else None
     )

@@ -4,7 +4,7 @@ and the catalogue of operator actions."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import wraps
 from typing import Any
 
@@ -16,7 +16,7 @@ from django.urls import reverse
 from django_htmx.middleware import HtmxDetails
 
 from workflows_app import forms
-from workflows_app.engine import commands
+from workflows_app.engine.actions import TRANSITIONS, OperatorAction, availability
 from workflows_app.models import StepExecution, WorkflowInstance
 
 VIEW_PERMISSION = "workflows_app.view_workflowinstance"
@@ -64,109 +64,39 @@ def poll_seconds() -> float:
     return float(getattr(settings, "SAGA_DASHBOARD_POLL_SECONDS", 5))
 
 
-@dataclasses.dataclass(frozen=True)
-class Action:
-    """One operator action: the instance transition that gates it (so the
-    button shows only where django-fsm allows it for this user) and the
-    engine command that performs it."""
-
-    name: str
-    label: str
-    explains: str
-    command: Callable[..., None]
-    permission: str
-    form_class: type[forms.ActionForm] = forms.ActionForm
-    targets_step: bool = False
-    danger: bool = False
-
-
-ACTIONS = {
-    action.name: action
-    for action in [
-        Action(
-            "retry_step",
-            "Retry step now",
-            "Run the failed step again now, with a fresh budget of attempts.",
-            commands.instance_retry_step,
-            "workflows_app.retry_step",
-            targets_step=True,
-        ),
-        Action(
-            "resume",
-            "Resume",
-            "Accept that the deadline passed and let the workflow continue.",
-            commands.instance_resume,
-            "workflows_app.resume_instance",
-        ),
-        Action(
-            "mark_step_done",
-            "Mark step done by hand",
-            "Record that a person did this step outside the system; the "
-            "workflow continues with the next step.",
-            commands.instance_mark_step_done,
-            "workflows_app.mark_step_done",
-            form_class=forms.MarkStepDoneForm,
-            targets_step=True,
-        ),
-        Action(
-            "retry_compensation",
-            "Retry compensation",
-            "Run the failed compensation again, then continue undoing.",
-            commands.instance_retry_compensation,
-            "workflows_app.retry_compensation",
-        ),
-        Action(
-            "restart_from_step",
-            "Restart from an earlier step",
-            "Undo the steps from the chosen one up to the failed one (newest "
-            "first, where they have a compensation), then run them again as a "
-            "new run with new idempotency keys.",
-            commands.instance_restart_from_step,
-            "workflows_app.restart_instance",
-            form_class=forms.RestartForm,
-            targets_step=True,
-            danger=True,
-        ),
-        Action(
-            "compensate",
-            "Compensate",
-            "Undo the steps that took effect, newest first. Cannot be reversed.",
-            commands.instance_compensate,
-            "workflows_app.compensate_instance",
-            danger=True,
-        ),
-        Action(
-            "cancel",
-            "Cancel",
-            "Stop the workflow: if nothing ran it ends at once, otherwise the "
-            "steps done are undone.",
-            commands.instance_cancel,
-            "workflows_app.cancel_instance",
-            danger=True,
-        ),
-        Action(
-            "close_as_failed",
-            "Close as failed",
-            "End the workflow as failed without undoing anything: a person "
-            "takes it from here.",
-            commands.instance_close_as_failed,
-            "workflows_app.close_instance",
-            danger=True,
-        ),
-    ]
+# The form each catalogued action's button posts (the default: a reason).
+FORMS: dict[str, type[forms.ActionForm]] = {
+    "mark_step_done": forms.MarkStepDoneForm,
+    "restart_from_step": forms.RestartForm,
 }
 
 
-def blocked_step(steps: list[StepExecution]) -> StepExecution | None:
-    """The step that stops forward progress (what retry / mark done act on)."""
-    return next((s for s in steps if s.state in {"failed", "unknown"}), None)
+@dataclasses.dataclass(frozen=True)
+class Action:
+    """One operator action as a page shows it: the engine's catalogue entry
+    and the form its button posts."""
+
+    spec: OperatorAction
+    form_class: type[forms.ActionForm]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.spec, name)
 
 
-def available_actions(instance: WorkflowInstance, user: Any) -> list[Action]:
-    """The operator actions django-fsm allows on this instance for this user,
-    in display order."""
-    allowed = {
-        t.name
-        for t in instance.get_available_user_state_transitions(user)  # type: ignore[attr-defined]
-    }
+ACTIONS = {
+    spec.name: Action(spec, FORMS.get(spec.name, forms.ActionForm))
+    for spec in TRANSITIONS
+}
+
+
+def available_actions(
+    instance: WorkflowInstance,
+    user: Any,
+    steps: Sequence[StepExecution],
+    guarded: set[str],
+) -> list[Action]:
+    """The operator actions the catalogue allows on this instance for this
+    user now, in display order (``guarded``: its four-eyes actions)."""
+    offered = availability(instance, user, steps, guarded)
+    allowed = {a.action.name for a in offered if a.allowed}
     return [action for name, action in ACTIONS.items() if name in allowed]

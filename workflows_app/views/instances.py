@@ -11,8 +11,8 @@ from django.shortcuts import get_object_or_404, render
 from django.views.decorators.http import require_GET
 from django_htmx.http import HttpResponseStopPolling
 
+from workflows_app.engine.blocking import blocking_step, restart_points
 from workflows_app.engine.commands import approvals, repair
-from workflows_app.engine.commands.operator import restart_points
 from workflows_app.filters import SORTS, InstanceFilter
 from workflows_app.forms import ActionForm, BulkActionForm, RepairForm
 from workflows_app.models import (
@@ -26,7 +26,6 @@ from workflows_app.views import queries
 from workflows_app.views.common import (
     HtmxHttpRequest,
     available_actions,
-    blocked_step,
     dashboard_view,
     poll_seconds,
     wants_partial,
@@ -133,13 +132,11 @@ def detail_context(
         .select_related("acknowledged_by")
         .order_by("opened_at")
     )
-    blocked = blocked_step(steps)
+    blocked = blocking_step(steps)
     needs_approval = set(approvals.approval_policy(instance).approval_actions or [])
     points = restart_points(steps, blocked)
     action_forms = []
-    for action in available_actions(instance, request.user):
-        if action.name == "restart_from_step" and not points:
-            continue  # the definition allows no restart from here
+    for action in available_actions(instance, request.user, steps, needs_approval):
         form = bound[1] if bound and bound[0] == action.name else None
         if form is None:
             step_id = blocked.id if action.targets_step and blocked else None

@@ -9,6 +9,7 @@ from typing import Any
 from django.db import transaction
 from django_fsm import can_proceed, has_transition_perm
 
+from workflows_app.engine import actions
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands import bulk, operator, repair
 from workflows_app.engine.errors import (
@@ -24,19 +25,6 @@ from workflows_app.models import ApprovalRequest
 
 APPROVE_PERMISSION = "workflows_app.approve_request"
 BULK = "bulk_job"
-# Instance action -> the engine command done at approval.
-COMMANDS = {
-    "retry_step": operator.instance_retry_step,
-    "resume": operator.instance_resume,
-    "mark_step_done": operator.instance_mark_step_done,
-    "retry_compensation": operator.instance_retry_compensation,
-    "compensate": operator.instance_compensate,
-    "cancel": operator.instance_cancel,
-    "close_as_failed": operator.instance_close_as_failed,
-    "restart_from_step": operator.instance_restart_from_step,
-    "repair_input": repair.instance_repair_input,
-    "repair_output": repair.step_repair_output,
-}
 
 
 def _may_request(change: Change, action: str, user: Any) -> None:
@@ -66,7 +54,7 @@ def approval_request(
     expected_version: int | None = None,
 ) -> ApprovalRequest:
     """Hold an operator action for a second operator's approval."""
-    if action not in COMMANDS:
+    if action not in actions.CATALOGUE:
         raise InvalidInput(f"{action!r} is not an action that can be approved")
     if not reason or not reason.strip():
         raise InvalidInput("a reason is required")
@@ -102,7 +90,7 @@ def _execute(request: ApprovalRequest) -> None:
     if request.action == BULK:
         bulk.confirm_approved(request.bulk_job_id, user=request.requested_by)
         return
-    command = operator.without_transaction(COMMANDS[request.action])
+    command = operator.without_transaction(actions.CATALOGUE[request.action].command)
     command(
         request.instance_id,
         user=request.requested_by,

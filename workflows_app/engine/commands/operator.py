@@ -11,6 +11,7 @@ from django_fsm import can_proceed, has_transition_perm
 from workflows_app import validation
 from workflows_app.engine import four_eyes, progress
 from workflows_app.engine.actors import Actor
+from workflows_app.engine.blocking import blocking_step, restart_points
 from workflows_app.engine.errors import (
     AlreadyChanged,
     InvalidInput,
@@ -26,8 +27,6 @@ from workflows_app.models import (
     StepExecution,
     StepState,
 )
-
-BLOCKED = {StepState.FAILED, StepState.UNKNOWN}
 
 
 def _open(
@@ -93,7 +92,7 @@ def _blocked_step(
             f"{transition.replace('_', ' ')} is not allowed while the instance "
             f"is {instance.state}"
         )
-    blocked = next((s for s in change.steps if s.state in BLOCKED), None)
+    blocked = blocking_step(change.steps)
     if blocked is None or (step_id is not None and blocked.id != step_id):
         raise TransitionRejected("no failed or unknown step blocks this instance there")
     return blocked
@@ -342,20 +341,6 @@ def _fence_open_work(change: Change) -> None:
         if step.deadline_at or step.redispatch_at or step.next_attempt_at:
             step.deadline_at = step.redispatch_at = step.next_attempt_at = None
             change.mark_step(step)
-
-
-def restart_points(
-    steps: list[StepExecution], blocked: StepExecution | None
-) -> list[StepExecution]:
-    """The steps an instance may restart from: marked as restart points in
-    its pinned definition, at or before the step that blocks it."""
-    if blocked is None:
-        return []
-    return [
-        s
-        for s in steps
-        if s.step_definition.restart_point and s.position <= blocked.position
-    ]
 
 
 @transaction.atomic(durable=True)
