@@ -30,12 +30,11 @@ from workflows_app.models import (
     TERMINAL_STATES,
     ActorKind,
     Alert,
-    AttentionKind,
-    InstanceState,
     TransitionLog,
     WorkflowDefinition,
     WorkflowInstance,
 )
+from workflows_app.monitoring import metrics
 
 log = logging.getLogger(__name__)
 SEND_LEASE = timedelta(minutes=2)
@@ -44,15 +43,7 @@ MAX_RETRY_DELAY = timedelta(hours=1)
 
 def alert_kind(instance: WorkflowInstance) -> str:
     """Which episode a stuck instance is in (a new kind is a new alert)."""
-    if instance.state == InstanceState.NEEDS_ATTENTION:
-        if instance.attention_kind == AttentionKind.COMPENSATION_FAILED:
-            return Alert.Kind.COMPENSATION_FAILED
-        if instance.attention_kind == AttentionKind.DEADLINE:
-            return Alert.Kind.DEADLINE
-        return Alert.Kind.HELD
-    if "was not reported within" in instance.stuck_reason:
-        return Alert.Kind.MILESTONE_OVERDUE
-    return Alert.Kind.NO_PROGRESS
+    return instance.stuck_kind or Alert.Kind.NO_PROGRESS
 
 
 def instance_url(instance_id: Any) -> str:
@@ -270,6 +261,7 @@ def _deliver(
         mail.send_messages([message])
     except Exception as exc:  # any transport error: record it and retry later
         log.warning("alert mail to %s failed: %s", message.to, exc)
+        metrics.alert_delivery_failed("email", len(alerts))
         for alert in alerts:
             attempts = alert.send_attempts + 1
             Alert.objects.filter(pk=alert.pk).update(

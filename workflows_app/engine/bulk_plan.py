@@ -14,13 +14,6 @@ from django_fsm import can_proceed, has_transition_perm
 
 from workflows_app.models import AttentionKind, BulkJob, WorkflowInstance
 
-# Engine command per planned transition (names in engine.commands).
-COMMANDS = {
-    "retry_step": "instance_retry_step",
-    "retry_compensation": "instance_retry_compensation",
-    "compensate": "instance_compensate",
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class ItemPlan:

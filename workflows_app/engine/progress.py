@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from workflows_app.engine import stuck
 from workflows_app.engine.planning import Decision, InstanceView, Move, StepView, decide
 from workflows_app.engine.transitions import Change
 
@@ -117,10 +118,7 @@ def _apply(change: Change, decision: Decision) -> None:
             reason,
             reason=step.last_error or decision.reason,
         )
-        instance.stuck = True
-        instance.alert_due = True
-        instance.stuck_reason = reason[:300]
-        instance.stuck_since = change.now
+        stuck.mark_held(instance, change.now, reason)
         park_work(change)
     elif move is Move.UNSCHEDULE:
         assert step is not None

@@ -29,7 +29,7 @@ from django.db import connection, transaction
 from django.db.models import Case, F, Q, QuerySet, Value, When
 
 from workflows_app import alerts
-from workflows_app.engine import commands, dispatch, progress
+from workflows_app.engine import commands, dispatch, progress, stuck
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands import approvals
 from workflows_app.engine.errors import EngineError
@@ -43,9 +43,11 @@ from workflows_app.models import (
     InstanceState,
     StepExecution,
     StepState,
+    StuckKind,
     TransitionLog,
     WorkflowInstance,
 )
+from workflows_app.monitoring import metrics
 
 log = logging.getLogger(__name__)
 ACTOR = Actor.system("sweep")
@@ -186,12 +188,7 @@ def instance_enforce_deadline(instance_id: Any) -> bool:
         return False
     reason = f"the workflow deadline {instance.deadline_at.isoformat()} passed"
     change.fire(instance, "hold", AttentionKind.DEADLINE, reason, reason=reason)
-    instance.stuck, instance.stuck_reason, instance.stuck_since = (
-        True,
-        reason[:300],
-        change.now,
-    )
-    instance.alert_due = True
+    stuck.mark_held(instance, change.now, reason)
     progress.park_work(change)
     change.save()
     return True
@@ -222,7 +219,11 @@ def flag_stuck(now: datetime, batch: int) -> int:
             return 0
         seen = {row["id"]: row for row in rows}
         WorkflowInstance.objects.filter(due, pk__in=seen).update(
-            stuck=True, stuck_reason="no progress", stuck_since=now, alert_due=True
+            stuck=True,
+            stuck_kind=StuckKind.NO_PROGRESS,
+            stuck_reason="no progress",
+            stuck_since=now,
+            alert_due=True,
         )
         flagged = list(
             WorkflowInstance.objects.filter(
@@ -256,6 +257,7 @@ def flag_stuck(now: datetime, batch: int) -> int:
     return len(flagged)
 
 
+@metrics.timed_sweep
 def sweep_all(batch: int | None = None) -> dict[str, int]:
     size = batch or settings.SAGA_SWEEP_BATCH
     now = db_now()

@@ -18,7 +18,7 @@ from django.db.models.functions import Now
 from django.utils import timezone
 from django_fsm import ConcurrentTransition, can_proceed, has_transition_perm
 
-from workflows_app.engine import dispatch
+from workflows_app.engine import dispatch, stuck
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.errors import AlreadyChanged, NotPermitted, TransitionRejected
 from workflows_app.engine.signatures import error_signature
@@ -30,6 +30,7 @@ from workflows_app.models import (
     TransitionLog,
     WorkflowInstance,
 )
+from workflows_app.monitoring import metrics
 
 STEP_FIELDS = [
     "state",
@@ -63,6 +64,7 @@ INSTANCE_FIELDS = [
     "deadline_at",
     "stuck_check_at",
     "stuck",
+    "stuck_kind",
     "stuck_reason",
     "stuck_since",
     "alert_due",
@@ -263,6 +265,7 @@ class Change:
             self._end_alert_episode()
         if self._logs:
             TransitionLog.objects.bulk_create(self._logs)
+            transaction.on_commit(metrics.recorder(instance, self._logs), robust=True)
         for step, direction, wait in self._dispatches:
             self._after_commit.append(
                 dispatch.attempt_sender(
@@ -347,7 +350,4 @@ class Change:
         else:
             instance.stuck_check_at = self.now + instance.definition.stuck_after
         if instance.state != WorkflowInstance.State.NEEDS_ATTENTION:
-            instance.stuck = False
-            instance.alert_due = False
-            instance.stuck_reason = ""
-            instance.stuck_since = None
+            stuck.clear_stuck(instance)

@@ -21,6 +21,7 @@ from workflows_app.models.runtime import (
     InstanceState,
     StepExecution,
     StepState,
+    StuckKind,
     WorkflowInstance,
 )
 from workflows_app.models.tokens import ApiToken
@@ -46,6 +47,7 @@ __all__ = [
     "StepDefinition",
     "StepExecution",
     "StepState",
+    "StuckKind",
     "TransitionLog",
     "WorkflowDefinition",
     "WorkflowInstance",

@@ -88,6 +88,17 @@ class AttentionKind(models.TextChoices):
     DEADLINE = "deadline", "the workflow deadline passed"
 
 
+class StuckKind(models.TextChoices):
+    """Why a stuck instance is stuck (its alert is of the same kind)."""
+
+    NONE = "", "-"
+    NO_PROGRESS = "no_progress", "no progress"
+    DEADLINE = "deadline", "deadline passed"
+    HELD = "held", "waits on a person"
+    COMPENSATION_FAILED = "compensation_failed", "compensation failed"
+    MILESTONE_OVERDUE = "milestone_overdue", "expected event missing"
+
+
 def _forward_blocked(instance: WorkflowInstance) -> bool:
     return instance.attention_kind in {
         AttentionKind.STEP_FAILED,
@@ -169,6 +180,11 @@ class WorkflowInstance(VersionedFSMMixin, models.Model):
     # (state compensating); cleared when the instance runs forward again.
     restart_position = models.PositiveIntegerField(null=True, blank=True)
     stuck = models.BooleanField(default=False)
+    # A database default too, so bulk loaders that insert rows directly
+    # (generate_load) need not know every bookkeeping column.
+    stuck_kind = models.CharField(
+        max_length=30, choices=StuckKind.choices, default="", db_default="", blank=True
+    )
     stuck_reason = models.CharField(max_length=300, blank=True)
     stuck_since = models.DateTimeField(null=True, blank=True)
     # Sweep bookkeeping: set when the instance turns stuck, cleared once its

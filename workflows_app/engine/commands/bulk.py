@@ -28,8 +28,8 @@ from django.db.models import Count, Q
 from django.db.models.functions import Now
 from django_fsm import can_proceed
 
-from workflows_app.engine import dispatch
-from workflows_app.engine.bulk_plan import COMMANDS, plan_item
+from workflows_app.engine import actions, dispatch
+from workflows_app.engine.bulk_plan import plan_item
 from workflows_app.engine.commands import operator
 from workflows_app.engine.errors import (
     AlreadyChanged,
@@ -156,7 +156,8 @@ def bulk_job_plan(
                     job=job,
                     instance=instance,
                     seen_version=instance.version,
-                    command=COMMANDS.get(plan.transition, ""),
+                    # The catalogue's action name (its transition's name).
+                    command=plan.transition,
                     plan=plan.description[:300],
                     outcome=BulkJobItem.Outcome.PENDING
                     if plan.acts
@@ -344,11 +345,13 @@ def _record(item: BulkJobItem, outcome: str, message: str) -> None:
     )
 
 
-def _apply(job: BulkJob, item: BulkJobItem, approval: Approval | None) -> None:
+def _apply(job: BulkJob, item: BulkJobItem, approval: Approval | None = None) -> None:
     """Run one item's command and record its outcome in the same transaction:
     a runner killed half-way leaves the item pending and the instance
     untouched, so the next runner acts on it exactly once."""
-    command = operator.without_transaction(getattr(operator, item.command))
+    # Rows planned before the catalogue hold the command's function name.
+    action = actions.CATALOGUE[item.command.removeprefix("instance_")]
+    command = operator.without_transaction(action.command)
     try:
         with transaction.atomic(durable=True):
             # Still pending under a lock: a cancel that marked it meanwhile

@@ -18,7 +18,7 @@ from django.conf import settings
 from django.db import transaction
 
 from workflows_app.activities.base import ActivityContext
-from workflows_app.engine import planning, progress
+from workflows_app.engine import planning, progress, stuck
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.transitions import Change
 from workflows_app.models import (
@@ -29,6 +29,7 @@ from workflows_app.models import (
     InstanceState,
     StepExecution,
     StepState,
+    StuckKind,
 )
 
 ACTION = Attempt.Direction.ACTION
@@ -569,9 +570,9 @@ def _milestone_overdue(change: Change, step: StepExecution) -> bool:
     step.deadline_at = None
     change.mark_step(step)
     instance = change.instance
-    instance.stuck, instance.stuck_reason = True, reason[:300]
-    instance.alert_due = True
-    instance.stuck_since = instance.stuck_since or change.now
+    stuck.mark_stuck(
+        instance, change.now, StuckKind.MILESTONE_OVERDUE, reason, new_episode=False
+    )
     change.mark_instance()
     change.note("milestone_overdue", step=step, reason=reason)
     change.save()
