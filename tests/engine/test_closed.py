@@ -659,3 +659,22 @@ def test_the_engine_refuses_what_postgres_cannot_store(broker, field, value):
             instance.id, user=operator(), expected_version=instance.version, **kwargs
         )
     assert rows_after(instance, before) == []
+
+
+def test_re_sends_of_unclaimed_work_back_off(broker_no_inline, settings):
+    """A message stuck behind a backlog is re-sent after SAGA_REDISPATCH_AFTER,
+    then after twice that, and so on: copies do not pile up behind it."""
+    settings.SAGA_REDISPATCH_AFTER = 30
+    make_definition()
+    instance = start()
+    broker_no_inline.deliver(broker_no_inline.queue.pop(0))  # schedules step one
+    broker_no_inline.queue.clear()  # its message waits in a long queue
+    sent = []
+    for _ in range(8):
+        advance_clock(instance, 31)
+        sent.append(sweep_all()["redispatched_steps"])
+    # Due after 30 s, then 60 s, then 120 s (31 s per round).
+    assert sent == [1, 0, 1, 0, 0, 0, 1, 0]
+    broker_no_inline.queue.clear()
+    # Claimed at last: the next send starts from the short interval again.
+    assert step(instance, "one").redispatches == 3

@@ -51,6 +51,9 @@ from workflows_app.monitoring import metrics
 
 log = logging.getLogger(__name__)
 ACTOR = Actor.system("sweep")
+# Re-sends of unclaimed work wait SAGA_REDISPATCH_AFTER, then twice as long
+# each time, up to 2**5 times as long (16 minutes at the default 30 s).
+MAX_BACKOFF_DOUBLINGS = 5
 
 
 def _pick(qs: QuerySet[Any], fields: list[str], batch: int) -> list[dict[str, Any]]:
@@ -76,6 +79,7 @@ def redispatch_steps(now: datetime, batch: int) -> int:
                 "id",
                 "instance_id",
                 "redispatch_at",
+                "redispatches",
                 "next_attempt_at",
                 "state",
                 "compensation_state",
@@ -93,10 +97,16 @@ def redispatch_steps(now: datetime, batch: int) -> int:
                 row["instance__state"] == InstanceState.RUNNING
                 and row["state"] in {StepState.SCHEDULED, StepState.RETRYING}
             )
-            new_value = now + _lease() if claimable else None
+            # Each re-send of the same work waits twice as long (capped).
+            backoff = _lease() * 2 ** min(
+                row["redispatches"] + 1, MAX_BACKOFF_DOUBLINGS
+            )
             won = StepExecution.objects.filter(
                 pk=row["id"], redispatch_at=row["redispatch_at"]
-            ).update(redispatch_at=new_value)
+            ).update(
+                redispatch_at=now + backoff if claimable else None,
+                redispatches=F("redispatches") + 1 if claimable else 0,
+            )
             if won and claimable:
                 wait = max(timedelta(0), (row["next_attempt_at"] or now) - now)
                 sent.append(

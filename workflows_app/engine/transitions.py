@@ -47,6 +47,7 @@ STEP_FIELDS = [
     "next_attempt_at",
     "deadline_at",
     "redispatch_at",
+    "redispatches",
     "last_error",
     "error_signature",
     "output",
@@ -236,6 +237,7 @@ class Change:
         step.redispatch_at = (
             self.now + wait + timedelta(seconds=settings.SAGA_REDISPATCH_AFTER)
         )
+        step.redispatches = 0
         self.mark_step(step)
         self._dispatches.append((step, direction, wait))
 

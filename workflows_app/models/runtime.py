@@ -494,6 +494,10 @@ class StepExecution(ConcurrentTransitionMixin, models.Model):
     next_attempt_at = models.DateTimeField(null=True, blank=True)
     deadline_at = models.DateTimeField(null=True, blank=True)
     redispatch_at = models.DateTimeField(null=True, blank=True)
+    # How often the sweeper re-sent the work since it was last sent or
+    # claimed: each re-send waits twice as long, so a backlog in the broker
+    # is not multiplied by copies queued behind it.
+    redispatches = models.PositiveIntegerField(default=0, db_default=0)
     last_error = models.TextField(blank=True)
     # last_error without what differs per instance: failure groups use it.
     error_signature = models.CharField(max_length=300, blank=True)
@@ -577,6 +581,7 @@ class StepExecution(ConcurrentTransitionMixin, models.Model):
         self.last_failure_permanent = False
         self.next_attempt_at = None
         self.redispatch_at = None
+        self.redispatches = 0
 
     @transition(
         field=state,
@@ -737,6 +742,7 @@ class StepExecution(ConcurrentTransitionMixin, models.Model):
         self.compensation_attempt += 1
         self.next_attempt_at = None
         self.redispatch_at = None
+        self.redispatches = 0
 
     @transition(
         field=compensation_state,
