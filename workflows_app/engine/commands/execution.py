@@ -280,6 +280,14 @@ def _record(
         change.save()
         return False
 
+    if direction == COMPENSATION and outcome.kind == "waiting":
+        # An undo must finish within its attempt: a deferred answer is a
+        # (retryable) failure, and the attempt is closed as one.
+        outcome = Outcome(
+            "failed",
+            error_class="CompensationDeferred",
+            error_message="a compensation cannot wait for a callback",
+        )
     _close_attempt(step, direction, number, outcome, change.now)
     data = {"attempt": number, "source": source}
     if outcome.error:
