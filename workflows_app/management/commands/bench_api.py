@@ -34,6 +34,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection
 
+from workflows_app.bench_support import child_env
 from workflows_app.client import ApiError, ClientError, SagaDeskClient
 from workflows_app.models import ApiToken, StepDefinition, WorkflowDefinition
 
@@ -191,7 +192,7 @@ class Command(BaseCommand):
     ) -> subprocess.Popen[bytes]:
         log = Path(tempfile.mkdtemp(prefix="saga-bench-api-")) / "gunicorn.log"
         connection.close()
-        env = {**os.environ, "CELERY_BROKER_URL": broker, "DEBUG": "0"}
+        env = child_env(CELERY_BROKER_URL=broker, DEBUG="0")
         proc = subprocess.Popen(
             [
                 str(Path(sys.executable).with_name("gunicorn")),

@@ -32,8 +32,9 @@ KEY = "bench-bulk"
 
 
 def clone_instance(template: WorkflowInstance, copies: int, prefix: str) -> None:
-    """Copies of an instance (its row and its steps) made in SQL: each copy is
-    in exactly the state the engine left the original in. PostgreSQL only."""
+    """Copies of an instance (its row, steps and attempts) made in SQL: each
+    copy is in the state the engine left the original in (its history is not
+    copied). PostgreSQL only."""
     q = connection.ops.quote_name
     run = uuid.uuid4().hex
 
@@ -42,12 +43,15 @@ def clone_instance(template: WorkflowInstance, copies: int, prefix: str) -> None
             q(f.column) for f in model._meta.concrete_fields if f.column not in skip
         )
 
-    from workflows_app.models import StepExecution
+    from workflows_app.models import Attempt, StepExecution
 
     instances = q(WorkflowInstance._meta.db_table)
     steps = q(StepExecution._meta.db_table)
+    attempts = q(Attempt._meta.db_table)
     instance_cols = columns(WorkflowInstance, "id", "business_key", "idempotency_key")
     step_cols = columns(StepExecution, "id", "instance_id")
+    attempt_cols = columns(Attempt, "id", "step_id", "task_token")
+    attempt_src = ", ".join(f"a.{c.strip()}" for c in attempt_cols.split(","))
     with connection.cursor() as cursor:
         cursor.execute(
             f"INSERT INTO {instances} (id, business_key, idempotency_key, "
@@ -61,6 +65,17 @@ def clone_instance(template: WorkflowInstance, copies: int, prefix: str) -> None
             f"SELECT md5(%s || g)::uuid, {step_cols} "
             f"FROM {steps}, generate_series(1, %s) g WHERE instance_id = %s",
             [run, copies, template.pk],
+        )
+        # The attempts too, each under its copied step (same position).
+        cursor.execute(
+            f"INSERT INTO {attempts} (step_id, task_token, {attempt_cols}) "
+            f"SELECT copy.id, md5(%s || g || ':' || a.id)::uuid, {attempt_src} "
+            f"FROM {attempts} a JOIN {steps} original ON original.id = a.step_id "
+            f"CROSS JOIN generate_series(1, %s) g JOIN {steps} copy "
+            "ON copy.instance_id = md5(%s || g)::uuid "
+            "AND copy.position = original.position "
+            "WHERE original.instance_id = %s",
+            [run, copies, run, template.pk],
         )
 
 

@@ -28,6 +28,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection
 
 from workflows_app import bench_tasks
+from workflows_app.bench_support import child_env
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands import instance_start
 from workflows_app.models import StepDefinition, WorkflowDefinition, WorkflowInstance
@@ -67,7 +68,7 @@ class Command(BaseCommand):
         definition = self._definition(k)
         worker = self._start_worker(w)
         try:
-            self._warm_up(definition.key)
+            self._warm_up(definition.key, min(20, n))
             single = self._engine_single(definition.key, opts["single_runs"])
             engine = self._engine_throughput(definition.key, n)
             self._report("saga desk", n, k, engine, single)
@@ -120,6 +121,7 @@ class Command(BaseCommand):
                 f"bench-{os.getpid()}@%h",
             ],
             cwd=ROOT,
+            env=child_env(),
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
         )
@@ -132,8 +134,8 @@ class Command(BaseCommand):
         proc.kill()
         raise CommandError(f"the worker did not start; see {log}")
 
-    def _warm_up(self, key: str) -> None:
-        ids = [self._start(key, f"warm-{i}") for i in range(20)]
+    def _warm_up(self, key: str, count: int) -> None:
+        ids = [self._start(key, f"warm-{i}") for i in range(count)]
         self._wait_engine(ids)
 
     # -- engine ---------------------------------------------------------------

@@ -1,0 +1,129 @@
+"""Every benchmark command runs on a freshly migrated PostgreSQL database and
+prints its figures (at a tiny size; the figures' values are not checked).
+Two tests only: each transactional test's flush costs seconds.
+
+``generate_load``'s rows are also checked against the engine: each instance
+is at rest as the planner sees it (nothing left to decide), and a step
+declined for good is never compensated.
+"""
+
+from __future__ import annotations
+
+import re
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+from django.db import transaction
+
+from workflows_app.engine.actors import Actor
+from workflows_app.engine.planning import Move, decide
+from workflows_app.engine.progress import view_of
+from workflows_app.engine.transitions import Change
+from workflows_app.models import Attempt, StepExecution, WorkflowInstance
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+NUMBER = r"[\d.,]+"
+
+
+def run(command: str, **options: object) -> str:
+    out = StringIO()
+    call_command(command, stdout=out, **options)
+    return out.getvalue()
+
+
+def figure(pattern: str, output: str) -> re.Match[str]:
+    match = re.search(pattern, output, re.MULTILINE)
+    assert match, f"no line matching {pattern!r} in:\n{output}"
+    return match
+
+
+def test_generate_load_then_the_in_process_benchmarks() -> None:
+    out = run("generate_load", instances=300, batch=150, days=2)
+    figure(r"^\s+300 instances\s+\(" + NUMBER + r"/s\)$", out)
+    figure(r"^done: 300 instances, about 3,000 history rows in \d+ s", out)
+
+    assert WorkflowInstance.objects.count() == 300
+    steps = StepExecution.objects.all()
+    # Every claimed attempt has its Attempt row.
+    claimed = sum(s.attempt + s.compensation_attempt for s in steps)
+    assert Attempt.objects.count() == claimed > 300
+    # A step declined for good applied nothing: nothing to undo.
+    assert steps.filter(last_failure_permanent=True).exists()
+    assert (
+        not steps.filter(last_failure_permanent=True)
+        .exclude(compensation_state__in=["none", "not_needed"])
+        .exists()
+    )
+    states = set(WorkflowInstance.objects.values_list("state", flat=True))
+    assert {"completed", "compensated"} <= states
+    # At rest as the engine's planner sees them: a few instances of each state.
+    actor = Actor.system("smoke test")
+    sample = [
+        (pk, state)
+        for state in states
+        for pk in WorkflowInstance.objects.filter(state=state).values_list(
+            "id", flat=True
+        )[:6]
+    ]
+    for pk, state in sample:
+        with transaction.atomic():
+            decision = decide(view_of(Change.open(pk, actor)))
+        expected = Move.START if state == "accepted" else Move.IDLE
+        assert decision.move is expected, (state, decision)
+
+    out = run("bench_dashboard", runs=1, warmup=0)
+    figure(r"^300 instances; 1 runs per page \(\+0 warm-up\)$", out)
+    for page in ("overview", "list: definition, page 2", "instance detail"):
+        row = figure(
+            rf"^{re.escape(page)}\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})"
+            r"\s+(\d+)$",
+            out,
+        )
+        assert int(row[4]) > 0  # queries
+
+    out = run("bench_sweeps", runs=2)
+    figure(r"^300 instances, postgresql$", out)
+    first = figure(
+        r"^sweep 1: +" + NUMBER + r" ms, (\d+) queries, (\{.*\}), "
+        r"messages dropped (\d+)$",
+        out,
+    )
+    assert "'stuck': " in first[2] and "'alerts_opened': " in first[2]
+    figure(rf"^median {NUMBER} ms, max {NUMBER} ms, median queries \d+$", out)
+
+    out = run("bench_bulk", instances=12)
+    figure(r"^12 held instances in " + NUMBER + " s$", out)
+    figure(r"^plan \(dry run\) of 12: " + NUMBER + " s$", out)
+    row = figure(
+        r"^run: (\d+) done in " + NUMBER + r" s = \d+ items/s; per item "
+        rf"median {NUMBER} ms, p95 {NUMBER} ms$",
+        out,
+    )
+    assert int(row[1]) == 12
+
+
+@pytest.mark.celery_worker
+def test_benchmarks_with_real_worker_and_server_processes() -> None:
+    out = run("bench_engine", workflows=4, steps=2, workers=1, single_runs=1)
+    figure(r"^workload: 4 workflows x 2 no-op steps, 1 worker processes", out)
+    for name in ("saga desk", "bare celery chain"):
+        figure(
+            rf"^\s*{name}: +{NUMBER} workflows/s +{NUMBER} steps/s +p50 +{NUMBER} ms"
+            rf" +p95 +{NUMBER} ms +single workflow \(idle, median\) +{NUMBER} ms$",
+            out,
+        )
+
+    # memory://: the started instances stay queued nowhere (no worker runs).
+    out = run(
+        "bench_api", requests=6, concurrency=2, workers=1, steps=2, broker="memory://"
+    )
+    figure(r"^gunicorn: 1 sync workers on 127\.0\.0\.1:\d+; client: 2 threads", out)
+    for kind in ("start", "event", "status read"):
+        row = figure(
+            rf"^\s*{kind}: +{NUMBER} req/s +p50 +{NUMBER} ms +p95 +{NUMBER} ms"
+            rf" +p99 +{NUMBER} ms +mean +{NUMBER} ms +errors (\d+)",
+            out,
+        )
+        assert row[1] == "0", out
