@@ -4,8 +4,8 @@ import pytest
 
 from tests.support import LocalBroker
 
-# Tests that use machine-wide resources (real worker processes, the shared
-# Redis database, which some of them restart, or the demo's process tree)
+# Tests that use machine-wide resources (real worker processes, servers of
+# their own that they restart, or the demo's process tree)
 # run one after another on one xdist worker; everything else spreads over
 # the cores (.ci/run: -n 2 --dist loadgroup).
 MACHINE_WIDE_MODULES = {"tests.test_demo", "tests.test_embedded_default"}
