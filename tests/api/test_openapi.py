@@ -22,6 +22,19 @@ ROUTES = {
     ("get", "/api/v1/instances/{instance_id}/history"),
     ("post", "/api/v1/callbacks/{task_token}"),
     ("post", "/api/v1/events"),
+    # The operator API (issue 14): scope operate.
+    ("get", "/api/v1/instances/{instance_id}/actions"),
+    ("post", "/api/v1/instances/{instance_id}/actions/{name}"),
+    ("get", "/api/v1/approvals"),
+    ("post", "/api/v1/approvals/{approval_id}/approve"),
+    ("post", "/api/v1/approvals/{approval_id}/reject"),
+    ("post", "/api/v1/bulk-jobs"),
+    ("get", "/api/v1/bulk-jobs/{job_id}"),
+    ("get", "/api/v1/bulk-jobs/{job_id}/items"),
+    ("post", "/api/v1/bulk-jobs/{job_id}/start"),
+    ("post", "/api/v1/bulk-jobs/{job_id}/pause"),
+    ("post", "/api/v1/bulk-jobs/{job_id}/resume"),
+    ("post", "/api/v1/bulk-jobs/{job_id}/cancel"),
 }
 
 
@@ -71,6 +84,9 @@ def test_every_documented_route_is_served(document, raw):
         "definition_key": "wf",
         "instance_id": str(uuid.uuid4()),
         "task_token": str(uuid.uuid4()),
+        "name": "retry_step",
+        "approval_id": "1",
+        "job_id": "1",
     }
     for method, path, _ in operations(document):
         url = re.sub(r"{(\w+)}", lambda m: values[m.group(1)], path)

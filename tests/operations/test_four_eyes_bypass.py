@@ -1,8 +1,7 @@
 """Four eyes is enforced by the engine: an action a workflow puts under
 approval gets past no entry point without a second operator — not the
 engine command called directly, not the instance page, not a selection in
-the list, not a bulk job. (The operator API and command line of issue 14 do
-not exist yet; they go through the same commands.)"""
+the list, not a bulk job, not the operator API, not the command line."""
 
 from __future__ import annotations
 
@@ -171,3 +170,159 @@ def test_an_approved_request_does_the_action_once(
     row = TransitionLog.objects.get(instance=instance, transition="compensate")
     assert row.user == operator
     assert row.data["approved_by"] == second_operator.get_username()
+
+
+# -- the operator API (issue 14) --------------------------------------------------
+
+# What each approvable action sends over the API: its name and its body.
+API = {
+    "retry_step": ("retry_step", {}),
+    "mark_step_done": ("mark_step_done", {"data": {"output": {"by": "hand"}}}),
+    "compensate": ("compensate", {}),
+    "cancel": ("cancel", {}),
+    "close_as_failed": ("close_as_failed", {}),
+    "repair": ("repair_input", {"data": {"input": {"fixed": True}}}),
+}
+
+
+def operate_client(live_server: Any, user: Any) -> Any:
+    from tests.api.helpers import RawHttp
+    from workflows_app.models import ApiToken
+
+    token = ApiToken.issue("runbook", ["operate"], user=user)[1]
+    return RawHttp(live_server.url, token)
+
+
+@pytest.mark.parametrize("action", sorted(API))
+def test_the_api_asks_for_approval_and_does_nothing(
+    broker, live_server, wf, operator, action
+):
+    guard(wf, action)
+    instance = held(broker, f"ORD-api-{action}")
+    before = snapshot(instance)
+    name, extra = API[action]
+    reply = operate_client(live_server, operator)(
+        "POST",
+        f"/api/v1/instances/{instance.pk}/actions/{name}",
+        {"reason": "please", "expected_version": instance.version, **extra},
+    )
+    assert reply.status == 202, reply.raw
+    assert reply.json["status"] == "pending"
+    assert reply.json["action"] == name
+    broker.run()
+    assert snapshot(instance) == before
+    assert ApprovalRequest.objects.get().requested_by == operator
+
+
+@pytest.mark.parametrize(
+    ("action", "guarded"), [("retry", "retry_step"), ("compensate", "compensate")]
+)
+def test_a_bulk_job_started_through_the_api_needs_approval(
+    broker, live_server, wf, operator, action, guarded
+):
+    guard(wf, guarded)
+    instance = held(broker, "ORD-api-job")
+    before = snapshot(instance)
+    client = operate_client(live_server, operator)
+    planned = client(
+        "POST",
+        "/api/v1/bulk-jobs",
+        {"business_key": "ORD-api-job", "action": action, "reason": "outage over"},
+    )
+    assert planned.status == 201, planned.raw
+    started = client("POST", f"/api/v1/bulk-jobs/{planned.json['id']}/start")
+    assert started.status == 202, started.raw
+    assert started.json["status"] == "draft"
+    assert started.json["approval"]["status"] == "pending"
+    broker.run()
+    assert BulkJob.objects.get().status == BulkJob.Status.DRAFT
+    assert BulkJobItem.objects.get().outcome == BulkJobItem.Outcome.PENDING
+    assert snapshot(instance) == before
+
+
+# -- the command line (issue 14) --------------------------------------------------
+
+# What each approvable action adds on the command line: its name and options.
+CLI = {
+    "retry_step": ("retry_step", []),
+    "mark_step_done": ("mark_step_done", ["--data", '{"output": {"by": "hand"}}']),
+    "compensate": ("compensate", []),
+    "cancel": ("cancel", []),
+    "close_as_failed": ("close_as_failed", []),
+    "repair": ("repair_input", ["--data", '{"input": {"fixed": true}}']),
+}
+
+
+def saga(*args: str) -> Any:
+    """``manage.py saga`` as a real process, against the test database."""
+    import subprocess
+    import sys
+
+    from tests.celery_processes import ROOT, process_env
+
+    return subprocess.run(
+        [sys.executable, "manage.py", "saga", *args],
+        cwd=ROOT,
+        env=process_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("action", sorted(CLI))
+def test_the_command_line_asks_for_approval_and_does_nothing(
+    broker, wf, operator, action
+):
+    guard(wf, action)
+    instance = held(broker, f"ORD-cli-{action}")
+    before = snapshot(instance)
+    name, extra = CLI[action]
+    result = saga(
+        "act",
+        instance.business_key,
+        name,
+        "--reason",
+        "please",
+        "--user",
+        operator.get_username(),
+        "--expected-version",
+        str(instance.version),
+        *extra,
+    )
+    assert result.returncode == 5, result.stderr  # sent for approval
+    assert "sent for approval" in result.stdout
+    assert snapshot(instance) == before
+    request = ApprovalRequest.objects.get()
+    assert request.action == name
+    assert request.status == ApprovalRequest.Status.PENDING
+    assert request.requested_by == operator
+
+
+@pytest.mark.parametrize(
+    ("action", "guarded"), [("retry", "retry_step"), ("compensate", "compensate")]
+)
+def test_a_bulk_job_from_the_command_line_waits_for_approval(
+    broker, wf, operator, action, guarded
+):
+    guard(wf, guarded)
+    instance = held(broker, "ORD-cli-job")
+    before = snapshot(instance)
+    result = saga(
+        "bulk",
+        action,
+        "--business-key",
+        "ORD-cli-job",
+        "--reason",
+        "the outage is over",
+        "--user",
+        operator.get_username(),
+    )
+    assert result.returncode == 5, result.stderr
+    job = BulkJob.objects.get()
+    assert job.status == BulkJob.Status.DRAFT  # not queued: nothing runs it
+    request = ApprovalRequest.objects.get(bulk_job=job)
+    assert request.status == ApprovalRequest.Status.PENDING
+    assert f"request #{request.pk}" in result.stdout
+    assert BulkJobItem.objects.get(job=job).outcome == BulkJobItem.Outcome.PENDING
+    assert snapshot(instance) == before

@@ -1,5 +1,6 @@
 """Admin for API tokens: created here (the clear token is shown once, in the
 message after saving), listed with their last use, revoked by an action.
+An ``operate`` token acts as the user picked here (required for it).
 Only the hash is stored; tokens are revoked rather than deleted, so the list
 keeps the record of who had access."""
 
@@ -21,15 +22,33 @@ class ApiTokenForm(forms.ModelForm):  # type: ignore[type-arg]
         choices=ApiToken.Scope.choices,
         widget=forms.CheckboxSelectMultiple,
         help_text="start: start instances; read: GET endpoints; "
-        "report: callbacks and events.",
+        "report: callbacks and events; operate: operator actions, approvals "
+        "and bulk jobs as the user below.",
     )
 
     class Meta:
         model = ApiToken
-        fields = ["name", "scopes"]
+        fields = ["name", "scopes", "user"]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if "user" in self.fields:
+            # Only active people can act; list them by username.
+            field = self.fields["user"]
+            field.queryset = field.queryset.filter(is_active=True).order_by(  # type: ignore[attr-defined]
+                "username"
+            )
 
     def clean_scopes(self) -> list[str]:
         return sorted(set(self.cleaned_data["scopes"]))
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if "scopes" in data:
+            problem = ApiToken.scope_problem(data["scopes"], data.get("user"))
+            if problem:
+                self.add_error("user", f"{problem[0].upper()}{problem[1:]}.")
+        return data
 
 
 @admin.register(ApiToken)
@@ -39,14 +58,15 @@ class ApiTokenAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "name",
         "prefix_display",
         "scopes_display",
+        "user",
         "last_used_at",
         "revoked",
         "created_at",
         "created_by",
     )
     list_filter = (("revoked_at", admin.EmptyFieldListFilter),)
-    list_select_related = ("created_by",)
-    search_fields = ("name", "prefix")
+    list_select_related = ("created_by", "user")
+    search_fields = ("name", "prefix", "user__username")
     ordering = ("name", "id")
     actions = ("revoke",)
     readonly_fields = (
@@ -59,8 +79,8 @@ class ApiTokenAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     def get_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> Any:
         if obj is None:
-            return ("name", "scopes")
-        return ("name", "scopes", *self.readonly_fields)
+            return ("name", "scopes", "user")
+        return ("name", "scopes", "user", *self.readonly_fields)
 
     def has_delete_permission(
         self, request: HttpRequest, obj: ApiToken | None = None
@@ -89,12 +109,21 @@ class ApiTokenAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         self, request: HttpRequest, obj: ApiToken, form: Any, change: bool
     ) -> None:
         if change:
-            obj.save(update_fields=["name", "scopes"])
+            obj.save(update_fields=["name", "scopes", "user"])
             return
-        row, token = ApiToken.issue(obj.name, obj.scopes, created_by=request.user)
+        row, token = ApiToken.issue(
+            obj.name, obj.scopes, created_by=request.user, user=obj.user
+        )
         # The admin goes on with ``obj`` (log entry, redirect): make it the row.
         obj.pk = row.pk
-        for field in ("prefix", "token_hash", "scopes", "created_at", "created_by"):
+        for field in (
+            "prefix",
+            "token_hash",
+            "scopes",
+            "created_at",
+            "created_by",
+            "user",
+        ):
             setattr(obj, field, getattr(row, field))
         obj._state.adding = False
         messages.warning(

@@ -14,7 +14,14 @@ from typing import Annotated, Any, Literal
 from ninja import Field, Schema
 from pydantic import AfterValidator, ConfigDict
 
-from workflows_app.models import CompensationState, InstanceState, StepState
+from workflows_app.models import (
+    ApprovalRequest,
+    BulkJob,
+    BulkJobItem,
+    CompensationState,
+    InstanceState,
+    StepState,
+)
 
 MAX_KEY = 200
 
@@ -65,6 +72,91 @@ class EventIn(StrictIn):
         description="The business key of the instances the event is about."
     )
     payload: Any = None
+
+
+Reason = Annotated[str, Field(min_length=1, max_length=2000), AfterValidator(_no_nul)]
+# The instance list's state filter: a status, or any unfinished/finished one.
+StateFilter = Literal[
+    "active",
+    "finished",
+    "accepted",
+    "running",
+    "needs_attention",
+    "compensating",
+    "completed",
+    "compensated",
+    "cancelled",
+    "failed",
+]
+
+
+class ActIn(StrictIn):
+    reason: Reason = Field(
+        description="Why: the timeline shows it with your name.",
+        examples=["payment gateway is back (INC-42)"],
+    )
+    step: Key | None = Field(
+        None,
+        description="The step's name, for actions that target a step "
+        "(`targets_step`); retry_step and mark_step_done default to the step "
+        "that blocks the instance.",
+        examples=["charge"],
+    )
+    data: dict[str, Any] | None = Field(
+        None,
+        description="The action's data, by the keys it lists in `data_keys` "
+        '(e.g. {"output": ...} for mark_step_done, {"input": ...} for '
+        "repair_input).",
+    )
+    expected_version: int | None = Field(
+        None,
+        ge=0,
+        description="The instance `version` you saw (GET .../actions): if the "
+        "instance changed since, nothing is done and the answer is 409.",
+    )
+
+
+class DecisionIn(StrictIn):
+    note: str = Field(
+        "", max_length=2000, description="Shown in the timeline with the decision."
+    )
+
+
+class BulkJobIn(StrictIn):
+    """What to do and to which instances: the instance list's filters (at
+    least one). Nothing is done until the job is started."""
+
+    action: Literal["retry", "compensate"] = Field(
+        description="retry: the blocking step (or failed compensation); "
+        "compensate: undo what took effect."
+    )
+    reason: Reason
+    rate: float = Field(
+        0, ge=0, le=1000, description="Instances per second; 0: as fast as it goes."
+    )
+    definition: Key | None = Field(None, description="A definition key.")
+    status: StateFilter | None = Field(
+        None, description="A status, or `active` / `finished` for any of them."
+    )
+    business_key: Key | None = Field(
+        None, description="A business key, or an instance id."
+    )
+    stuck: bool | None = None
+    idle: Literal["5m", "1h", "1d", "7d"] | None = Field(
+        None, description="No progress for at least this long."
+    )
+    accepted_after: datetime | None = Field(None, strict=False)
+    accepted_before: datetime | None = Field(None, strict=False)
+    failed_step: Key | None = Field(
+        None, description="Blocked at this step (a failure group's step)."
+    )
+    signature: Key | None = Field(
+        None, description="With this error signature (a failure group's)."
+    )
+
+
+class BulkJobCancelIn(StrictIn):
+    reason: str = Field("", max_length=2000)
 
 
 # -- responses -----------------------------------------------------------------
@@ -155,6 +247,112 @@ class EventOut(Schema):
         default_factory=list,
         description="The waiting steps this event completed "
         '({"instance", "step_id"} each).',
+    )
+
+
+class ActionOut(Schema):
+    name: str = Field(examples=["retry_step"])
+    label: str = Field(examples=["Retry step now"])
+    explains: str
+    allowed: bool = Field(description="Whether the token's user may do it now.")
+    why_not: str = Field(description="Why not, in words; empty when allowed.")
+    needs_approval: bool = Field(
+        description="The workflow puts it under four eyes: doing it creates "
+        "a request a second operator decides (202)."
+    )
+    targets_step: bool
+    danger: bool = Field(description="Cannot be reversed.")
+    data_keys: list[str] = Field(description="What `data` may carry.")
+
+
+class ActionsOut(Schema):
+    instance: uuid.UUID
+    status: InstanceState
+    version: int = Field(
+        description="The instance's version now: send it as `expected_version`."
+    )
+    blocked_step: str | None = Field(
+        description="The failed or unknown step that blocks the instance."
+    )
+    actions: list[ActionOut]
+
+
+class ApprovalOut(Schema):
+    id: int
+    action: str = Field(description="The action's name, or bulk_job.")
+    status: ApprovalRequest.Status
+    instance: uuid.UUID | None
+    bulk_job: int | None
+    reason: str
+    params: dict[str, Any]
+    requested_by: str
+    requested_at: datetime
+    expires_at: datetime
+    decided_by: str | None
+    decided_at: datetime | None
+    decision_note: str
+    outcome: str = Field(description="Why an approved action could not be done.")
+
+
+class ApprovalPage(Schema):
+    items: list[ApprovalOut]
+    next_cursor: str | None
+
+
+class PlanCount(Schema):
+    plan: str = Field(description="What is done to these instances, or why not.")
+    count: int
+
+
+class BulkProgress(Schema):
+    acting: int = Field(description="Items the job acts on.")
+    skipped: int = Field(description="Items with nothing to do (see `plans`).")
+    processed: int = Field(description="Acting items done, changed or refused.")
+    percent: int
+    outcomes: dict[BulkJobItem.Outcome, int]
+    plans: list[PlanCount]
+    skips: list[PlanCount]
+
+
+class BulkJobOut(Schema):
+    id: int
+    action: BulkJob.Action
+    status: BulkJob.Status
+    reason: str
+    description: str = Field(description="The selection in words.")
+    query: str = Field(description="The instance list's query string it came from.")
+    rate: float
+    created_by: str
+    created_at: datetime
+    confirmed_at: datetime | None
+    finished_at: datetime | None
+    progress: BulkProgress
+    approval: ApprovalOut | None = Field(
+        description="The request waiting for a second operator, if any."
+    )
+    items_url: str
+
+
+class BulkItemOut(Schema):
+    instance: uuid.UUID
+    definition: str
+    business_key: str
+    status: InstanceState = Field(description="The instance's status now.")
+    acts: bool = Field(description="Whether the job acts on it.")
+    plan: str
+    outcome: BulkJobItem.Outcome
+    message: str
+    processed_at: datetime | None
+
+
+class BulkItemPage(Schema):
+    items: list[BulkItemOut]
+    next_cursor: str | None
+
+
+class BulkJobPlanned(BulkJobOut):
+    preview: BulkItemPage = Field(
+        description="The first items of the plan; `items_url` pages on."
     )
 
 

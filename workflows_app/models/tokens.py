@@ -17,6 +17,8 @@ class ApiToken(models.Model):
         START = "start", "start workflows"
         READ = "read", "read instances"
         REPORT = "report", "report callbacks and events"
+        # Operator actions, approvals and bulk jobs, as the token's user.
+        OPERATE = "operate", "act as its user (operator actions)"
 
     name = models.CharField(
         max_length=100, help_text="Who uses it, e.g. checkout-service."
@@ -30,6 +32,17 @@ class ApiToken(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True
+    )
+    # The person an ``operate`` token acts as: the timeline names them and
+    # their permissions apply. A deleted user leaves the token without one,
+    # and such a token is refused.
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="api_tokens",
+        help_text="For an operate token: the operator it acts as.",
     )
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
@@ -46,12 +59,17 @@ class ApiToken(models.Model):
 
     @classmethod
     def issue(
-        cls, name: str, scopes: list[str], *, created_by: object = None
+        cls,
+        name: str,
+        scopes: list[str],
+        *,
+        created_by: object = None,
+        user: object = None,
     ) -> tuple[ApiToken, str]:
         """Create a token; returns the row and the clear token (shown once)."""
-        unknown = set(scopes) - set(cls.Scope.values)
-        if unknown:
-            raise ValueError(f"unknown scopes: {', '.join(sorted(unknown))}")
+        problem = cls.scope_problem(scopes, user)
+        if problem:
+            raise ValueError(problem)
         token = f"sd_{secrets.token_urlsafe(32)}"
         row = cls.objects.create(
             name=name,
@@ -59,17 +77,35 @@ class ApiToken(models.Model):
             token_hash=cls.hash(token),
             scopes=sorted(set(scopes)),
             created_by=created_by,
+            user=user,
         )
         return row, token
+
+    @classmethod
+    def scope_problem(cls, scopes: list[str], user: object) -> str:
+        """Why these scopes and user make no token ("" when they do)."""
+        unknown = set(scopes) - set(cls.Scope.values)
+        if unknown:
+            return f"unknown scopes: {', '.join(sorted(unknown))}"
+        operate = cls.Scope.OPERATE in scopes
+        if operate and user is None:
+            return "an operate token acts as a user: name the user"
+        if user is not None and not operate:
+            return "only an operate token acts as a user"
+        return ""
 
     @classmethod
     def authenticate(cls, token: str) -> ApiToken | None:
         """The active token row for ``token``, or None."""
         if not token.startswith("sd_") or len(token) < 3 + PREFIX_LENGTH:
             return None
-        row = cls.objects.filter(
-            prefix=token[3 : 3 + PREFIX_LENGTH], revoked_at__isnull=True
-        ).first()
+        row = (
+            cls.objects.filter(
+                prefix=token[3 : 3 + PREFIX_LENGTH], revoked_at__isnull=True
+            )
+            .select_related("user")
+            .first()
+        )
         if row is None or not secrets.compare_digest(row.token_hash, cls.hash(token)):
             return None
         return row
