@@ -2,10 +2,19 @@ from __future__ import annotations
 
 import os
 
-from celery import Celery
+from celery import Celery, signals
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "workflows_app.settings")
 
 app = Celery("workflows_app")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(["workflows_app"])
+
+
+@signals.worker_ready.connect
+def _start_metrics_exporter(**_: object) -> None:
+    """A worker machine without a web process serves its counters itself
+    (``SAGA_METRICS_WORKER_BIND``); the pool children write, this serves."""
+    from workflows_app.monitoring import exporter
+
+    exporter.start_from_settings()

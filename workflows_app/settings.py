@@ -318,6 +318,9 @@ SAGA_HTTP_EXCHANGES_PER_STEP = int(os.environ.get("SAGA_HTTP_EXCHANGES_PER_STEP"
 SAGA_METRICS_TOKEN = os.environ.get("SAGA_METRICS_TOKEN", "")
 # Seconds a process reuses the gauges it read from the database.
 SAGA_METRICS_CACHE_SECONDS = float(os.environ.get("SAGA_METRICS_CACHE_SECONDS", "10"))
+# Seconds between full recounts of finished instances (between them only the
+# newly finished are counted); a retention purge shows within this time.
+SAGA_METRICS_BASE_SECONDS = float(os.environ.get("SAGA_METRICS_BASE_SECONDS", "600"))
 # host:port where a Celery worker's main process serves its machine's
 # counters (for worker machines without a web process); empty: none.
 SAGA_METRICS_WORKER_BIND = os.environ.get("SAGA_METRICS_WORKER_BIND", "")
