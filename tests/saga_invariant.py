@@ -12,6 +12,7 @@ instance ``complete``                  ``WF_COMPLETED``
 instance ``finish_compensation``       ``WF_COMPENSATED``
 instance ``hold``                      ``WF_NEEDS_ATTENTION``
 instance ``restart``                   ``WF_RESTARTED`` (a restart's undo is done)
+instance ``close_as_failed``           ``WF_FAILED`` (``MANUAL_CLOSE_AS_FAILED``)
 instance, a transition with a          ``MANUAL_<NAME>`` (``MANUAL_RETRY_STEP``,
 permission (operator action)           ``MANUAL_COMPENSATE``, ``MANUAL_CANCEL`` ...)
 step ``state`` ``schedule``            ``STEP_SCHEDULED(i)``
@@ -29,6 +30,7 @@ note ``message_ignored``               ``DUPLICATE_IGNORED``
 note ``stale_outcome_ignored``         ``CALLBACK_IGNORED(stale)``
 note ``flag_stuck``                    ``STUCK_FLAGGED``
 note ``alert_opened`` / ``_resolved``  ``ALERT_SENT`` / ``ALERT_RESOLVED``
+note ``late_outcome_ignored``          ``LATE_OUTCOME_IGNORED`` (after the outcome)
 =====================================  =============================================
 
 The ledger is the demo participants' ``ParticipantEffect`` table: one row per
@@ -42,6 +44,17 @@ with new idempotency keys (``...:action:2``). Everything counted per step
 (claims, successes, effects) is counted per ``(step, run)``; the word of
 G is taken over each step's last run, and every earlier run of a step with
 a compensation must have been undone (effT = effC for that run).
+A retry after a repair of the data (``MANUAL_RETRY_STEP`` with ``repaired``)
+is a new run of the blocked step too: at once (``STEP_RERUN`` right after
+it) when its last answer was a permanent failure, else after undoing it
+(``MANUAL_RETRY_REPAIRED_STEP``: a restart from the blocked step itself, no
+restart point needed).
+
+mayApply(i) (spec S6): the step's current run was started (a claim) or done
+by hand, and its last answer was not a permanent failure (a ``fail`` row
+with ``data["permanent"]``; a claim, a rerun or a mark-done clear it).
+Succeeded, unknown, retryably failed (also out of attempts or a retry
+abandoned) all may have applied.
 
 What is checked (rule names as in the spec; "fold" = the state replayed from
 the history so far):
@@ -50,35 +63,51 @@ the history so far):
   fold (source = folded state) along an edge of the django-fsm table derived
   from the models; notes change nothing; with ``replay`` the persisted states
   and attempt counters equal the fold.
-- S2: no state change after a terminal outcome; at most one outcome.
+- S2: no state change after a terminal outcome (completed, compensated,
+  cancelled, failed): only notes; at most one outcome. ``WF_FAILED`` (an
+  operator closed it) fences open work before its own row: no action in
+  flight, scheduled or retrying and no compensation under way at that row.
+  A late outcome (``LATE_OUTCOME_IGNORED``) only after the outcome; one
+  reporting an effect of an attempt the close abandoned has a
+  ``late_effect`` alert, which only a person ends (acknowledging it).
+  "No effect after the close the engine could have prevented" follows from
+  S2 (no claim after the outcome) and S12 (no call without a claim).
 - S3: forward work (schedule, claim) only while the fold says ``running``,
   never after ``WF_COMPENSATING`` (unless a ``WF_RESTARTED`` ended that
   compensation, with every step from the restart point reset), and step
   ``i`` only after step ``i-1`` is done (succeeded, or skipped by an
-  operator: "done by hand"); step resets only during a restart.
+  operator: "done by hand"); step resets only during a restart (or a
+  repaired retry); an action failure is final (no ``retry``) while
+  compensating, and retried while held (a hold keeps the retry budget).
 - S4: attempt numbers go 1, 2, ...; a claim only when no attempt of the step
   and direction is open; an outcome row names the open attempt.
 - S5: at most one applied effect per step, run and direction (a step without
   a compensation keeps its keys when restarted, so at most one ever).
-- S6: compensation only while ``compensating``, only of started steps before
-  the pivot that have a compensation (during a restart: only from the
-  restart point on); a started one is never skipped; no
-  ``WF_COMPENSATING`` once a step at or after the pivot started.
+- S6: compensation only while ``compensating``, only of mayApply steps
+  before the pivot that have a compensation (during a restart: only from
+  the restart point on); a mayApply one is never skipped; no
+  ``WF_COMPENSATING`` once a step after the pivot started, nor by the engine
+  once the pivot mayApply (the pivot is passed); an operator may compensate
+  an uncertain pivot (unknown, or failed retryably), never a succeeded one.
 - S7 (stronger than the spec's pairwise form): a compensation is scheduled or
   started only when every later step's compensation is done or not needed,
-  and no action is in flight; a step runs again only once undone, and all
-  effects of a run precede those of the next run.
-- S8, S9: ``WF_COMPENSATED`` / ``WF_COMPLETED`` as in the spec.
+  and no action is in flight; a step runs again under new keys only once
+  undone (if its run mayApply), and all effects of a run precede those of
+  the next run.
+- S8, S9: ``WF_COMPENSATED`` / ``WF_COMPLETED`` as in the spec (S8 over the
+  mayApply steps before the pivot).
 - S10: operator rows have a user; a permissioned (manual) transition is made
   by an operator with a user or a named API client.
 - S12: no effect (and no raw call) without a claim: raw calls <= claims;
   ``STEP_SUCCEEDED`` => effT = 1; ``COMP_SUCCEEDED`` => effT = effC; an undo
   never applies without its action, nor before it.
 - L1 (safety part): a hold needs a failed/unknown step or a failed
-  compensation (or a passed deadline); alerts open and resolve alternately,
-  one per incident.
+  compensation (or a passed deadline); hold alerts open and resolve
+  alternately, one per incident (``late_effect`` alerts are counted apart).
 - At quiescence: L1 (completed, compensated, cancelled before any step ran,
-  or needs_attention with an open alert) and G over the ledger's word.
+  failed by an operator, or needs_attention with an open alert) and G over
+  the ledger's word (for completed and compensated only: ``failed`` is
+  neither, a person took it over).
 
 Not checked here: S11 (callbacks; the property test asserts replays itself)
 and the timing bounds of L3 (the property test drives with a round bound).
@@ -124,7 +153,14 @@ NOTE_KINDS = {
     "flag_stuck": "STUCK_FLAGGED",
     "alert_opened": "ALERT_SENT",
     "alert_resolved": "ALERT_RESOLVED",
+    "late_outcome_ignored": "LATE_OUTCOME_IGNORED",
 }
+LATE_EFFECT = "late_effect"
+# Open work that ``close_as_failed`` fences before its own row.
+OPEN_ACTION = frozenset({"running", "waiting", "scheduled", "retrying"})
+OPEN_COMPENSATION = frozenset({"pending", "running", "retrying"})
+# Transitions into ``compensating`` that undo part of the run, then go on.
+RESTARTS = frozenset({"restart_from_step", "retry_repaired_step"})
 STEP_KINDS = {
     "schedule": ("STEP_SCHEDULED", ""),
     "retry_now": ("STEP_SCHEDULED", "manual"),
@@ -155,6 +191,7 @@ INSTANCE_KINDS = {
     "finish_compensation": "WF_COMPENSATED",
     "hold": "WF_NEEDS_ATTENTION",
     "restart": "WF_RESTARTED",
+    "close_as_failed": "WF_FAILED",
 }
 
 
@@ -187,6 +224,7 @@ class Row:
     user_id: int | None = None
     data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     reason: str = ""
+    at: datetime | None = None  # the database clock (``created_at``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +248,7 @@ class StepColumns:
     attempt: int
     compensation_attempt: int
     run: int = 1
+    last_failure_permanent: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,7 +339,19 @@ class _Fold:
         self.restarted = False  # a WF_RESTARTED was seen
         self.terminal: tuple[str, int] | None = None
         self.outcomes: list[str] = []
-        self.alert_open = False
+        self.alert_open = False  # a hold's alert (one per incident)
+        # Late-effect alerts by id (None: opened without an id), and the
+        # late outcomes that reported an effect of an abandoned attempt.
+        self.late_alerts: set[Any] = set()
+        self.late_alerts_opened = 0
+        self.late_effects_reported: list[Row] = []
+        # Attempts the close fenced: (position, attempt number).
+        self.abandoned: set[tuple[int, Any]] = set()
+        # The last answer of the current run was a permanent failure.
+        self.permanent = dict.fromkeys(positions, False)
+        # A repaired retry of this step (MANUAL_RETRY_STEP with "repaired")
+        # may rerun it at once in the same change.
+        self.repaired_retry: int | None = None
 
     def current(self, position: int) -> tuple[int, int]:
         return position, self.run[position]
@@ -308,6 +359,12 @@ class _Fold:
     def started(self, position: int) -> bool:
         """Started in its current run: the step may have had an effect."""
         return self.starts[self.current(position)] > 0
+
+    def may_apply(self, position: int) -> bool:
+        """mayApply: started in its current run (or done by hand) and not
+        answered with a permanent failure since its last claim."""
+        done_by_hand = self.state[position] == "skipped"
+        return (self.started(position) or done_by_hand) and not self.permanent[position]
 
 
 class _Checker:
@@ -331,7 +388,7 @@ class _Checker:
     def needs_compensation(self, position: int) -> bool:
         return (
             self.specs[position].has_compensation
-            and self.fold.started(position)
+            and self.fold.may_apply(position)
             and self.before_pivot(position)
         )
 
@@ -355,20 +412,59 @@ class _Checker:
                 self.fail("S1", f"step {row.position} is not in the definition", row)
             else:
                 self._step_row(row)
+        self._check_late_alerts()
+
+    def _check_late_alerts(self) -> None:
+        """An effect reported for an attempt the close abandoned has its
+        ``late_effect`` alert (opened in the same change as the note)."""
+        fold = self.fold
+        if fold.late_effects_reported and not fold.late_alerts_opened:
+            first = fold.late_effects_reported[0]
+            self.fail(
+                "S2", "an effect reported after the close without an alert", first
+            )
 
     def _note(self, row: Row) -> None:
         if row.source or row.target:
             self.fail("S1", "a note carries a state change", row)
+        fold = self.fold
+        alert = row.data.get("alert")
         # L1: exactly one alert per incident, so never a second one while the
-        # first is open.
-        if row.transition == "alert_opened":
-            if self.fold.alert_open:
+        # first is open. Late-effect alerts are not incidents of a hold.
+        if row.transition == "alert_opened" and row.data.get("kind") == LATE_EFFECT:
+            fold.late_alerts.add(alert)
+            fold.late_alerts_opened += 1
+        elif row.transition == "alert_opened":
+            if fold.alert_open:
                 self.fail("L1", "a second alert while one is open", row)
-            self.fold.alert_open = True
+            fold.alert_open = True
+        elif row.transition == "alert_resolved" and alert in fold.late_alerts:
+            self.fail("S2", "a late-effect alert ended without a person", row)
+            fold.late_alerts.discard(alert)
         elif row.transition == "alert_resolved":
-            if not self.fold.alert_open:
+            if not fold.alert_open:
                 self.fail("L1", "an alert resolved that was not open", row)
-            self.fold.alert_open = False
+            fold.alert_open = False
+        elif row.transition == "alert_acknowledged" and (
+            row.data.get("kind") == LATE_EFFECT
+        ):
+            fold.late_alerts.discard(alert)
+            fold.late_alerts.discard(None)
+        elif row.transition == "late_outcome_ignored":
+            self._late_outcome(row)
+
+    def _late_outcome(self, row: Row) -> None:
+        """A worker, callback, event or sweep reported on a closed instance."""
+        fold = self.fold
+        if fold.terminal is None:
+            self.fail("S2", "a late outcome before the instance's outcome", row)
+            return
+        if (
+            row.data.get("outcome") == "succeeded"
+            and row.data.get("direction", ACTION) == ACTION
+            and (row.position, row.data.get("attempt")) in fold.abandoned
+        ):
+            fold.late_effects_reported.append(row)
 
     def _check_actor(self, row: Row) -> None:
         scope = "instance" if row.position is None else "step"
@@ -413,16 +509,18 @@ class _Checker:
             fold.instance = row.target
             return
         target = row.target
+        fold.repaired_retry = None  # only right after its MANUAL_RETRY_STEP
+        if row.transition == "retry_step" and row.data.get("repaired"):
+            spec = self.by_name.get(str(row.data.get("step")))
+            fold.repaired_retry = spec.position if spec else None
         if target == "completed":
             self._on_completed(row)
         elif target == "compensating":
             if fold.compensating_since is None:
+                self._on_compensating(row)
                 fold.compensating_since = row.seq
-            if row.transition == "restart_from_step":
+            if row.transition in RESTARTS:
                 self._on_restart_asked(row)
-            past_pivot = sorted({p for p, _ in fold.starts if not self.before_pivot(p)})
-            if past_pivot:
-                self.fail("S6", f"compensating after step {past_pivot} started", row)
         elif target == "compensated":
             self._on_compensated(row)
         elif target == "needs_attention" and row.transition == "hold":
@@ -441,13 +539,45 @@ class _Checker:
         ):
             self.fail("S3", "forward again after WF_COMPENSATING", row)
         if row.transition == "close_as_failed":
+            self._on_closed(row)
             fold.restart_from = None  # an unfinished restart ends with it
         fold.instance = target
         if target in TERMINAL:
             fold.terminal = (target, row.seq)
             fold.outcomes.append(target)
-            if len([o for o in fold.outcomes if o != "failed"]) > 1:
+            if len(fold.outcomes) > 1:
                 self.fail("S2", f"two outcomes: {fold.outcomes}", row)
+
+    def _on_compensating(self, row: Row) -> None:
+        """WF_COMPENSATING: nothing after the pivot ran; the engine never
+        compensates once the pivot may have applied, an operator only an
+        uncertain pivot (its outcome unknown, or failed retryably)."""
+        fold = self.fold
+        if self.pivot is None:
+            return
+        past = sorted({p for p, _ in fold.starts if p > self.pivot})
+        if past:
+            self.fail("S6", f"compensating after step {past} started", row)
+        if not fold.may_apply(self.pivot):
+            return
+        manual = ("instance", row.transition) in self.manual
+        pivot_state = fold.state[self.pivot]
+        if not manual:
+            self.fail("S6", "the engine compensates although the pivot may apply", row)
+        elif pivot_state not in {"unknown", "failed"}:
+            self.fail("S6", f"compensating past a {pivot_state} pivot", row)
+
+    def _on_closed(self, row: Row) -> None:
+        """WF_FAILED: the close fenced open work in its own change, before
+        this row."""
+        fold = self.fold
+        open_work = {
+            p: (fold.state[p], fold.comp[p])
+            for p in self.specs
+            if fold.state[p] in OPEN_ACTION or fold.comp[p] in OPEN_COMPENSATION
+        }
+        if open_work:
+            self.fail("S2", f"closed with open work: {open_work}", row)
 
     def _on_restart_asked(self, row: Row) -> None:
         """MANUAL_RESTART_FROM_STEP: from a restart point of the pinned
@@ -460,6 +590,19 @@ class _Checker:
             return
         fold.restart_from = spec.position
         blocked = [p for p, s in fold.state.items() if s in {"failed", "unknown"}]
+        if row.transition == "retry_repaired_step":
+            # A restart from the blocked step itself: it may have applied, so
+            # it is undone first (it must have a compensation, before the pivot).
+            if not blocked or spec.position != min(blocked):
+                self.fail("S6", f"step {spec.position} is not the blocked step", row)
+            if not self.needs_compensation(spec.position):
+                self.fail(
+                    "S6",
+                    f"step {spec.position} cannot be undone (no compensation, "
+                    "not before the pivot, or nothing may have applied)",
+                    row,
+                )
+            return
         if not spec.restart_point:
             self.fail("S6", f"step {spec.position} is not a restart point", row)
         if not blocked or spec.position > min(blocked):
@@ -497,18 +640,19 @@ class _Checker:
         fold = self.fold
         if fold.restart_from is not None:
             self.fail("S8", "a restart ended as compensated", row)
-        for position, spec in self.specs.items():
+        for position in self.specs:
             started = fold.started(position)
-            if started and not self.before_pivot(position):
-                self.fail("S8", f"step {position} at/after the pivot started", row)
+            if started and self.pivot is not None and position > self.pivot:
+                self.fail("S8", f"step {position} after the pivot started", row)
+            if position == self.pivot and fold.state[position] in STEP_DONE:
+                self.fail("S8", f"the pivot {position} is done", row)
             if (
-                started
-                and spec.has_compensation
+                self.needs_compensation(position)
                 and fold.current(position) not in fold.comp_succeeded
             ):
                 self.fail(
                     "S8",
-                    f"step {position} started but has no COMP_SUCCEEDED",
+                    f"step {position} may have applied but has no COMP_SUCCEEDED",
                     row,
                 )
             if fold.comp[position] not in COMP_RESOLVED:
@@ -552,6 +696,14 @@ class _Checker:
         fold, name = self.fold, row.transition
         key = (position, ACTION)
         attempt = row.data.get("attempt")
+        if name == "fail":
+            fold.permanent[position] = bool(row.data.get("permanent"))
+        elif name in {"begin_attempt", "mark_done"}:
+            fold.permanent[position] = False
+        if name == "time_out" and row.data.get("abandoned"):
+            fold.abandoned.add((position, attempt))
+        if name == "retry" and fold.instance == "compensating":
+            self.fail("S3", "an action retried while compensating", row)
         if name in {"schedule", "retry_now"}:
             self._forward_allowed(row, position)
         elif name == "rerun":
@@ -620,7 +772,7 @@ class _Checker:
             if name == "compensation_succeed":
                 fold.comp_succeeded.add(fold.current(position))
         elif name == "skip_compensation" and self.needs_compensation(position):
-            self.fail("S6", f"step {position} started but its undo is skipped", row)
+            self.fail("S6", f"step {position} may have applied; its undo skipped", row)
         elif name == "reopen_compensation":
             self._in_restart(row, position)
 
@@ -641,15 +793,34 @@ class _Checker:
         """STEP_RERUN: the step's current run is over (undone where it needs
         it, S7 order), and it starts again as the next run."""
         fold = self.fold
-        self._in_restart(row, position)
+        repaired = fold.repaired_retry == position and fold.instance == "running"
+        fold.repaired_retry = None
+        if repaired:
+            # Retried with repaired data, at once: only if nothing may have
+            # applied (else it is undone first: MANUAL_RETRY_REPAIRED_STEP).
+            if fold.may_apply(position):
+                self.fail(
+                    "S7", f"step {position} may have applied: a new run twice", row
+                )
+        else:
+            self._in_restart(row, position)
         if fold.open.get((position, ACTION)) is not None:
             self.fail("S4", f"attempt {fold.open[(position, ACTION)]} is open", row)
-        if self.needs_compensation(position) and fold.comp[position] != "done":
+        has_undo = self.specs[position].has_compensation
+        if (
+            has_undo
+            and not repaired
+            and fold.may_apply(position)
+            and fold.comp[position] != "done"
+        ):
+            # Also the pivot: a new run while the old one may have applied.
             self.fail("S7", f"step {position} runs again before it is undone", row)
-        # Only a step with a compensation starts a new run (new keys); one
-        # without keeps its keys, so its participant can deduplicate (S5).
-        if self.specs[position].has_compensation:
+        # A step with a compensation starts a new run (new keys), as does a
+        # repaired retry; one without keeps its keys when restarted, so its
+        # participant can deduplicate (S5).
+        if has_undo or repaired:
             fold.run[position] += 1
+        fold.permanent[position] = False
         if row.data.get("run") != fold.run[position]:
             self.fail(
                 "S1",
@@ -667,8 +838,12 @@ class _Checker:
                 f"step {position} undone by a restart from {fold.restart_from}",
                 row,
             )
-        if not fold.started(position):
+        if not fold.started(position) and fold.state[position] != "skipped":
             self.fail("S6", f"step {position} was never started", row)
+        elif fold.permanent[position]:
+            self.fail(
+                "S6", f"step {position}'s last answer was a permanent failure", row
+            )
         if not self.before_pivot(position):
             self.fail("S6", f"step {position} is at or after the pivot", row)
         if not self.specs[position].has_compensation:
@@ -809,7 +984,13 @@ class _Checker:
                         self.fail("G", f"{state} with effT={eff_t} at step {p}")
             positions = [p for p in positions if self.specs[p].has_compensation]
             word = [w for w in word if int(w[1:]) in positions]
-        if state not in {"completed", "compensated", "cancelled", "needs_attention"}:
+        if state not in {
+            "completed",
+            "compensated",
+            "cancelled",
+            "failed",
+            "needs_attention",
+        }:
             self.fail("L1", f"quiescent but {state}: neither finished nor escalated")
         if state == "needs_attention" and not self.fold.alert_open:
             # Quiescence includes a sweep, which opens the alert of a held
@@ -861,6 +1042,7 @@ class _Checker:
                 fold.attempt.get(position, -1),
                 fold.comp_attempt.get(position, -1),
                 fold.run.get(position, -1),
+                fold.permanent.get(position, False),
             )
             if cols != replayed:
                 self.fail(
@@ -961,6 +1143,7 @@ def load(
             user_id=r["user_id"],
             data=r["data"],
             reason=r["reason"],
+            at=r["created_at"],
         )
         for r in TransitionLog.objects.filter(instance_id=pk)
         .order_by("id")
@@ -976,6 +1159,7 @@ def load(
             "user_id",
             "data",
             "reason",
+            "created_at",
         )
     ]
     ledger = [
@@ -1001,6 +1185,7 @@ def load(
                 s["attempt"],
                 s["compensation_attempt"],
                 s["run"],
+                s["last_failure_permanent"],
             )
             for s in StepExecution.objects.filter(instance_id=pk).values(
                 "position",
@@ -1009,6 +1194,7 @@ def load(
                 "attempt",
                 "compensation_attempt",
                 "run",
+                "last_failure_permanent",
             )
         },
     )

@@ -8,20 +8,42 @@ hang inside the activity call (a ``BaseException`` the engine cannot catch),
 so crashes also hit attempts a worker continues with inline, without a
 message; whether workers continue inline is drawn per example. Participants
 keep the demo ledger (``ParticipantEffect``) behind test-only activities that
-misbehave on command, and call back for attempts they accepted.
+misbehave on command, and call back for attempts they accepted. A
+participant keeps its answers: a request it declined for good stays declined,
+and one it applied is answered from its record, never declined afterwards.
+
+Faults are drawn evenly: each example draws a sequence of faults per
+direction (action, compensation), each kind with the same chance, and the
+next calls of that direction take them in order; a rule plans more. No
+targeting: it made whole fault kinds disappear for 500 examples. Definitions
+are drawn with pivots and with short workflow deadlines (the sweeper holds
+the instance while attempts are in flight). Operators try every action:
+retry step, mark step done, compensate, cancel, resume, retry compensation,
+close as failed, restart from a step, repair the input then retry (a new
+run), acknowledge an alert; two of them on the same version. After the
+instance finished, late worker outcomes, callbacks, events and sweeps keep
+coming: nothing may change (S2).
 
 After every rule the safety part of the invariant (S1-S10, S12, with the
 replay equality of S1) is checked. The teardown lets the remaining faults play
 out, heals everything, drives the instance to quiescence within a bound (L3),
-checks L1 and G, lets an operator retry what escalated (L2) and checks G again.
-Operators also restart instances from a restart point (a random action, a
-way to resolve a hold, and half the time the teardown's rescue); a second
-machine over definitions built for it makes restarts the common path.
+checks L1 and G, lets an operator retry what escalated (L2), checks G again,
+then sends late messages to the finished instance. Operators also restart
+instances from a restart point (a random action, a way to resolve a hold,
+and half the time the teardown's rescue); a second machine over definitions
+built for it makes restarts the common path. Real threads (operator, worker,
+sweeper at once) are in ``test_prop_threads.py``.
 
-Environment: ``SAGA_PROPERTY_EXAMPLES`` (default 500; the restart machine runs
-a fifth of that), ``SAGA_PROPERTY_STEPS``
-(rules per example, default 25), ``SAGA_PROPERTY_STATS=1`` prints what the
-examples exercised.
+Every run prints what it exercised (fault kinds, operator actions applied
+and refused, holds by kind, deadlines, late messages, terminal states) and
+writes it to ``$SAGA_DESK_VAR_DIR/saga_property_<test>.txt``; with 200
+examples or more a run fails if a fault kind or an operator action never
+fired, so coverage cannot silently rot.
+
+Environment: ``SAGA_PROPERTY_EXAMPLES`` (default 800: the fault machine runs
+that many, the restart machine a fifth, the thread test a tenth: 1,040 in
+all), ``SAGA_PROPERTY_STEPS`` (rules per example, default 8),
+``SAGA_PROPERTY_STATS=1`` adds the ledger and note counts to the table.
 """
 
 from __future__ import annotations
@@ -35,15 +57,17 @@ import types
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, ClassVar
 from unittest import mock
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings as django_settings
 from django.db.models import F
-from hypothesis import HealthCheck, settings, target
+from django.db.models.functions import Now
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.control import currently_in_test_context
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -64,14 +88,22 @@ from tests.saga_invariant import (
 from tests.support import LocalBroker, Message, make_definition, user_in
 from workflows_app import tasks
 from workflows_app.activities import activity
-from workflows_app.activities.base import ActivityContext, ActivityError, Waiting
+from workflows_app.activities.base import (
+    ActivityContext,
+    ActivityError,
+    Waiting,
+    step_idempotency_key,
+)
 from workflows_app.activities.demo import perform_action, perform_compensation
 from workflows_app.engine import commands, sweeps
 from workflows_app.engine.actors import Actor
+from workflows_app.engine.blocking import blocking_step as blocked_step
 from workflows_app.engine.commands.operator import restart_points
-from workflows_app.engine.errors import NotPermitted, TransitionRejected
+from workflows_app.engine.commands.repair import instance_repair_input
+from workflows_app.engine.errors import InvalidInput, NotPermitted, TransitionRejected
 from workflows_app.models import (
     TERMINAL_STATES,
+    Alert,
     Attempt,
     AttentionKind,
     InboundMessage,
@@ -81,11 +113,12 @@ from workflows_app.models import (
     TransitionLog,
     WorkflowInstance,
 )
-from workflows_app.views.common import blocked_step
 
-EXAMPLES = int(os.environ.get("SAGA_PROPERTY_EXAMPLES", "500"))
-STEPS_PER_EXAMPLE = int(os.environ.get("SAGA_PROPERTY_STEPS", "25"))
+EXAMPLES = int(os.environ.get("SAGA_PROPERTY_EXAMPLES", "800"))
+STEPS_PER_EXAMPLE = int(os.environ.get("SAGA_PROPERTY_STEPS", "8"))
 SHOW_STATS = bool(os.environ.get("SAGA_PROPERTY_STATS"))
+# Below this many examples a run only reports what it missed.
+COVERAGE_MIN_EXAMPLES = 200
 WORKER = Actor.worker("prop-worker")
 PARTICIPANT = Actor.api("prop-participant")
 # Bounds of the teardown: rounds of (deliver all, advance the clock, sweep),
@@ -93,11 +126,13 @@ PARTICIPANT = Actor.api("prop-participant")
 MAX_ROUNDS = 12
 MAX_MESSAGES = 300
 MAX_RESCUES = 3
+# Callbacks the teardown sends to a finished instance (the latest attempts').
+LATE_CALLBACKS = 2
 
 # What a call to a participant does.
 CALL_FAULTS = (
     "retryable",  # a transient error before the participant is reached
-    "permanent",  # the participant declines
+    "permanent",  # the participant declines (for good: it keeps that answer)
     "lose_confirmation",  # the effect applies, then the reply is lost
     "hang",  # the worker's time limit fires before the participant is reached
     "hang_after_apply",  # the effect applies, then the time limit fires
@@ -111,6 +146,19 @@ CALL_FAULTS = (
 )
 # What happens to a queued message besides its delivery.
 DELIVERY_FAULTS = ("duplicate", "drop")
+# Every operator action; the random ones are drawn evenly from this list.
+OPERATOR_ACTIONS = (
+    "retry_step",
+    "mark_step_done",
+    "compensate",
+    "cancel",
+    "resume",
+    "retry_compensation",
+    "close_as_failed",
+    "restart_from_step",
+    "repair_and_retry",
+    "acknowledge_alert",
+)
 STATS: collections.Counter[str] = collections.Counter()
 
 
@@ -133,33 +181,49 @@ class WorkerStalled(BaseException):
         self.ctx = ctx
 
 
-def _plans() -> collections.defaultdict[tuple[str, str], collections.deque[str]]:
+def _plans() -> collections.defaultdict[Any, collections.deque[str]]:
     return collections.defaultdict(collections.deque)
 
 
 @dataclasses.dataclass
 class FaultSchedule:
-    """The faults still to come, by (step name, direction); each fires once."""
+    """The faults still to come; each fires once. ``steps``: by (step name,
+    direction), for scenarios that aim at one step; ``calls``: by direction,
+    taken by the next calls of any step (how the machine's draws are spent,
+    so every drawn kind fires whichever step comes first)."""
 
-    calls: collections.defaultdict[tuple[str, str], collections.deque[str]] = (
-        dataclasses.field(default_factory=_plans)
+    steps: collections.defaultdict[Any, collections.deque[str]] = dataclasses.field(
+        default_factory=_plans
+    )
+    calls: collections.defaultdict[Any, collections.deque[str]] = dataclasses.field(
+        default_factory=_plans
     )
     # Steps whose compensation keeps failing until healed.
     broken: set[str] = dataclasses.field(default_factory=set)
     # Task tokens of the attempts the participants received (they call back).
     tokens: list[str] = dataclasses.field(default_factory=list)
+    # Idempotency keys a participant declined for good: it keeps that answer.
+    declined: set[str] = dataclasses.field(default_factory=set)
 
     def next_call(self, ctx: ActivityContext) -> str:
         if ctx.direction == "compensation" and ctx.step_name in self.broken:
             return "retryable"
-        plan = self.calls[(ctx.step_name, ctx.direction)]
-        return plan.popleft() if plan else "ok"
+        for plan in (
+            self.steps[(ctx.step_name, ctx.direction)],
+            self.calls[ctx.direction],
+        ):
+            if plan:
+                return plan.popleft()
+        return "ok"
 
     def heal(self) -> None:
+        self.steps.clear()
         self.calls.clear()
         self.broken.clear()
 
 
+# Published definitions by shape, within one test (its database).
+DEFINITIONS: dict[str, str] = {}
 # By instance id: the activities are module-level, the schedule is per example.
 SCHEDULES: dict[str, FaultSchedule] = {}
 # What tasks._budget returns in this example: None (every attempt travels as
@@ -167,10 +231,23 @@ SCHEDULES: dict[str, FaultSchedule] = {}
 INLINE: list[commands.InlineBudget | None] = [None]
 
 
+def _applied(key: str) -> bool:
+    return ParticipantEffect.objects.filter(idempotency_key=key, applied=True).exists()
+
+
 def _call(ctx: ActivityContext, apply: Any) -> dict[str, Any] | Waiting:
     schedule = SCHEDULES.get(ctx.instance_id)
     fault = schedule.next_call(ctx) if schedule else "ok"
-    STATS[f"call {ctx.direction}: {fault}"] += 1
+    forward = ctx.direction == "action"
+    if schedule is not None and forward and ctx.idempotency_key in schedule.declined:
+        # A participant keeps its answer: what it declined stays declined.
+        STATS["participant: a declined request asked again, declined again"] += 1
+        raise ActivityError("the participant declined this request", permanent=True)
+    if fault == "permanent" and forward and _applied(ctx.idempotency_key):
+        # ... and answers an applied request from its record.
+        STATS["participant: permanent for an applied request, answered ok"] += 1
+        fault = "ok"
+    STATS[f"fault {ctx.direction}: {fault}"] += 1
     if fault == "stall":
         raise WorkerStalled(ctx)
     if fault in {"crash", "crash_redelivered"}:
@@ -178,6 +255,8 @@ def _call(ctx: ActivityContext, apply: Any) -> dict[str, Any] | Waiting:
     if fault == "retryable":
         raise ActivityError("the participant is unavailable")
     if fault == "permanent":
+        if schedule is not None and forward:
+            schedule.declined.add(ctx.idempotency_key)
         raise ActivityError("the participant declined", permanent=True)
     if fault == "hang":
         raise SoftTimeLimitExceeded()
@@ -213,8 +292,22 @@ def prop_undo(ctx: ActivityContext) -> dict[str, Any] | Waiting:
 
 # -- strategies ----------------------------------------------------------------------
 
-CALL_PLANS = st.lists(st.sampled_from(CALL_FAULTS), max_size=3)
+FAULT = st.sampled_from(CALL_FAULTS)
 RARELY = (False, False, False, True)
+# Restart twice: it applies only where a restart point precedes the block.
+RESCUES = (
+    "retry",
+    "restart",
+    "restart",
+    "close",
+    "mark_done",
+    "compensate",
+    "repair",
+    "cancel",
+)
+# Workflow deadlines (seconds): shorter than a step's 5 s timeout, so the
+# sweeper holds the instance while an attempt is in flight.
+DEADLINES = (None, 2, 3, 4)
 
 
 @st.composite
@@ -237,8 +330,8 @@ def definitions(draw: Any) -> dict[str, Any]:
                 # A step with nothing to undo (a notification, a lookup).
                 "no_undo": draw(st.sampled_from(RARELY)),
                 "faults": {
-                    "action": draw(CALL_PLANS),
-                    "compensation": draw(CALL_PLANS),
+                    "action": [],
+                    "compensation": [],
                     "compensation broken": draw(st.sampled_from(RARELY)),
                 },
             }
@@ -247,10 +340,15 @@ def definitions(draw: Any) -> dict[str, Any]:
     return {
         "failure_policy": draw(st.sampled_from(["compensate", "hold"])),
         "pivot": pivot,
+        "deadline": draw(st.sampled_from(DEADLINES)),
         "workers_continue_inline": draw(st.booleans()),
-        # After healing, the operator restarts from a restart point instead
-        # of retrying the blocked step, where the definition allows it.
-        "rescue_by_restart": draw(st.booleans()),
+        # What the operator does first about a hold after healing (then the
+        # action that fits the hold); "close" also closes before the late
+        # workers come back.
+        "rescue": draw(st.sampled_from(RESCUES)),
+        # Taken in order by the next calls of each direction, any step.
+        "action_faults": draw(st.lists(FAULT, min_size=1, max_size=3)),
+        "compensation_faults": draw(st.lists(FAULT, max_size=3)),
         "steps": steps,
     }
 
@@ -275,7 +373,7 @@ def restartable_definitions(draw: Any) -> dict[str, Any]:
         **spec,
         "failure_policy": "hold",
         "pivot": pivot,
-        "rescue_by_restart": True,
+        "rescue": "restart",
     }
 
 
@@ -288,21 +386,8 @@ def _valid_restart_points(steps: list[dict[str, Any]], pivot: int | None) -> Non
             step["restart_point"] = False
 
 
-# Cancel once, the others twice: a cancel before the start ends an example.
-OPERATOR_ACTIONS = (
-    "retry_step",
-    "compensate",
-    "retry_compensation",
-    "mark_step_done",
-    "cancel",
-    "restart_from_step",
-    "retry_step",
-    "compensate",
-    "retry_compensation",
-    "mark_step_done",
-    "restart_from_step",
-)
 TRANSPORT_OPS = ("deliver", *DELIVERY_FAULTS)
+LATE_OPS = ("worker", "callback", "event", "sweep")
 RESUMED = types.SimpleNamespace(request=types.SimpleNamespace(id="resumed"))
 
 
@@ -329,7 +414,10 @@ class SagaMachine(RuleBasedStateMachine):
         self.names: list[str] = []
         self.step_ids: dict[str, int] = {}
         self.specs: list[StepSpec] = []
-        self.rescue_by_restart = False
+        self.pivot: str | None = None  # the pivot step's name
+        self.rescue = "retry"
+        self.has_deadline = False
+        self.holds: set[str] = set()  # attention kinds this example went through
 
     # -- the instance and its transport ---------------------------------------------
     def instance(self) -> WorkflowInstance:
@@ -360,6 +448,8 @@ class SagaMachine(RuleBasedStateMachine):
             activity="prop.step" if ctx.direction == "action" else "prop.undo",
             context=ctx,
         )
+        if self.state in TERMINAL_STATES:
+            STATS[f"late: a stalled worker resumed after {self.state}"] += 1
         self._as_worker(
             lambda: tasks._work(RESUMED, claim, WORKER, INLINE[0]), message=None
         )
@@ -388,9 +478,33 @@ class SagaMachine(RuleBasedStateMachine):
         # too); only this example's messages belong in its queue.
         self.queue[:] = [m for m in self.queue if m.args[0] == self.instance_id]
 
+    def _state_rows(self) -> int:
+        return TransitionLog.objects.filter(
+            instance_id=self.instance_id, field__gt=""
+        ).count()
+
     # -- operators -------------------------------------------------------------------
+    def _blocked(self) -> StepExecution | None:
+        return (
+            StepExecution.objects.filter(
+                instance_id=self.instance_id, state__in=["failed", "unknown"]
+            )
+            .order_by("position")
+            .first()
+        )
+
+    def _pivot_may_have_applied(self) -> bool:
+        """What an operator checks before undoing around an uncertain pivot:
+        the participant shows no effect, and no worker still holds a call."""
+        if self.pivot is None:
+            return False
+        step = StepExecution.objects.get(instance_id=self.instance_id, name=self.pivot)
+        busy = any(ctx.step_name == self.pivot for ctx in self.stalled)
+        return busy or _applied(step.idempotency_key("action"))
+
     def _operate(self, action: str, user: Any, expected_version: int | None) -> bool:
-        """One operator action; True if it applied, False if it was refused."""
+        """One operator action; True if it applied, False if it was refused
+        (or the operator, checking first, did not ask)."""
         kwargs = {
             "user": user,
             "reason": f"{action} by {user.username}",
@@ -400,20 +514,21 @@ class SagaMachine(RuleBasedStateMachine):
             if action == "mark_step_done":
                 # An operator marks a step done by hand only after checking at
                 # the participant that its effect did happen.
-                blocked = (
-                    StepExecution.objects.filter(
-                        instance_id=self.instance_id, state__in=["failed", "unknown"]
-                    )
-                    .order_by("position")
-                    .first()
-                )
-                if blocked is None or not ParticipantEffect.objects.filter(
-                    idempotency_key=blocked.idempotency_key("action"), applied=True
-                ):
+                blocked = self._blocked()
+                if blocked is None or not _applied(blocked.idempotency_key("action")):
+                    STATS["operator did not ask: mark_step_done (no effect)"] += 1
                     return False
                 commands.instance_mark_step_done(
                     self.instance_id, output={"by_hand": True}, **kwargs
                 )
+            elif action in {"compensate", "cancel"} and (
+                self.instance().attention_kind == AttentionKind.PIVOT_UNCERTAIN
+                and self._pivot_may_have_applied()
+            ):
+                # Undoing around an uncertain pivot is a person's judgement
+                # that it did not apply: only when the participant says so.
+                STATS[f"operator did not ask: {action} (the pivot applied)"] += 1
+                return False
             elif action == "restart_from_step":
                 # Any restart point, also one after the blocked step (refused).
                 points = list(
@@ -425,16 +540,42 @@ class SagaMachine(RuleBasedStateMachine):
                     .values_list("id", flat=True)
                 )
                 if not points:
-                    STATS["operator skipped: restart_from_step (no point)"] += 1
+                    STATS["operator did not ask: restart_from_step (no point)"] += 1
                     return False
                 pick = points[self.instance().version % len(points)]
                 commands.instance_restart_from_step(
                     self.instance_id, step_id=pick, **kwargs
                 )
+            elif action == "repair_and_retry":
+                # The input is corrected, then the blocked step retried: a new
+                # run (undone first where it may have applied).
+                instance_repair_input(
+                    self.instance_id,
+                    new_input={"repaired": self.instance().version},
+                    **kwargs,
+                )
+                STATS["operator applied: repair input"] += 1
+                commands.instance_retry_step(
+                    self.instance_id,
+                    user=user,
+                    reason=kwargs["reason"],
+                    expected_version=self.instance().version,
+                )
+            elif action == "acknowledge_alert":
+                alert = Alert.objects.filter(
+                    instance_id=self.instance_id,
+                    resolved_at__isnull=True,
+                    acknowledged_at__isnull=True,
+                ).first()
+                if alert is None:
+                    STATS["operator did not ask: acknowledge_alert (none open)"] += 1
+                    return False
+                commands.alert_acknowledge(alert.pk, user=user, reason=action)
+                STATS[f"alert acknowledged: {alert.kind}"] += 1
             else:
                 getattr(commands, f"instance_{action}")(self.instance_id, **kwargs)
-        except (TransitionRejected, NotPermitted):  # AlreadyChanged included
-            STATS[f"operator refused: {action}"] += 1
+        except (TransitionRejected, NotPermitted, InvalidInput):
+            STATS[f"operator refused: {action}"] += 1  # AlreadyChanged included
             return False
         STATS[f"operator applied: {action}"] += 1
         return True
@@ -446,32 +587,46 @@ class SagaMachine(RuleBasedStateMachine):
             instance_id=self.instance_id, step=None, transition__in=manual
         ).count()
 
+    def _definition(self, spec: dict[str, Any]) -> str:
+        """The key of a published definition for ``spec`` (made once per
+        shape: publishing is slow, and instances pin their version anyway)."""
+        deadline = spec.get("deadline")
+        steps = [
+            {
+                "name": name,
+                "action": "prop.step",
+                "compensation": "" if step.get("no_undo") else "prop.undo",
+                "is_pivot": position == spec["pivot"],
+                "max_attempts": step["max_attempts"],
+                "retry_on_timeout": step["retry_on_timeout"],
+                "restart_point": step.get("restart_point", False),
+                "awaits_event": f"prop.{name}.done" if step["awaits_event"] else "",
+            }
+            for position, (name, step) in enumerate(
+                zip(self.names, spec["steps"], strict=True), start=1
+            )
+        ]
+        shape = repr((steps, spec["failure_policy"], deadline))
+        if shape not in DEFINITIONS:
+            key = f"prop-{uuid.uuid4().hex[:16]}"
+            make_definition(
+                key,
+                steps=steps,
+                failure_policy=spec["failure_policy"],
+                deadline=timedelta(seconds=deadline) if deadline else None,
+            )
+            DEFINITIONS[shape] = key
+        return DEFINITIONS[shape]
+
     # -- rules -----------------------------------------------------------------------
     @initialize(spec=definitions())
     def start(self, spec: dict[str, Any]) -> None:
         key = f"prop-{uuid.uuid4().hex[:16]}"
         self.names = [f"s{i}" for i in range(1, len(spec["steps"]) + 1)]
-        make_definition(
-            key,
-            steps=[
-                {
-                    "name": name,
-                    "action": "prop.step",
-                    "compensation": "" if step.get("no_undo") else "prop.undo",
-                    "is_pivot": position == spec["pivot"],
-                    "max_attempts": step["max_attempts"],
-                    "retry_on_timeout": step["retry_on_timeout"],
-                    "restart_point": step.get("restart_point", False),
-                    "awaits_event": f"prop.{name}.done" if step["awaits_event"] else "",
-                }
-                for position, (name, step) in enumerate(
-                    zip(self.names, spec["steps"], strict=True), start=1
-                )
-            ],
-            failure_policy=spec["failure_policy"],
-        )
+        deadline = spec.get("deadline")
+        definition_key = self._definition(spec)
         instance = commands.instance_start(
-            key, business_key=key, input={}, actor=Actor.api("prop")
+            definition_key, business_key=key, input={}, actor=Actor.api("prop")
         ).instance
         self.instance_id = str(instance.id)
         self.step_ids = {
@@ -479,11 +634,14 @@ class SagaMachine(RuleBasedStateMachine):
         }
         for name, step in zip(self.names, spec["steps"], strict=True):
             faults = step["faults"]
-            self.faults.calls[(name, "action")].extend(faults["action"])
-            self.faults.calls[(name, "compensation")].extend(faults["compensation"])
+            self.faults.steps[(name, "action")].extend(faults["action"])
+            self.faults.steps[(name, "compensation")].extend(faults["compensation"])
             if faults["compensation broken"]:
                 self.faults.broken.add(name)
+        self.faults.calls["action"].extend(spec.get("action_faults", []))
+        self.faults.calls["compensation"].extend(spec.get("compensation_faults", []))
         self.specs = pinned_steps(instance.definition_id)
+        self.pivot = next((s.name for s in self.specs if s.is_pivot), None)
         self.business_key = key
         self.awaits = {
             name: f"prop.{name}.done"
@@ -492,7 +650,15 @@ class SagaMachine(RuleBasedStateMachine):
         }
         SCHEDULES[self.instance_id] = self.faults
         INLINE[0] = always_fits if spec["workers_continue_inline"] else None
-        self.rescue_by_restart = spec.get("rescue_by_restart", False)
+        self.rescue = spec.get("rescue", "retry")
+        self.has_deadline = bool(deadline)
+        STATS["examples"] += 1
+        STATS[
+            f"definition: deadline {deadline}s"
+            if deadline
+            else "definition: no deadline"
+        ] += 1
+        STATS[f"definition: pivot {'yes' if spec['pivot'] else 'no'}"] += 1
 
     @precondition(lambda self: self.queue)
     @rule()
@@ -519,17 +685,17 @@ class SagaMachine(RuleBasedStateMachine):
         self._resume(self.stalled.pop(pick % len(self.stalled)))
 
     @rule(
-        position=st.integers(1, 4),
         direction=st.sampled_from(["action", "compensation"]),
         fault=st.sampled_from((*CALL_FAULTS, "broken")),
+        position=st.integers(1, 4),
     )
-    def inject_fault(self, position: int, direction: str, fault: str) -> None:
-        """Plan one more fault; ``broken``: the compensation fails until healed."""
-        name = self.names[(position - 1) % len(self.names)]
+    def inject_fault(self, direction: str, fault: str, position: int) -> None:
+        """Plan one more fault for the next call of ``direction``; ``broken``:
+        a step's compensation fails until healed."""
         if fault == "broken":
-            self.faults.broken.add(name)
+            self.faults.broken.add(self.names[(position - 1) % len(self.names)])
         else:
-            self.faults.calls[(name, direction)].append(fault)
+            self.faults.calls[direction].append(fault)
 
     @precondition(lambda self: self.faults.tokens)
     @rule(pick=st.integers(0, 7), replay=st.booleans(), permanent=st.booleans())
@@ -539,17 +705,22 @@ class SagaMachine(RuleBasedStateMachine):
         attempts first; older ones are stale. ``replay``: the same callback id
         again (S11: the stored answer, no history row)."""
         tokens = self.faults.tokens
-        token = tokens[-1 - pick % len(tokens)]
+        self._callback(tokens[-1 - pick % len(tokens)], replay, permanent)
+
+    def _callback(
+        self, token: str, replay: bool, permanent: bool, *, remember: bool = True
+    ) -> None:
         attempt = Attempt.objects.select_related("step").get(task_token=token)
-        key = attempt.step.idempotency_key(attempt.direction)
-        applied = ParticipantEffect.objects.filter(
-            idempotency_key=key, applied=True
-        ).exists()
+        key = step_key(attempt)
+        applied = _applied(key)
+        if permanent and not applied and attempt.direction == "action":
+            self.faults.declined.add(key)  # it keeps that answer
         if replay and self.callback_ids:
             message_id = self.callback_ids[-1]
         else:
             message_id = uuid.uuid4().hex
-            self.callback_ids.append(message_id)
+            if remember:
+                self.callback_ids.append(message_id)
         rows = TransitionLog.objects.filter(instance_id=self.instance_id).count()
         stored = InboundMessage.objects.filter(
             source=PARTICIPANT.label, message_id=message_id
@@ -573,17 +744,16 @@ class SagaMachine(RuleBasedStateMachine):
             )
             assert after == rows, "S11: a replayed callback wrote history"
 
-    def _applied(self, name: str, direction: str = "action") -> bool:
+    def _step_applied(self, name: str, direction: str = "action") -> bool:
         """Whether the participant applied the step's current run (a restart
         sends new keys, and the participant announces each run's effect)."""
         step = StepExecution.objects.get(instance_id=self.instance_id, name=name)
-        return ParticipantEffect.objects.filter(
-            idempotency_key=step.idempotency_key(direction), applied=True
-        ).exists()
+        return _applied(step.idempotency_key(direction))
 
-    def _emit(self, name: str, *, replay: bool = False) -> None:
-        """The participant announces a step's effect, once it applied it."""
-        if name not in self.awaits or not self._applied(name):
+    def _emit(self, name: str, *, replay: bool = False, anyway: bool = False) -> None:
+        """The participant announces a step's effect, once it applied it
+        (``anyway``: also before, a participant's mistake)."""
+        if name not in self.awaits or not (anyway or self._step_applied(name)):
             return
         if replay and self.event_ids:
             event_id = self.event_ids[-1]
@@ -616,9 +786,41 @@ class SagaMachine(RuleBasedStateMachine):
 
     @rule()
     def heal(self) -> None:
-        self.faults.heal()
+        """Broken compensations work again; the one-shot faults still
+        planned stay (finitely many: they fire, or the teardown heals them)."""
+        self.faults.broken.clear()
 
-    @rule(seconds=st.sampled_from([0, 6, 31, 3600]), sweep=st.booleans())
+    @precondition(
+        lambda self: self.has_deadline and self.state == InstanceState.RUNNING
+    )
+    @rule(close=st.booleans())
+    def deadline_passes(self, close: bool) -> None:
+        """The workflow deadline passes before a step's timeout: the sweeper
+        holds the instance while its attempts may be in flight; maybe an
+        operator closes it then (the workers come back later)."""
+        self._deadline_passes(close=close)
+
+    def _deadline_passes(self, *, close: bool) -> None:
+        # As _advance_clock, but only the instance's deadline: it is as if
+        # the deadline had been drawn shorter.
+        WorkflowInstance.objects.filter(
+            pk=self.instance_id, deadline_at__isnull=False
+        ).update(deadline_at=Now() - timedelta(seconds=1))
+        self._sweep()
+        instance = self.instance()
+        if instance.state != InstanceState.NEEDS_ATTENTION:
+            return
+        self.holds.add(instance.attention_kind)
+        if close:
+            self._operate("close_as_failed", self.operators[1], instance.version)
+
+    def _count_close(self) -> None:
+        in_flight = Attempt.objects.filter(
+            step__instance_id=self.instance_id, outcome=Attempt.Outcome.ABANDONED
+        ).exists()
+        STATS[f"closed as failed: attempts in flight={in_flight}"] += 1
+
+    @rule(seconds=st.sampled_from([0, 3, 6, 31, 3600]), sweep=st.booleans())
     def time_passes(self, seconds: int, sweep: bool) -> None:
         self._advance_clock(seconds)
         if sweep:
@@ -634,24 +836,31 @@ class SagaMachine(RuleBasedStateMachine):
         current = self.instance().version
         expected = {"current": current, "stale": current - 1, "unchecked": None}
         applied = self._operate(action, self.operators[who], expected[version])
-        assert not (applied and version == "stale"), (
+        assert not (applied and version == "stale" and action != "acknowledge_alert"), (
             "S10: an action against a stale state version applied"
         )
 
     @precondition(lambda self: self.state == InstanceState.NEEDS_ATTENTION)
-    @rule(
-        choice=st.sampled_from(
-            ["retry", "compensate", "mark_step_done", "restart_from_step"]
-        )
-    )
+    @rule(choice=st.sampled_from(OPERATOR_ACTIONS))
     def operator_resolves(self, choice: str) -> None:
         """An operator picks an action that fits why the instance is held."""
         instance = self.instance()
-        if instance.attention_kind == AttentionKind.COMPENSATION_FAILED:
-            action = "retry_compensation"
-        else:
-            action = "retry_step" if choice == "retry" else choice
-        self._operate(action, self.operators[0], instance.version)
+        kind = instance.attention_kind
+        STATS[f"operator resolves a hold: {kind or 'none'}"] += 1
+        if kind == AttentionKind.COMPENSATION_FAILED and choice not in {
+            "close_as_failed",
+            "acknowledge_alert",
+        }:
+            choice = "retry_compensation"
+        elif kind == AttentionKind.DEADLINE and choice in {
+            "retry_step",
+            "mark_step_done",
+            "restart_from_step",
+            "repair_and_retry",
+            "retry_compensation",
+        }:
+            choice = "resume"
+        self._operate(choice, self.operators[0], instance.version)
 
     @precondition(lambda self: self.state == InstanceState.NEEDS_ATTENTION)
     @rule(
@@ -661,6 +870,8 @@ class SagaMachine(RuleBasedStateMachine):
     def two_operators(self, first: str, second: str) -> None:
         """Two operators act on the same state version: at most one applies,
         with exactly one manual row."""
+        if "acknowledge_alert" in {first, second}:
+            return  # not a state change: the version does not fence it
         seen = self.instance().version
         before = self._manual_rows()
         applied = [
@@ -673,17 +884,85 @@ class SagaMachine(RuleBasedStateMachine):
             f"S10: {after - before} manual instance rows for {sum(applied)} actions"
         )
 
+    @precondition(lambda self: self.state in TERMINAL_STATES)
+    @rule(
+        op=st.sampled_from(LATE_OPS),
+        pick=st.integers(0, 7),
+        succeeded=st.booleans(),
+        permanent=st.booleans(),
+    )
+    def after_the_end(
+        self, op: str, pick: int, succeeded: bool, permanent: bool
+    ) -> None:
+        """The instance finished; workers, participants and the sweeper do
+        not know: nothing they send may change a state (S2)."""
+        before = self._state_rows()
+        self._late(op, pick, succeeded=succeeded, permanent=permanent)
+        assert self._state_rows() == before, f"S2: a late {op} changed a state"
+
+    def _late(self, op: str, pick: int, *, succeeded: bool, permanent: bool) -> None:
+        STATS[f"late after the end: {op}"] += 1
+        if op == "worker" and self.stalled:
+            self._resume(self.stalled.pop(pick % len(self.stalled)))
+        elif op == "worker" and self.queue:
+            self._deliver(self.queue.pop(pick % len(self.queue)))
+        elif op == "worker":
+            # A worker that missed everything reports for the latest attempt.
+            attempt = (
+                Attempt.objects.filter(step__instance_id=self.instance_id)
+                .order_by("-started_at", "-id")
+                .first()
+            )
+            if attempt is not None:
+                commands.attempt_record(
+                    self.instance_id,
+                    attempt.step_id,
+                    attempt.direction,
+                    attempt.number,
+                    commands.Outcome("succeeded")
+                    if succeeded
+                    else commands.Outcome(
+                        "failed", error_message="late", permanent=permanent
+                    ),
+                    actor=WORKER,
+                )
+        elif op == "callback" and self.faults.tokens:
+            tokens = self.faults.tokens
+            self._callback(tokens[-1 - pick % len(tokens)], False, permanent)
+        elif op == "event" and self.awaits:
+            names = sorted(self.awaits)
+            self._emit(names[pick % len(names)], anyway=True)
+        else:
+            self._advance_clock(3600)
+            self._sweep()
+
     @invariant()
     def saga_is_safe(self) -> None:
         if not self.instance_id:
             return
         recorded = load(self.instance_id, steps=self.specs)
         assert recorded.persisted is not None
-        self.state = recorded.persisted.state
+        state = recorded.persisted.state
+        if state != self.state:
+            self._entered(state)
+        self.state = state
         # Every command has committed between two rules and nothing runs
         # concurrently, so the persisted columns must equal the replayed
         # history at every point, not only at the end.
         check_history(recorded, quiescent=False, replay=True)
+
+    def _entered(self, state: str) -> None:
+        """Count what the instance went through; a closed instance has no
+        attempt left open (the close fenced them as abandoned)."""
+        if state == InstanceState.NEEDS_ATTENTION:
+            self.holds.add(self.instance().attention_kind)
+        if state == InstanceState.FAILED:
+            self._count_close()
+            open_attempts = Attempt.objects.filter(
+                step__instance_id=self.instance_id,
+                outcome__in=[Attempt.Outcome.RUNNING, Attempt.Outcome.WAITING],
+            ).count()
+            assert not open_attempts, f"S2: closed with {open_attempts} open attempts"
 
     # -- teardown: play out, heal, quiesce, rescue, check the terminal guarantee ---
     def _deliver_all(self) -> None:
@@ -707,6 +986,8 @@ class SagaMachine(RuleBasedStateMachine):
         their timeout (a late forward call after its compensation), then
         before it. The faults still planned fire once each."""
         for late in (True, False):
+            if not late and not (self.stalled or self.queue):
+                return  # nothing hangs any more: the second round is a no-op
             self._time_passes()
             if late:
                 self._deliver_all()
@@ -728,9 +1009,12 @@ class SagaMachine(RuleBasedStateMachine):
             for name in awaiting.values_list("name", flat=True):
                 self._emit(name)
             self._deliver_all()
-            state = self.instance().state
+            instance = self.instance()
+            state = instance.state
             if state in TERMINAL_STATES:
                 return state
+            if state == InstanceState.NEEDS_ATTENTION:
+                self.holds.add(instance.attention_kind)
             self._time_passes()
             if state == InstanceState.NEEDS_ATTENTION and not self.queue:
                 return state
@@ -738,23 +1022,46 @@ class SagaMachine(RuleBasedStateMachine):
             f"L3: still {self.instance().state} after {MAX_ROUNDS} healed rounds"
         )
 
-    def _rescue(self) -> None:
-        """L2: after healing, an operator retries what escalated (or restarts
-        from the earliest restart point up to the blocked step)."""
+    def _rescue(self, *, last: bool = False) -> None:
+        """L2: after healing, an operator lets the instance go on. First what
+        the example drew (restart from the earliest restart point, close,
+        mark done, compensate, repair and retry, cancel), then what fits the
+        hold (resume after a deadline, retry a compensation or the step);
+        where that is refused (a repaired step that may have applied and
+        cannot be undone) the step is marked done if it applied, else the
+        instance closed."""
+        # A person takes the alert first (it stays open until the instance
+        # moves on), then acts.
+        self._operate("acknowledge_alert", self.operators[0], None)
         instance = self.instance()
-        if self.rescue_by_restart and self._restart_first(instance):
+        kind = instance.attention_kind
+        rescue, self.rescue = self.rescue, "retry"  # then what fits (L2 bound)
+        if rescue == "restart" and self._restart_first(instance):
             return
-        action = (
-            "retry_compensation"
-            if instance.attention_kind == AttentionKind.COMPENSATION_FAILED
-            else "retry_step"
-        )
-        getattr(commands, f"instance_{action}")(
-            self.instance_id,
-            user=self.operators[0],
-            reason="healed: try again",
-            expected_version=instance.version,
-        )
+        drawn = {
+            "close": "close_as_failed",
+            "mark_done": "mark_step_done",
+            "compensate": "compensate",
+            "repair": "repair_and_retry",
+            "cancel": "cancel",
+        }.get(rescue)
+        blocked = self._blocked()
+        fits = {
+            AttentionKind.COMPENSATION_FAILED: "retry_compensation",
+            AttentionKind.DEADLINE: "resume",
+        }.get(kind, "retry_step")
+        if fits == "retry_step" and blocked and blocked.last_failure_permanent:
+            # Declined for good: the participant keeps that answer for this
+            # key; only a new request (repaired data: a new run) can succeed.
+            fits = "repair_and_retry"
+        if last:
+            drawn = fits = "close_as_failed"  # the operator gives up
+        for action in (drawn, fits, "mark_step_done", "close_as_failed"):
+            if action and self._operate(action, self.operators[0], instance.version):
+                STATS[f"rescued by {action}"] += 1
+                return
+            instance = self.instance()
+        raise AssertionError(f"L2: no operator action applies to a {kind} hold")
 
     def _restart_first(self, instance: WorkflowInstance) -> bool:
         steps = list(
@@ -776,8 +1083,40 @@ class SagaMachine(RuleBasedStateMachine):
             expected_version=instance.version,
         )
         STATS["rescued by a restart"] += 1
-        self.rescue_by_restart = False  # then retries, as L2 bounds the rounds
+        STATS["operator applied: restart_from_step"] += 1
         return True
+
+    def _close_first(self) -> None:
+        """An operator closes the instance while workers may still be busy
+        (the deadline passes before a step's timeout: held with attempts in
+        flight); they come back after the close."""
+        instance = self.instance()
+        if self.has_deadline and instance.state == InstanceState.RUNNING:
+            self._deadline_passes(close=True)
+        elif instance.state == InstanceState.NEEDS_ATTENTION:
+            self._operate("close_as_failed", self.operators[1], instance.version)
+        if self.state != InstanceState.FAILED and self.instance().state == "failed":
+            self._count_close()  # (no invariant runs in the teardown)
+
+    def _after_the_end_all(self, state: str) -> None:
+        """Late messages for the finished instance: every attempt's callback
+        (success where the participant applied it, else a failure), every
+        awaited event, a sweep much later. Nothing may change (S2)."""
+        before = self._state_rows()
+        # The latest attempts' callbacks (an abandoned one among them, if the
+        # instance was closed while it was in flight) and one event.
+        for token in self.faults.tokens[-LATE_CALLBACKS:]:
+            self._callback(token, replay=False, permanent=False, remember=False)
+            STATS["late after the end: callback (teardown)"] += 1
+        for name in sorted(self.awaits)[:1]:
+            self._emit(name, anyway=True)
+            STATS["late after the end: event (teardown)"] += 1
+        self._time_passes()
+        self._deliver_all()
+        assert self._state_rows() == before, "S2: a late message changed a state"
+        assert self.instance().state == state, "S2: the outcome changed"
+        # A person takes a late-effect alert: that, and only that, ends it.
+        self._operate("acknowledge_alert", self.operators[1], None)
 
     def teardown(self) -> None:
         try:
@@ -785,48 +1124,49 @@ class SagaMachine(RuleBasedStateMachine):
             # error is the one to report and to shrink.
             if not self.instance_id or sys.exc_info()[0] is not None:
                 return
+            if self.rescue == "close":
+                self._close_first()
             # An "eventually healed" schedule: finitely many faults, then none.
             self._play_out()
             self.faults.heal()
             state = self._drive()
-            # L1: finished, or escalated to a person; G if finished.
-            check_instance(self.instance_id, quiescent=True)
             STATS[f"healed: {state}"] += 1
-            for _ in range(MAX_RESCUES):
+            if state == InstanceState.NEEDS_ATTENTION:
+                # L1, L3: escalated to a person, with an alert (a finished
+                # instance is checked below, after the late messages).
+                check_instance(self.instance_id, quiescent=True)
+            for rescue in range(MAX_RESCUES):
                 if state != InstanceState.NEEDS_ATTENTION:
                     break
-                self._rescue()
+                self._rescue(last=rescue == MAX_RESCUES - 1)
                 state = self._drive()
-            assert state in {"completed", "compensated", "cancelled"}, (
+            assert state in TERMINAL_STATES, (
                 f"L2: still {state} after {MAX_RESCUES} operator retries"
             )
+            # (G and L1 again after the late messages below.)
+            self._after_the_end_all(state)
             check_instance(self.instance_id, quiescent=True)
-            self._steer()
             self._count_outcome(state)
+            for kind in self.holds:
+                STATS[f"held: {kind}"] += 1
         finally:
             SCHEDULES.pop(self.instance_id, None)
 
-    def _steer(self) -> None:
-        """Point Hypothesis' targeted search at histories with more kinds of
-        events and at late calls refused by a participant (rare paths)."""
-        if not currently_in_test_context():  # a scenario played by hand
-            return
-        kinds = (
-            TransitionLog.objects.filter(instance_id=self.instance_id)
-            .values("transition")
-            .distinct()
-            .count()
-        )
-        late = ParticipantEffect.objects.filter(
-            instance_id=self.instance_id, late_refused__gt=0
-        ).count()
-        target(float(kinds + 5 * late), label="event kinds and late calls")
-
     def _count_outcome(self, state: str) -> None:
-        if not SHOW_STATS:
-            return
         STATS[f"final: {state}"] += 1
         notes = TransitionLog.objects.filter(instance_id=self.instance_id, field="")
+        end = TransitionLog.objects.filter(
+            instance_id=self.instance_id, step=None, target__in=TERMINAL_STATES
+        ).values_list("id", flat=True)
+        for transition in notes.filter(id__gt=end[0] if end else 0).values_list(
+            "transition", flat=True
+        ):
+            STATS[f"noted after the end: {transition}"] += 1
+        STATS["late-effect alerts opened"] += notes.filter(
+            transition="alert_opened", data__kind="late_effect"
+        ).count()
+        if not SHOW_STATS:
+            return
         for transition in notes.values_list("transition", flat=True):
             STATS[f"note: {transition}"] += 1
         for effect in ParticipantEffect.objects.filter(instance_id=self.instance_id):
@@ -836,6 +1176,14 @@ class SagaMachine(RuleBasedStateMachine):
             ] += 1
 
 
+def step_key(attempt: Attempt) -> str:
+    """The idempotency key the attempt's call carried (its run's key)."""
+    step = attempt.step
+    return step_idempotency_key(
+        step.instance_id, step.name, attempt.direction, attempt.run
+    )
+
+
 @contextlib.contextmanager
 def machine_session() -> Iterator[None]:
     """Operators, the in-memory broker and the per-example inline switch."""
@@ -843,6 +1191,7 @@ def machine_session() -> Iterator[None]:
         user_in("operator", "prop_op_a"),
         user_in("operator", "prop_op_b"),
     )
+    DEFINITIONS.clear()  # a new test: a new (flushed) database
     budget = mock.patch.object(tasks, "_budget", lambda task: INLINE[0])
     with LocalBroker() as broker, budget:
         SagaMachine.broker = broker
@@ -857,34 +1206,112 @@ class RestartMachine(SagaMachine):
         super().start(spec)
 
 
-def _run_machine(machine: type[SagaMachine], examples: int) -> None:
+# -- what a run exercised ------------------------------------------------------------
+
+
+def coverage_gaps(
+    stats: collections.Counter[str],
+    actions: tuple[str, ...] = OPERATOR_ACTIONS,
+    *,
+    outcomes: bool = True,
+) -> list[str]:
+    """What a long run must have exercised: every fault kind fired, every
+    operator action applied (``actions``), a deadline hold, late messages
+    after the end, and each way an instance ends."""
+    gaps = [
+        f"fault {kind}"
+        for kind in CALL_FAULTS
+        if not stats[f"fault action: {kind}"] + stats[f"fault compensation: {kind}"]
+    ]
+    gaps += [
+        f"operator applied: {action}"
+        for action in actions
+        if not stats[f"operator applied: {action}"]
+    ]
+    if not outcomes:
+        return gaps
+    if not stats["held: deadline"]:
+        gaps.append("held: deadline")
+    gaps += [
+        f"noted after the end: {note}"
+        for note in ("late_outcome_ignored", "stale_outcome_ignored")
+        if not stats[f"noted after the end: {note}"]
+    ]
+    gaps += [
+        f"final: {state}"
+        for state in ("completed", "compensated", "failed")
+        if not stats[f"final: {state}"]
+    ]
+    return gaps
+
+
+def report(name: str, stats: collections.Counter[str], capsys: Any) -> str:
+    """Print what the run exercised (always, past pytest's capture) and keep
+    it in ``$SAGA_DESK_VAR_DIR`` (xdist workers print nowhere)."""
+    lines = [f"{name}: what {stats['examples']} examples exercised"]
+    lines += [f"{n:7} {what}" for what, n in sorted(stats.items())]
+    text = "\n".join(lines)
+    folder = Path(django_settings.VAR_DIR)
+    with contextlib.suppress(OSError):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"saga_property_{name}.txt").write_text(text + "\n")
+    with capsys.disabled():
+        print("\n" + text)
+    return text
+
+
+def _run_machine(
+    machine: type[SagaMachine],
+    examples: int,
+    name: str,
+    capsys: Any,
+    *,
+    actions: tuple[str, ...] = OPERATOR_ACTIONS,
+    coverage_from: int = COVERAGE_MIN_EXAMPLES,
+) -> None:
     STATS.clear()
-    with machine_session():
-        run_state_machine_as_test(
-            machine,
-            settings=settings(
-                max_examples=examples,
-                stateful_step_count=STEPS_PER_EXAMPLE,
-                deadline=None,
-                print_blob=True,
-                suppress_health_check=[
-                    HealthCheck.too_slow,
-                    HealthCheck.function_scoped_fixture,
-                ],
-            ),
-        )
-    if SHOW_STATS:
-        print(*(f"{n:6} {what}" for what, n in sorted(STATS.items())), sep="\n")
+    try:
+        with machine_session():
+            run_state_machine_as_test(
+                machine,
+                settings=settings(
+                    max_examples=examples,
+                    stateful_step_count=STEPS_PER_EXAMPLE,
+                    deadline=None,
+                    print_blob=True,
+                    suppress_health_check=[
+                        HealthCheck.too_slow,
+                        HealthCheck.function_scoped_fixture,
+                        HealthCheck.filter_too_much,
+                    ],
+                ),
+            )
+    finally:
+        text = report(name, STATS, capsys)
+    gaps = coverage_gaps(STATS, actions, outcomes=actions != ("restart_from_step",))
+    if examples >= coverage_from:
+        assert not gaps, f"never exercised: {gaps}\n{text}"
 
 
 @pytest.mark.django_db(transaction=True)
-def test_saga_invariant_holds_across_restarts():
-    _run_machine(RestartMachine, max(1, EXAMPLES // 5))
+def test_saga_invariant_holds_across_restarts(capsys):
+    # Its definitions never pivot-hold nor end most ways: only restarts and
+    # the fault kinds must show up.
+    _run_machine(
+        RestartMachine,
+        max(1, EXAMPLES // 5),
+        "restarts",
+        capsys,
+        actions=("restart_from_step",),
+        coverage_from=COVERAGE_MIN_EXAMPLES // 2,
+    )
 
 
 @pytest.mark.django_db(transaction=True)
-def test_saga_invariant_holds_under_faults():
-    _run_machine(SagaMachine, EXAMPLES)
+def test_saga_invariant_holds_under_faults(capsys):
+    # Restarts are the restart machine's (the test above) to exercise.
+    actions = tuple(a for a in OPERATOR_ACTIONS if a != "restart_from_step")
+    _run_machine(SagaMachine, EXAMPLES, "faults", capsys, actions=actions)
 
 
 # -- scenarios the machine must reach: fixed rule sequences ---------------------------
@@ -907,7 +1334,12 @@ def one_step(**faults: Any) -> dict[str, Any]:
 def play(spec: dict[str, Any], *rules: tuple[str, dict[str, Any]]) -> SagaMachine:
     """Run the machine through ``rules`` with the invariant after each one,
     then its teardown (quiescence, L1-L3, G)."""
-    spec = {"failure_policy": "compensate", "pivot": None, **spec}
+    spec = {
+        "failure_policy": "compensate",
+        "pivot": None,
+        "deadline": None,
+        **spec,
+    }
     machine = SagaMachine()
     machine.start(spec=spec)
     machine.saga_is_safe()
@@ -1047,8 +1479,143 @@ def test_restart_from_an_earlier_step_runs_it_again():
             ("operator_resolves", {"choice": "restart_from_step"}),
         )
     assert machine.instance().state == "completed"
-    keys = set(effects(machine).values())
+    keys = ParticipantEffect.objects.filter(instance_id=machine.instance_id)
     assert {e.idempotency_key.rsplit(":", 1)[1] for e in keys} >= {"action", "2"}
     assert TransitionLog.objects.filter(
         instance_id=machine.instance_id, transition="restart"
     ).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_closed_while_in_flight_then_the_effect_is_reported():
+    """Held on its deadline while the worker hangs after its claim; an
+    operator closes the instance (the attempt is fenced as abandoned); the
+    worker comes back, the participant applies the effect, the report is
+    only noted and opens a late-effect alert, which a person acknowledges."""
+    with machine_session():
+        machine = play(
+            {
+                "workers_continue_inline": False,
+                "failure_policy": "hold",
+                "deadline": 2,
+                "steps": [one_step(action=["stall"])],
+            },
+            ("deliver_next", {}),
+            ("deliver_next", {}),
+            ("time_passes", {"seconds": 3, "sweep": True}),
+            ("operator_resolves", {"choice": "close_as_failed"}),
+            ("resume_stalled", {"pick": 0}),
+            (
+                "operator",
+                {"action": "acknowledge_alert", "who": 1, "version": "current"},
+            ),
+        )
+    assert machine.instance().state == "failed"
+    assert effects(machine)["s1:action"].applied
+    attempt = Attempt.objects.get(step__instance_id=machine.instance_id)
+    assert attempt.outcome == Attempt.Outcome.ABANDONED
+    # The worker's report, acknowledged; the teardown's late callback of the
+    # same attempt reports the effect again (a new alert, which the
+    # teardown's operator acknowledges too): each ended by a person.
+    alerts = Alert.objects.filter(instance_id=machine.instance_id, kind="late_effect")
+    assert alerts.exists()
+    assert all(a.acknowledged_at and a.resolved_at for a in alerts)
+    assert TransitionLog.objects.filter(
+        instance_id=machine.instance_id, transition="late_outcome_ignored"
+    ).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_hold_keeps_the_retry_budget_and_resume_uses_it():
+    """The deadline holds the instance while an attempt is in flight; it
+    fails retryably meanwhile: retried but parked, sent on Resume."""
+    with machine_session():
+        machine = play(
+            {
+                "workers_continue_inline": False,
+                "failure_policy": "hold",
+                "deadline": 2,
+                "steps": [
+                    {**one_step(action=["stall", "retryable"]), "max_attempts": 3}
+                ],
+            },
+            ("deliver_next", {}),
+            ("deliver_next", {}),
+            ("time_passes", {"seconds": 3, "sweep": True}),
+            ("resume_stalled", {"pick": 0}),
+            ("operator_resolves", {"choice": "resume"}),
+        )
+    assert machine.instance().state == "completed"
+    retry = TransitionLog.objects.get(
+        instance_id=machine.instance_id, transition="retry"
+    )
+    assert retry.data.get("parked") is True
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_pivot_declined_for_good_is_a_failure_before_the_pivot():
+    with machine_session():
+        machine = play(
+            {
+                "workers_continue_inline": True,
+                "pivot": 2,
+                "steps": [one_step(), one_step(action=["permanent"])],
+            },
+            ("deliver_next", {}),
+        )
+    assert machine.instance().state == "compensated"
+    steps = dict(
+        StepExecution.objects.filter(instance_id=machine.instance_id).values_list(
+            "position", "compensation_state"
+        )
+    )
+    assert steps == {1: "done", 2: "not_needed"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_restart_never_runs_an_uncertain_pivot_again_under_new_keys():
+    """The pivot applied, then its worker timed out: held, pivot uncertain.
+    A restart from an earlier step must not call the pivot again under a new
+    key while its first call may have applied (and cannot be undone)."""
+    with machine_session():
+        machine = play(
+            {
+                "workers_continue_inline": True,
+                "failure_policy": "hold",
+                "pivot": 2,
+                "steps": [
+                    {**one_step(), "restart_point": True},
+                    {
+                        **one_step(action=["hang_after_apply"]),
+                        "retry_on_timeout": False,
+                    },
+                ],
+            },
+            ("deliver_next", {}),
+            ("time_passes", {"seconds": 3600, "sweep": True}),
+            ("operator_resolves", {"choice": "restart_from_step"}),
+        )
+    assert machine.instance().state in {"completed", "failed"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_compensation_that_answers_waiting_is_not_left_waiting():
+    """A compensation cannot wait for a callback: the engine treats the
+    answer as a failure, and its Attempt must say so (not stay open)."""
+    with machine_session():
+        machine = play(
+            {
+                "workers_continue_inline": True,
+                "steps": [
+                    one_step(compensation=["waiting"]),
+                    one_step(action=["permanent"]),
+                ],
+            },
+            ("deliver_next", {}),
+        )
+    assert machine.instance().state == "compensated"
+    left_open = Attempt.objects.filter(
+        step__instance_id=machine.instance_id,
+        outcome__in=[Attempt.Outcome.RUNNING, Attempt.Outcome.WAITING],
+    )
+    assert not left_open.exists(), list(left_open.values("direction", "outcome"))
