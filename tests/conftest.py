@@ -20,6 +20,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("machine"))
 
 
+@pytest.fixture(autouse=True)
+def _empty_broker_queue(request):
+    """A test with real workers starts from an empty queue: messages another
+    test left (work for instances of its own, now flushed) would otherwise
+    be worked through first, each one failing, before this test's own."""
+    if request.node.get_closest_marker("celery_worker"):
+        from workflows_app.celery import app
+
+        app.control.purge()
+    yield
+
+
 @pytest.fixture
 def broker():
     with LocalBroker() as local:

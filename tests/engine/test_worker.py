@@ -101,8 +101,8 @@ def test_demo_paths_end_where_the_design_promises():
     assert happy.state == "completed"
     assert word(happy) == [f"T:{s}" for s in steps]
 
-    # fail -> compensated in reverse order; the declined charge never applied,
-    # so its refund is a no-op and only the reservation is released.
+    # fail -> compensated; the declined charge never applied, so it is not
+    # undone at all (not_needed) and only the reservation is released.
     assert failed.state == "compensated"
     assert word(failed) == ["T:reserve_inventory", "C:reserve_inventory"]
     comp_order = list(
@@ -110,7 +110,9 @@ def test_demo_paths_end_where_the_design_promises():
         .order_by("id")
         .values_list("step__name", flat=True)
     )
-    assert comp_order == ["charge_payment", "reserve_inventory"]
+    assert comp_order == ["reserve_inventory"]
+    charge = failed.steps.get(name="charge_payment")
+    assert charge.compensation_state == "not_needed"
 
     assert flaky.state == "completed"
     assert flaky.steps.get(name="reserve_inventory").attempt == 2
