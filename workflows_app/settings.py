@@ -328,11 +328,8 @@ SAGA_METRICS_WORKER_BIND = os.environ.get("SAGA_METRICS_WORKER_BIND", "")
 # writes its counters into this folder and a scrape adds them up. Set here,
 # into the environment, because prometheus-client reads it when first
 # imported, and child processes inherit it. Empty it when the services start.
-# (Each pytest-xdist worker process is a "machine" of its own: its tests
-# compare counters before and after their own work.)
 PROMETHEUS_MULTIPROC_DIR = os.environ.setdefault(
-    "PROMETHEUS_MULTIPROC_DIR",
-    str(VAR_DIR / "prometheus" / os.environ.get("PYTEST_XDIST_WORKER", "")),
+    "PROMETHEUS_MULTIPROC_DIR", str(VAR_DIR / "prometheus")
 )
 Path(PROMETHEUS_MULTIPROC_DIR).mkdir(parents=True, exist_ok=True)
 

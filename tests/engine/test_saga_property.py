@@ -1214,6 +1214,7 @@ def coverage_gaps(
     actions: tuple[str, ...] = OPERATOR_ACTIONS,
     *,
     outcomes: bool = True,
+    faults: bool = True,
 ) -> list[str]:
     """What a long run must have exercised: every fault kind fired, every
     operator action applied (``actions``), a deadline hold, late messages
@@ -1221,7 +1222,8 @@ def coverage_gaps(
     gaps = [
         f"fault {kind}"
         for kind in CALL_FAULTS
-        if not stats[f"fault action: {kind}"] + stats[f"fault compensation: {kind}"]
+        if faults
+        and not stats[f"fault action: {kind}"] + stats[f"fault compensation: {kind}"]
     ]
     gaps += [
         f"operator applied: {action}"
@@ -1288,15 +1290,18 @@ def _run_machine(
             )
     finally:
         text = report(name, STATS, capsys)
-    gaps = coverage_gaps(STATS, actions, outcomes=actions != ("restart_from_step",))
+    # The fault machine (800 examples) must fire every fault kind; the restart
+    # machine (a fifth of that) must apply restarts, and prints its faults.
+    restarts = actions == ("restart_from_step",)
+    gaps = coverage_gaps(STATS, actions, outcomes=not restarts, faults=not restarts)
     if examples >= coverage_from:
         assert not gaps, f"never exercised: {gaps}\n{text}"
 
 
 @pytest.mark.django_db(transaction=True)
 def test_saga_invariant_holds_across_restarts(capsys):
-    # Its definitions never pivot-hold nor end most ways: only restarts and
-    # the fault kinds must show up.
+    # Its definitions never pivot-hold nor end most ways: restarts must show
+    # up (the fault machine below is the one that must fire every fault kind).
     _run_machine(
         RestartMachine,
         max(1, EXAMPLES // 5),

@@ -43,7 +43,6 @@ def test_with_the_token_the_metrics_come(client, scheme):
     assert response["Content-Type"].startswith("text/plain; version=0.0.4")
     assert b"saga_metrics_database_up 1.0" in response.content
     assert b"# TYPE saga_instances gauge" in response.content
-    assert b"# TYPE saga_transitions_total counter" in response.content
     assert "no-cache" in response["Cache-Control"]
 
 
