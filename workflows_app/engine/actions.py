@@ -12,6 +12,7 @@ four eyes, version fences) are enforced inside the commands.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,11 +35,17 @@ class OperatorAction:
     # The instance transition that gates it ("" for data repairs).
     transition: str
     permission: str
-    command: Callable[..., Any]
+    # What it does, given the open unit of work (engine.commands.operator).
+    body: Callable[..., Any]
     targets_step: bool = False
     danger: bool = False
     # What ``data`` may carry, by key, and the command argument it becomes.
     data_keys: tuple[tuple[str, str], ...] = ()
+
+    @functools.cached_property
+    def command(self) -> Callable[..., Any]:
+        """The body in a durable transaction of its own."""
+        return operator.durable(self.name, self.body)
 
 
 CATALOGUE: dict[str, OperatorAction] = {
@@ -50,7 +57,7 @@ CATALOGUE: dict[str, OperatorAction] = {
             "Run the failed step again now, with a fresh budget of attempts.",
             "retry_step",
             f"{APP}.retry_step",
-            operator.instance_retry_step,
+            operator.retry_step,
             targets_step=True,
         ),
         OperatorAction(
@@ -59,7 +66,7 @@ CATALOGUE: dict[str, OperatorAction] = {
             "Accept that the deadline passed and let the workflow continue.",
             "resume",
             f"{APP}.resume_instance",
-            operator.instance_resume,
+            operator.resume,
         ),
         OperatorAction(
             "mark_step_done",
@@ -68,7 +75,7 @@ CATALOGUE: dict[str, OperatorAction] = {
             "workflow continues with the next step.",
             "mark_step_done",
             f"{APP}.mark_step_done",
-            operator.instance_mark_step_done,
+            operator.mark_step_done,
             targets_step=True,
             data_keys=(("output", "output"),),
         ),
@@ -78,7 +85,7 @@ CATALOGUE: dict[str, OperatorAction] = {
             "Run the failed compensation again, then continue undoing.",
             "retry_compensation",
             f"{APP}.retry_compensation",
-            operator.instance_retry_compensation,
+            operator.retry_compensation,
         ),
         OperatorAction(
             "restart_from_step",
@@ -88,7 +95,7 @@ CATALOGUE: dict[str, OperatorAction] = {
             "new run with new idempotency keys.",
             "restart_from_step",
             f"{APP}.restart_instance",
-            operator.instance_restart_from_step,
+            operator.restart_from_step,
             targets_step=True,
             danger=True,
         ),
@@ -98,7 +105,7 @@ CATALOGUE: dict[str, OperatorAction] = {
             "Undo the steps that took effect, newest first. Cannot be reversed.",
             "compensate",
             f"{APP}.compensate_instance",
-            operator.instance_compensate,
+            operator.compensate,
             danger=True,
         ),
         OperatorAction(
@@ -108,7 +115,7 @@ CATALOGUE: dict[str, OperatorAction] = {
             "steps done are undone.",
             "cancel",
             f"{APP}.cancel_instance",
-            operator.instance_cancel,
+            operator.cancel,
             danger=True,
         ),
         OperatorAction(
@@ -118,7 +125,7 @@ CATALOGUE: dict[str, OperatorAction] = {
             "takes it from here.",
             "close_as_failed",
             f"{APP}.close_instance",
-            operator.instance_close_as_failed,
+            operator.close_as_failed,
             danger=True,
         ),
         OperatorAction(
@@ -128,7 +135,7 @@ CATALOGUE: dict[str, OperatorAction] = {
             "next retry of a step that already called runs as a new run.",
             "",
             repair.PERMISSION,
-            repair.instance_repair_input,
+            repair.repair_input,
             data_keys=(("input", "new_input"),),
         ),
         OperatorAction(
@@ -137,7 +144,7 @@ CATALOGUE: dict[str, OperatorAction] = {
             "Replace a finished step's recorded output (what later steps read).",
             "",
             repair.PERMISSION,
-            repair.step_repair_output,
+            repair.repair_output,
             targets_step=True,
             data_keys=(("output", "new_output"),),
         ),

@@ -90,8 +90,10 @@ def _execute(request: ApprovalRequest) -> None:
     if request.action == BULK:
         bulk.confirm_approved(request.bulk_job_id, user=request.requested_by)
         return
-    command = operator.without_transaction(actions.CATALOGUE[request.action].command)
-    command(
+    action = actions.CATALOGUE[request.action]
+    operator.perform(
+        action.name,
+        action.body,
         request.instance_id,
         user=request.requested_by,
         reason=request.reason,

@@ -351,7 +351,6 @@ def _apply(job: BulkJob, item: BulkJobItem, approval: Approval | None = None) ->
     untouched, so the next runner acts on it exactly once."""
     # Rows planned before the catalogue hold the command's function name.
     action = actions.CATALOGUE[item.command.removeprefix("instance_")]
-    command = operator.without_transaction(action.command)
     try:
         with transaction.atomic(durable=True):
             # Still pending under a lock: a cancel that marked it meanwhile
@@ -361,7 +360,9 @@ def _apply(job: BulkJob, item: BulkJobItem, approval: Approval | None = None) ->
             )
             if not still_pending.exists():
                 return
-            command(
+            operator.perform(
+                action.name,
+                action.body,
                 item.instance_id,
                 user=job.created_by,
                 reason=job.reason,

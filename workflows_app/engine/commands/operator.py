@@ -3,6 +3,7 @@ state version the operator saw, audited with their name and reason."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from django.db import transaction
@@ -28,16 +29,18 @@ from workflows_app.models import (
     StepState,
 )
 
+Body = Callable[..., Any]
 
-def _open(
+
+def open_change(
     instance_id: Any,
+    *,
     user: Any,
     reason: str,
-    expected_version: int | None,
-    tags: dict[str, Any] | None,
-    *,
     action: str,
-    approval: Approval | None,
+    expected_version: int | None = None,
+    tags: dict[str, Any] | None = None,
+    approval: Approval | None = None,
 ) -> Change:
     """Lock the instance for an operator; ``tags`` (the bulk job or approval
     the action comes from) go into every timeline row it writes. An action
@@ -52,6 +55,46 @@ def _open(
     if approval is not None:
         change.tags.setdefault("approved_by", approval.approved_by)
     return change
+
+
+def perform(
+    action: str,
+    body: Body,
+    instance_id: Any,
+    *,
+    user: Any,
+    reason: str,
+    expected_version: int | None = None,
+    tags: dict[str, Any] | None = None,
+    approval: Approval | None = None,
+    **arguments: Any,
+) -> Any:
+    """Do an operator action's ``body`` in the caller's transaction: a bulk
+    job item or an approval commits it together with its own bookkeeping."""
+    change = open_change(
+        instance_id,
+        user=user,
+        reason=reason,
+        action=action,
+        expected_version=expected_version,
+        tags=tags,
+        approval=approval,
+    )
+    result = body(change, reason=reason, **arguments)
+    change.save()
+    return result
+
+
+def durable(action: str, body: Body) -> Callable[..., Any]:
+    """The public command of an action: its body in a transaction of its own."""
+
+    @transaction.atomic(durable=True)
+    def command(instance_id: Any, **arguments: Any) -> Any:
+        return perform(action, body, instance_id, **arguments)
+
+    command.__name__ = command.__qualname__ = f"instance_{action}"
+    command.__doc__ = body.__doc__
+    return command
 
 
 def checked_text(value: Any, where: str) -> None:
@@ -70,13 +113,6 @@ def checked_json(value: Any, where: str) -> None:
         validation.check_json(value, where)
     except validation.BadInput as exc:
         raise InvalidInput(str(exc)) from None
-
-
-def without_transaction(command: Any) -> Any:
-    """A command's body without its own durable transaction, for a caller
-    that commits it together with bookkeeping of its own (a bulk job item's
-    outcome). The caller must hold a transaction."""
-    return command.__wrapped__
 
 
 def _blocked_step(
@@ -98,32 +134,12 @@ def _blocked_step(
     return blocked
 
 
-@transaction.atomic(durable=True)
-def instance_retry_step(
-    instance_id: Any,
-    *,
-    user: Any,
-    reason: str,
-    step_id: int | None = None,
-    expected_version: int | None = None,
-    tags: dict[str, Any] | None = None,
-    approval: Approval | None = None,
-) -> None:
+def retry_step(change: Change, *, reason: str, step_id: int | None = None) -> None:
     """Run the blocking step again now, with a fresh budget of attempts; after
     a repair of its data, as a new run under new idempotency keys."""
-    change = _open(
-        instance_id,
-        user,
-        reason,
-        expected_version,
-        tags,
-        action="retry_step",
-        approval=approval,
-    )
     step = _blocked_step(change, step_id, "retry_step")
     if step.data_repaired:
         _retry_repaired(change, step, reason)
-        change.save()
         return
     change.fire(
         change.instance,
@@ -140,7 +156,6 @@ def instance_retry_step(
         check_user=True,
     )
     change.dispatch_step(step, "action")
-    change.save()
 
 
 def _retry_repaired(change: Change, step: StepExecution, reason: str) -> None:
@@ -182,29 +197,11 @@ def _retry_repaired(change: Change, step: StepExecution, reason: str) -> None:
     progress.advance(change)
 
 
-@transaction.atomic(durable=True)
-def instance_mark_step_done(
-    instance_id: Any,
-    *,
-    user: Any,
-    reason: str,
-    output: Any = None,
-    step_id: int | None = None,
-    expected_version: int | None = None,
-    tags: dict[str, Any] | None = None,
-    approval: Approval | None = None,
+def mark_step_done(
+    change: Change, *, reason: str, output: Any = None, step_id: int | None = None
 ) -> None:
     """Record that a person did the blocking step by hand, then move on."""
     checked_json(output, "the output")
-    change = _open(
-        instance_id,
-        user,
-        reason,
-        expected_version,
-        tags,
-        action="mark_step_done",
-        approval=approval,
-    )
     step = _blocked_step(change, step_id, "mark_step_done")
     change.fire(
         change.instance,
@@ -223,85 +220,42 @@ def instance_mark_step_done(
     )
     change.instance.outputs = {**change.instance.outputs, step.name: output}
     progress.advance(change)
-    change.save()
 
 
-def _simple(name: str) -> Any:
-    @transaction.atomic(durable=True)
-    def command(
-        instance_id: Any,
-        *,
-        user: Any,
-        reason: str,
-        expected_version: int | None = None,
-        tags: dict[str, Any] | None = None,
-        approval: Approval | None = None,
-    ) -> None:
-        change = _open(
-            instance_id,
-            user,
-            reason,
-            expected_version,
-            tags,
-            action=name,
-            approval=approval,
-        )
-        change.fire(change.instance, name, reason=reason, check_user=True)
-        if name == "resume":
-            # The operator accepted the passed deadline; do not hold again for it.
-            change.instance.deadline_at = None
-        progress.advance(change)
-        change.save()
-
-    command.__name__ = f"instance_{name}"
-    return command
+def resume(change: Change, *, reason: str) -> None:
+    """Continue an instance held because its deadline passed."""
+    change.fire(change.instance, "resume", reason=reason, check_user=True)
+    # The operator accepted the passed deadline; do not hold again for it.
+    change.instance.deadline_at = None
+    progress.advance(change)
 
 
-instance_resume = _simple("resume")
-instance_resume.__doc__ = "Continue an instance held because its deadline passed."
-instance_compensate = _simple("compensate")
-instance_compensate.__doc__ = (
-    "Undo the started steps before the pivot, in reverse order."
-)
-instance_cancel = _simple("cancel")
-instance_cancel.__doc__ = (
-    "Cancel: accepted instances end at once, started ones compensate."
-)
+def compensate(change: Change, *, reason: str) -> None:
+    """Undo the started steps before the pivot, in reverse order."""
+    change.fire(change.instance, "compensate", reason=reason, check_user=True)
+    progress.advance(change)
 
 
-@transaction.atomic(durable=True)
-def instance_close_as_failed(
-    instance_id: Any,
-    *,
-    user: Any,
-    reason: str,
-    expected_version: int | None = None,
-    tags: dict[str, Any] | None = None,
-    approval: Approval | None = None,
-) -> None:
+def cancel(change: Change, *, reason: str) -> None:
+    """Cancel: accepted instances end at once, started ones compensate."""
+    change.fire(change.instance, "cancel", reason=reason, check_user=True)
+    progress.advance(change)
+
+
+def close_as_failed(change: Change, *, reason: str) -> None:
     """End a held instance as failed: a person takes it from here. Work still
     open is fenced first, in the same transaction: an attempt in flight
     becomes unknown (its late outcome is only noted, and a reported effect
     raises an alert), scheduled and pending retries are dropped."""
-    change = _open(
-        instance_id,
-        user,
-        reason,
-        expected_version,
-        tags,
-        action="close_as_failed",
-        approval=approval,
-    )
     instance = change.instance
     if not can_proceed(instance.close_as_failed):
         raise TransitionRejected(
             f"close as failed is not allowed while the instance is {instance.state}"
         )
-    if not has_transition_perm(instance.close_as_failed, user):
+    if not has_transition_perm(instance.close_as_failed, change.actor.user):
         raise NotPermitted("you are not allowed to close as failed")
     _fence_open_work(change)
     change.fire(instance, "close_as_failed", reason=reason, check_user=True)
-    change.save()
 
 
 CLOSED_IN_FLIGHT = "the instance was closed while this attempt was in flight"
@@ -343,29 +297,12 @@ def _fence_open_work(change: Change) -> None:
             change.mark_step(step)
 
 
-@transaction.atomic(durable=True)
-def instance_restart_from_step(
-    instance_id: Any,
-    *,
-    user: Any,
-    reason: str,
-    step_id: int | None,
-    expected_version: int | None = None,
-    tags: dict[str, Any] | None = None,
-    approval: Approval | None = None,
+def restart_from_step(
+    change: Change, *, reason: str, step_id: int | None = None
 ) -> None:
     """Run the workflow again from an earlier step: the steps from there to the
     blocked one are compensated first (newest first, where they have a
     compensation), then run again as a new run with new idempotency keys."""
-    change = _open(
-        instance_id,
-        user,
-        reason,
-        expected_version,
-        tags,
-        action="restart_from_step",
-        approval=approval,
-    )
     blocked = _blocked_step(change, None, "restart_from_step")
     if step_id is None:
         raise InvalidInput("choose the step to restart from")
@@ -404,29 +341,10 @@ def instance_restart_from_step(
         data=data,
     )
     progress.advance(change)
-    change.save()
 
 
-@transaction.atomic(durable=True)
-def instance_retry_compensation(
-    instance_id: Any,
-    *,
-    user: Any,
-    reason: str,
-    expected_version: int | None = None,
-    tags: dict[str, Any] | None = None,
-    approval: Approval | None = None,
-) -> None:
+def retry_compensation(change: Change, *, reason: str) -> None:
     """Retry the compensation that exhausted its attempts, then continue undoing."""
-    change = _open(
-        instance_id,
-        user,
-        reason,
-        expected_version,
-        tags,
-        action="retry_compensation",
-        approval=approval,
-    )
     failed = [
         s for s in change.steps if s.compensation_state == CompensationState.FAILED
     ]
@@ -447,7 +365,16 @@ def instance_retry_compensation(
         )
         change.dispatch_step(step, "compensation")
     progress.advance(change)
-    change.save()
+
+
+instance_retry_step = durable("retry_step", retry_step)
+instance_mark_step_done = durable("mark_step_done", mark_step_done)
+instance_resume = durable("resume", resume)
+instance_compensate = durable("compensate", compensate)
+instance_cancel = durable("cancel", cancel)
+instance_close_as_failed = durable("close_as_failed", close_as_failed)
+instance_restart_from_step = durable("restart_from_step", restart_from_step)
+instance_retry_compensation = durable("retry_compensation", retry_compensation)
 
 
 @transaction.atomic(durable=True)

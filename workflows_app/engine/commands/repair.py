@@ -7,12 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db import transaction
-
-from workflows_app.engine.commands.operator import _open, checked_json
+from workflows_app.engine.commands.operator import checked_json, durable
 from workflows_app.engine.errors import InvalidInput, NotPermitted, TransitionRejected
-from workflows_app.engine.four_eyes import Approval
 from workflows_app.engine.json_diff import json_diff
+from workflows_app.engine.transitions import Change
 from workflows_app.models import StepState
 
 PERMISSION = "workflows_app.edit_instance_data"
@@ -22,7 +20,7 @@ WITH_OUTPUT = {StepState.SUCCEEDED, StepState.SKIPPED}
 CALLED_AGAIN = {StepState.FAILED, StepState.UNKNOWN}
 
 
-def _mark_called_steps(change: Any) -> list[str]:
+def _mark_called_steps(change: Change) -> list[str]:
     """Their next call carries other data, so it is a new request: a retry
     runs it as a new run under new idempotency keys."""
     marked = []
@@ -34,8 +32,8 @@ def _mark_called_steps(change: Any) -> list[str]:
     return marked
 
 
-def _check(change: Any, user: Any, value: Any) -> None:
-    if not user.has_perm(PERMISSION):
+def _check(change: Change, value: Any) -> None:
+    if not change.actor.user.has_perm(PERMISSION):
         raise NotPermitted("you are not allowed to edit instance data")
     if change.instance.is_terminal:
         raise TransitionRejected(
@@ -46,29 +44,12 @@ def _check(change: Any, user: Any, value: Any) -> None:
     checked_json(value, "the new value")
 
 
-@transaction.atomic(durable=True)
-def instance_repair_input(
-    instance_id: Any,
-    *,
-    user: Any,
-    reason: str,
-    new_input: Any,
-    expected_version: int | None = None,
-    tags: dict[str, Any] | None = None,
-    approval: Approval | None = None,
+def repair_input(
+    change: Change, *, reason: str, new_input: Any
 ) -> list[dict[str, Any]]:
     """Replace the instance's input (what later attempts receive); returns the
     diff. The idempotency fingerprint keeps describing the original request."""
-    change = _open(
-        instance_id,
-        user,
-        reason,
-        expected_version,
-        tags,
-        action="repair_input",
-        approval=approval,
-    )
-    _check(change, user, new_input)
+    _check(change, new_input)
     before = change.instance.input
     diff = json_diff(before, new_input)
     if not diff:
@@ -85,33 +66,14 @@ def instance_repair_input(
             "new_run_for": _mark_called_steps(change),
         },
     )
-    change.save()
     return diff
 
 
-@transaction.atomic(durable=True)
-def step_repair_output(
-    instance_id: Any,
-    *,
-    step_id: int,
-    user: Any,
-    reason: str,
-    new_output: Any,
-    expected_version: int | None = None,
-    tags: dict[str, Any] | None = None,
-    approval: Approval | None = None,
+def repair_output(
+    change: Change, *, reason: str, step_id: int, new_output: Any
 ) -> list[dict[str, Any]]:
     """Replace a finished step's recorded output (what later steps read)."""
-    change = _open(
-        instance_id,
-        user,
-        reason,
-        expected_version,
-        tags,
-        action="repair_output",
-        approval=approval,
-    )
-    _check(change, user, new_output)
+    _check(change, new_output)
     step = change.step(step_id=step_id)
     if step.state not in WITH_OUTPUT:
         raise TransitionRejected(
@@ -136,5 +98,8 @@ def step_repair_output(
             "new_run_for": _mark_called_steps(change),
         },
     )
-    change.save()
     return diff
+
+
+instance_repair_input = durable("repair_input", repair_input)
+step_repair_output = durable("repair_output", repair_output)
