@@ -95,7 +95,8 @@ def test_a_selection_in_the_list_is_refused(broker, wf, operator, action, guarde
     guard(wf, guarded)
     instance = held(broker, "ORD-list")
     before = snapshot(instance)
-    response = logged_in(operator).post(
+    client = logged_in(operator)
+    response = client.post(
         "/instances/bulk/",
         {
             "action": action,
@@ -103,8 +104,17 @@ def test_a_selection_in_the_list_is_refused(broker, wf, operator, action, guarde
             "selected": [f"{instance.pk}:{instance.version}"],
         },
     )
-    assert response.status_code == 200
+    # A selection becomes a bulk job: its preview, then the confirmation,
+    # which asks a second operator.
+    job = BulkJob.objects.get()
+    assert response.status_code == 302
+    assert response["Location"] == f"/bulk-jobs/{job.pk}/"
+    response = client.post(f"/bulk-jobs/{job.pk}/confirm/", follow=True)
     assert "second operator" in response.content.decode()
+    job.refresh_from_db()
+    assert job.status == BulkJob.Status.DRAFT
+    assert ApprovalRequest.objects.filter(bulk_job=job).exists()
+    bulk.bulk_job_work(job.pk, budget=5)
     assert snapshot(instance) == before
 
 

@@ -3,13 +3,12 @@ with the reason and the version the operator saw, and shows the outcome."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 from django.urls import reverse
 
 from tests.views.conftest import completed, fresh, held, logged_in
-from workflows_app.models import TransitionLog
+from workflows_app.engine.commands import bulk
+from workflows_app.models import BulkJob, BulkJobItem, TransitionLog
 
 pytestmark = pytest.mark.django_db(transaction=True)
 HTMX = {"HX-Request": "true"}
@@ -144,43 +143,47 @@ def test_an_unknown_action_is_404(broker, wf, operator):
 # -- bulk -------------------------------------------------------------------------
 
 
-def outcomes(response) -> dict[str, str]:
-    """instance id -> outcome, read from the swapped-in result table."""
-    found = re.findall(
-        r'<tr class="outcome outcome--(\w+)">\s*<td><a href="/instances/([^/]+)/"',
-        response.content.decode(),
+def plan_from_selection(client, action: str, selected: list[str]):
+    return client.post(
+        reverse("instance_bulk"),
+        {"action": action, "reason": "payments is back", "selected": selected},
+        headers=HTMX,
     )
-    return {pk: result for result, pk in found}
 
 
-def test_bulk_retry_reports_each_instance(broker, wf, operator):
+def test_a_selection_is_planned_as_a_bulk_job_and_done_after_confirming(
+    broker, wf, operator
+):
     first = held(broker, "held-1")
     second = held(broker, "held-2")
     stale = held(broker, "held-3")
     done = completed(broker, "done-1")
-    response = logged_in(operator).post(
-        reverse("instance_bulk"),
-        {
-            "action": "retry",
-            "reason": "payments is back",
-            "selected": [
-                f"{first.pk}:{first.version}",
-                f"{second.pk}:{second.version}",
-                f"{stale.pk}:{stale.version - 1}",
-                f"{done.pk}:{done.version}",
-            ],
-        },
-        headers=HTMX,
+    client = logged_in(operator)
+    response = plan_from_selection(
+        client,
+        "retry",
+        [
+            f"{first.pk}:{first.version}",
+            f"{second.pk}:{second.version}",
+            f"{stale.pk}:{stale.version - 1}",
+            f"{done.pk}:{done.version}",
+        ],
     )
+    job = BulkJob.objects.get()
+    # htmx follows to the preview; nothing was done yet.
     assert response.status_code == 200
-    assert response["HX-Trigger"] == "instances-changed"
-    assert outcomes(response) == {
-        str(first.pk): "done",
-        str(second.pk): "done",
-        str(stale.pk): "changed",
-        str(done.pk): "refused",
-    }
-    assert "2 of 4 done" in response.content.decode()
+    assert response["HX-Redirect"] == reverse("bulk_job_detail", args=[job.pk])
+    assert job.description == "4 instances selected in the list"
+    assert {fresh(i).state for i in (first, second, stale)} == {"needs_attention"}
+    items = {i.instance_id: i for i in job.items.all()}
+    assert items[stale.pk].plan == "changed since you selected it: left alone"
+    assert items[stale.pk].outcome == BulkJobItem.Outcome.SKIPPED
+    assert items[done.pk].outcome == BulkJobItem.Outcome.SKIPPED
+    preview = client.get(reverse("bulk_job_detail", args=[job.pk])).content.decode()
+    assert "changed since you selected it" in preview
+
+    client.post(reverse("bulk_job_operate", args=[job.pk, "confirm"]))
+    bulk.bulk_job_work(job.pk, budget=5)
     broker.run()
     assert {fresh(i).state for i in (first, second)} == {"completed"}
     assert fresh(stale).state == "needs_attention"
@@ -188,23 +191,20 @@ def test_bulk_retry_reports_each_instance(broker, wf, operator):
     assert set(logged.values_list("instance_id", flat=True)) == {first.pk, second.pk}
 
 
-def test_bulk_compensate_and_its_validation(broker, wf, operator):
+def test_a_selection_to_compensate_and_its_validation(broker, wf, operator):
     instance = held(broker, "held-1")
     client = logged_in(operator)
     empty = client.post(
         reverse("instance_bulk"), {"action": "compensate", "reason": "x"}, headers=HTMX
     )
     assert empty.status_code == 422
-    response = client.post(
-        reverse("instance_bulk"),
-        {
-            "action": "compensate",
-            "reason": "supplier gone",
-            "selected": [f"{instance.pk}:{instance.version}"],
-        },
-        headers=HTMX,
-    )
-    assert outcomes(response) == {str(instance.pk): "done"}
+    assert "Selection" in empty.content.decode()
+    assert not BulkJob.objects.exists()
+    plan_from_selection(client, "compensate", [f"{instance.pk}:{instance.version}"])
+    job = BulkJob.objects.get()
+    assert job.action == "compensate"
+    client.post(reverse("bulk_job_operate", args=[job.pk, "confirm"]))
+    bulk.bulk_job_work(job.pk, budget=5)
     broker.run()
     assert fresh(instance).state == "compensated"
 

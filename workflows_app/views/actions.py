@@ -7,17 +7,18 @@ state with a message, swapped in by htmx (or a redirect without htmx).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from django import forms
 from django.contrib import messages
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_POST
+from django_htmx.http import HttpResponseClientRedirect
 
 from workflows_app.engine import commands, operate
-from workflows_app.engine.commands import approvals, repair
+from workflows_app.engine.commands import approvals, bulk, repair
 from workflows_app.engine.errors import (
     AlreadyChanged,
     EngineError,
@@ -35,7 +36,6 @@ from workflows_app.forms import (
 from workflows_app.models import (
     Alert,
     ApprovalRequest,
-    AttentionKind,
     WorkflowInstance,
 )
 from workflows_app.views.bulk_jobs import refuse_on_job
@@ -263,99 +263,37 @@ def alert_acknowledge(request: HtmxHttpRequest, alert_id: int) -> HttpResponse:
     return _answer(request, instance_id, status, text)
 
 
-# -- bulk ------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class BulkOutcome:
-    instance_id: Any
-    label: str
-    result: str  # done / changed / refused / forbidden / missing
-    message: str
-
-
-def _bulk_one(
-    request: HtmxHttpRequest,
-    form: BulkActionForm,
-    instance: WorkflowInstance,
-    version: int,
-) -> BulkOutcome:
-    label = f"{instance.definition_key} / {instance.business_key}"
-    if form.cleaned_data["action"] == "compensate":
-        command = commands.instance_compensate
-    elif instance.attention_kind == AttentionKind.COMPENSATION_FAILED:
-        command = commands.instance_retry_compensation
-    else:
-        command = commands.instance_retry_step
-    what = command.__name__.removeprefix("instance_").replace("_", " ")
-    try:
-        command(
-            instance.pk,
-            user=request.user,
-            reason=form.cleaned_data["reason"],
-            expected_version=version,
-        )
-    except AlreadyChanged:
-        return BulkOutcome(instance.pk, label, "changed", "changed meanwhile: skipped")
-    except NotPermitted as exc:
-        return BulkOutcome(instance.pk, label, "forbidden", str(exc))
-    except (TransitionRejected, InvalidInput, WorkflowInstance.DoesNotExist) as exc:
-        return BulkOutcome(instance.pk, label, "refused", str(exc))
-    except EngineError as exc:
-        return BulkOutcome(instance.pk, label, "refused", str(exc))
-    return BulkOutcome(instance.pk, label, "done", f"{what}: done")
-
-
-def _may_bulk(request: HtmxHttpRequest, action: str) -> bool:
-    user = request.user
-    if action == "compensate":
-        return user.has_perm("workflows_app.compensate_instance")
-    return user.has_perm("workflows_app.retry_step") or user.has_perm(
-        "workflows_app.retry_compensation"
-    )
+# -- a selection in the list ---------------------------------------------------
 
 
 @require_POST
 @dashboard_view
 def instance_bulk(request: HtmxHttpRequest) -> HttpResponse:
-    """Retry or compensate every selected instance: one audited command per
-    instance, each fenced on the version shown in the list."""
+    """Retry or compensate the selected instances: plan a bulk job, fenced on
+    the versions shown in the list, and show its preview to confirm. Nothing
+    is done before the confirmation; the job's worker does the rest."""
     form = BulkActionForm(request.POST)
-    if not _may_bulk(request, request.POST.get("action", "retry")):
+    if not bulk.may_run(request.user, request.POST.get("action", "retry")):
         return forbidden(request, "You are not allowed to act on instances.")
-    outcomes: list[BulkOutcome] = []
-    status = 422
     if form.is_valid():
-        status = 200
-        pairs = form.cleaned_data["selected"]
-        found = (
-            WorkflowInstance.objects.filter(pk__in=[pk for pk, _ in pairs])
-            .only(
-                # django-fsm reads the state and the version on init.
-                "id",
-                "definition_key",
-                "business_key",
-                "attention_kind",
-                "state",
-                "version",
+        seen = dict(form.cleaned_data["selected"])
+        try:
+            job = bulk.bulk_job_plan(
+                WorkflowInstance.objects.filter(pk__in=list(seen)),
+                action=form.cleaned_data["action"],
+                reason=form.cleaned_data["reason"],
+                user=request.user,
+                description=f"{len(seen)} instances selected in the list",
+                seen_versions=seen,
             )
-            .in_bulk()
-        )
-        for pk, version in pairs:
-            if pk not in found:
-                outcomes.append(BulkOutcome(pk, str(pk), "missing", "no such instance"))
-                continue
-            outcomes.append(_bulk_one(request, form, found[pk], version))
-    context = {
-        "bulk_form": form,
-        "outcomes": outcomes,
-        "done": sum(o.result == "done" for o in outcomes),
-    }
+        except EngineError as exc:
+            form.add_error(None, str(exc))
+        else:
+            target = reverse("bulk_job_detail", args=[job.pk])
+            if request.htmx:
+                return HttpResponseClientRedirect(target)
+            return redirect(target)
     template = "workflows/bulk_result.html"
     if request.htmx:
         template += "#bulk-result"
-    response = render(request, template, context, status=status)
-    if outcomes:
-        # The list re-reads itself: the rows' states and versions changed.
-        response["HX-Trigger"] = "instances-changed"
-    return response
+    return render(request, template, {"bulk_form": form}, status=422)

@@ -110,8 +110,12 @@ def bulk_job_plan(
     description: str,
     query: str = "",
     rate: float = 0,
+    seen_versions: dict[Any, int] | None = None,
 ) -> BulkJob:
-    """Write the draft job and its items; nothing is done to any instance."""
+    """Write the draft job and its items; nothing is done to any instance.
+
+    ``seen_versions`` (a selection in the list) fences each item on the
+    version the operator saw: one that changed since is left alone."""
     if action not in PERMISSIONS:
         raise InvalidInput(f"unknown bulk action {action!r}")
     if not may_run(user, action):
@@ -151,16 +155,21 @@ def bulk_job_plan(
                 blocked_step=blocked.get(instance.pk, ""),
                 failed_compensations=tuple(compensations.get(instance.pk, ())),
             )
+            seen = (seen_versions or {}).get(instance.pk, instance.version)
+            description, acts = plan.description, plan.acts
+            if seen != instance.version:
+                description = "changed since you selected it: left alone"
+                acts = False
             items.append(
                 BulkJobItem(
                     job=job,
                     instance=instance,
-                    seen_version=instance.version,
+                    seen_version=seen,
                     # The catalogue's action name (its transition's name).
                     command=plan.transition,
-                    plan=plan.description[:300],
+                    plan=description[:300],
                     outcome=BulkJobItem.Outcome.PENDING
-                    if plan.acts
+                    if acts
                     else BulkJobItem.Outcome.SKIPPED,
                 )
             )
