@@ -1,6 +1,6 @@
 """Test helpers: definitions built in code, and an in-process message queue.
 
-``LocalBroker`` replaces only the transport (``apply_async``): messages are
+``LocalBroker`` replaces only the transport (``engine.dispatch.send``): messages are
 queued in memory and delivered by calling the real task functions, so the
 engine, the database and the activities are all real. Tests that claim
 distribution or crash safety use a real Celery worker instead
@@ -17,6 +17,7 @@ from unittest import mock
 from django.contrib.auth.models import Group, User
 
 from workflows_app import tasks
+from workflows_app.engine import dispatch
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands import instance_start
 from workflows_app.models import StepDefinition, WorkflowDefinition, WorkflowInstance
@@ -78,23 +79,14 @@ class LocalBroker:
 
     def __init__(self, *, inline: bool = True) -> None:
         self.queue: list[Message] = []
-        self._patches = [
-            mock.patch.object(
-                tasks.run_attempt, "apply_async", self._sender("run_attempt")
-            ),
-            mock.patch.object(tasks.advance, "apply_async", self._sender("advance")),
-            mock.patch.object(
-                tasks.run_bulk_job, "apply_async", self._sender("run_bulk_job")
-            ),
-        ]
+        self._patches = [mock.patch.object(dispatch, "send", self._send)]
         if not inline:
             self._patches.append(mock.patch.object(tasks, "_budget", lambda task: None))
 
-    def _sender(self, name: str) -> Any:
-        def apply_async(args: list[Any], **options: Any) -> None:
-            self.queue.append(Message(name, list(args), options))
-
-        return apply_async
+    def _send(self, name: str, args: list[Any], **options: Any) -> None:
+        """Stands in for ``engine.dispatch.send``."""
+        task = name.removeprefix("workflows.")
+        self.queue.append(Message(task, list(args), options))
 
     def __enter__(self) -> LocalBroker:
         for patch in self._patches:

@@ -25,7 +25,7 @@ from django.db.models import QuerySet
 from django.template.loader import render_to_string
 from django.urls import reverse
 
-from workflows_app.engine.transitions import db_now
+from workflows_app.engine.locking import db_now
 from workflows_app.models import (
     TERMINAL_STATES,
     ActorKind,

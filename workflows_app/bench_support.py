@@ -7,16 +7,14 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 from unittest import mock
 from urllib.parse import quote
 
 from django.db import connection
 
-from workflows_app import tasks
-
-TASKS = ("run_attempt", "advance", "run_bulk_job")
+from workflows_app.engine import dispatch
 
 
 def database_url() -> str:
@@ -39,15 +37,8 @@ def discarding_broker() -> Iterator[Counter[str]]:
     """The engine's messages are counted per task and dropped."""
     sent: Counter[str] = Counter()
 
-    def sender(name: str) -> Any:
-        def apply_async(*args: Any, **options: Any) -> None:
-            sent[name] += 1
+    def send(name: str, args: list[Any], **options: Any) -> None:
+        sent[name.removeprefix("workflows.")] += 1
 
-        return apply_async
-
-    with ExitStack() as stack:
-        for name in TASKS:
-            stack.enter_context(
-                mock.patch.object(getattr(tasks, name), "apply_async", sender(name))
-            )
+    with mock.patch.object(dispatch, "send", send):
         yield sent

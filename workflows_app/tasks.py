@@ -42,7 +42,7 @@ def _work(task: Any, claim: commands.Claim | None, actor: Actor, fits: Any) -> N
         )
 
 
-@shared_task(name="workflows.advance", bind=True, ignore_result=True, acks_late=True)
+@shared_task(name=dispatch.ADVANCE, bind=True, ignore_result=True, acks_late=True)
 def advance(self: Any, instance_id: str) -> None:
     actor = Actor.worker(self.request.hostname)
     fits = _budget(self)
@@ -52,9 +52,7 @@ def advance(self: Any, instance_id: str) -> None:
     _work(self, claim, actor, fits)
 
 
-@shared_task(
-    name="workflows.run_attempt", bind=True, ignore_result=True, acks_late=True
-)
+@shared_task(name=dispatch.RUN_ATTEMPT, bind=True, ignore_result=True, acks_late=True)
 def run_attempt(self: Any, instance_id: str, step_id: int, direction: str) -> None:
     """Claim the attempt (a no-op for a duplicate), call the activity outside any
     transaction, record the outcome, and go on with the next attempt if due."""
@@ -75,7 +73,7 @@ def send_alerts() -> dict[str, int]:
     return alerts.send_due_alerts()
 
 
-@shared_task(name="workflows.run_bulk_job", ignore_result=True, acks_late=True)
+@shared_task(name=dispatch.RUN_BULK_JOB, ignore_result=True, acks_late=True)
 def run_bulk_job(job_id: int) -> str:
     """Work a bulk job for a while, then hand it back to the broker so that
     one long job never holds a worker (a duplicate message finds the lease

@@ -13,7 +13,7 @@ from tests.operations.conftest import held
 from tests.support import user_in
 from workflows_app.engine.commands import approvals, bulk
 from workflows_app.engine.errors import AlreadyChanged, NotPermitted
-from workflows_app.engine.transitions import db_now
+from workflows_app.engine.locking import db_now
 from workflows_app.models import (
     ApprovalRequest,
     BulkJob,

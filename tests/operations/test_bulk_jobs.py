@@ -142,7 +142,7 @@ def test_lease_is_exclusive_and_expires(broker, wf, operator, settings):
 
 def test_sweeper_resends_a_job_nobody_holds(broker, wf, operator):
     from workflows_app.engine import sweeps
-    from workflows_app.engine.transitions import db_now
+    from workflows_app.engine.locking import db_now
 
     held(broker, "ORD-1")
     job = plan(operator)

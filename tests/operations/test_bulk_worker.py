@@ -18,7 +18,7 @@ from tests.operations.conftest import held
 from tests.support import LocalBroker
 from workflows_app.engine import sweeps
 from workflows_app.engine.commands import bulk
-from workflows_app.engine.transitions import db_now
+from workflows_app.engine.locking import db_now
 from workflows_app.management.commands.bench_bulk import clone_instance
 from workflows_app.models import (
     BulkJob,

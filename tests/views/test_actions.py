@@ -214,7 +214,7 @@ def test_a_selection_to_compensate_and_its_validation(broker, wf, operator):
 
 def test_open_alerts_are_shown_and_can_be_acknowledged(broker, wf, operator, viewer):
     from workflows_app.alerts import sync_alerts
-    from workflows_app.engine.sweeps import db_now
+    from workflows_app.engine.locking import db_now
 
     instance = held(broker)
     sync_alerts(db_now(), 100)

@@ -13,7 +13,7 @@ from django.urls import reverse
 
 from tests.views.conftest import fresh, held, logged_in
 from workflows_app.alerts import sync_alerts
-from workflows_app.engine.sweeps import db_now
+from workflows_app.engine.locking import db_now
 from workflows_app.models import (
     Alert,
     BulkJob,

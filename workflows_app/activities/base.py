@@ -1,9 +1,12 @@
-"""What an activity receives, what it may return, and what it may raise."""
+"""What an activity receives, what it may return, and what it may raise; and
+what the engine hands the worker that runs it (a claim) and takes back (an
+outcome). Nothing here imports the rest of Saga Desk, so the engine, the
+activity runner and the tasks all sit above it."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -71,3 +74,37 @@ def step_idempotency_key(
     participant sees a new request rather than a replay of a compensated one."""
     key = f"{instance_id}:{step_name}:{direction}"
     return key if run == 1 else f"{key}:{run}"
+
+
+# -- what crosses between the engine and the worker that runs an activity --
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    kind: str  # "succeeded" | "waiting" | "failed" | "timed_out"
+    output: Any = None
+    error_class: str = ""
+    error_message: str = ""
+    permanent: bool = False
+    retry_after: timedelta | None = None  # the participant's earliest retry
+
+    @property
+    def error(self) -> str:
+        return (
+            f"{self.error_class}: {self.error_message}"
+            if self.error_class
+            else self.error_message
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    instance_id: str
+    step_id: int
+    timeout: timedelta
+    activity: str
+    context: ActivityContext
+
+
+# Answers "may this worker still run an attempt with this timeout?"
+InlineBudget = Callable[[timedelta], bool]

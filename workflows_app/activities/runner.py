@@ -20,8 +20,7 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 
 from workflows_app.activities import get_activity
-from workflows_app.activities.base import ActivityError, Waiting
-from workflows_app.engine.commands import Claim, Outcome
+from workflows_app.activities.base import ActivityError, Claim, Outcome, Waiting
 
 log = logging.getLogger(__name__)
 

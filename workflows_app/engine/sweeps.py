@@ -33,7 +33,8 @@ from workflows_app.engine import commands, dispatch, progress, stuck
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands import approvals
 from workflows_app.engine.errors import EngineError
-from workflows_app.engine.transitions import Change, db_now
+from workflows_app.engine.locking import db_now
+from workflows_app.engine.transitions import Change
 from workflows_app.models import (
     ACTIVE_STATES,
     ActorKind,

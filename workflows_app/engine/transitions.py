@@ -13,14 +13,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
-from django.db.models.functions import Now
-from django.utils import timezone
+from django.db import transaction
 from django_fsm import ConcurrentTransition, can_proceed, has_transition_perm
 
 from workflows_app.engine import dispatch, stuck
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.errors import AlreadyChanged, NotPermitted, TransitionRejected
+from workflows_app.engine.locking import lock_instance
 from workflows_app.engine.signatures import error_signature
 from workflows_app.models import (
     TERMINAL_STATES,
@@ -74,28 +73,6 @@ INSTANCE_FIELDS = [
     "restart_position",
     "outputs",
 ]
-
-
-def db_now() -> datetime:
-    """The database's clock (the one every deadline is written with)."""
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT statement_timestamp()")
-            return cursor.fetchone()[0]  # type: ignore[no-any-return,index]
-    return timezone.now()
-
-
-def lock_instance(instance_id: Any) -> tuple[WorkflowInstance, datetime]:
-    """Lock the instance row (always first: one lock order) and read the DB clock.
-
-    Raises ``WorkflowInstance.DoesNotExist``."""
-    instance = (
-        WorkflowInstance.objects.select_for_update(of=("self",))
-        .select_related("definition")
-        .annotate(db_now=Now())
-        .get(pk=instance_id)
-    )
-    return instance, instance.db_now  # type: ignore[attr-defined]
 
 
 CHANGED_MEANWHILE = (

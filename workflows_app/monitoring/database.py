@@ -42,8 +42,8 @@ from django.db.models.functions import Coalesce, Least, Power
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from workflows_app.engine.locking import db_now
 from workflows_app.engine.sweeps import MAX_BACKOFF_DOUBLINGS
-from workflows_app.engine.transitions import db_now
 from workflows_app.models import (
     Alert,
     BulkJob,

@@ -20,7 +20,8 @@ from workflows_app.engine.errors import (
     TransitionRejected,
 )
 from workflows_app.engine.four_eyes import Approval, approval_policy, needs_approval
-from workflows_app.engine.transitions import Change, db_now, lock_instance
+from workflows_app.engine.locking import db_now, lock_instance
+from workflows_app.engine.transitions import Change
 from workflows_app.models import ApprovalRequest
 
 APPROVE_PERMISSION = "workflows_app.approve_request"

@@ -39,7 +39,7 @@ from workflows_app.engine.errors import (
     TransitionRejected,
 )
 from workflows_app.engine.four_eyes import Approval
-from workflows_app.engine.transitions import db_now
+from workflows_app.engine.locking import db_now
 from workflows_app.models import (
     ApprovalRequest,
     BulkJob,

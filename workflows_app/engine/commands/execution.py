@@ -9,15 +9,13 @@ nothing and is only noted in the timeline.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
 
-from workflows_app.activities.base import ActivityContext
+from workflows_app.activities.base import ActivityContext, Claim, InlineBudget, Outcome
 from workflows_app.engine import planning, progress, stuck
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.transitions import Change
@@ -34,37 +32,6 @@ from workflows_app.models import (
 
 ACTION = Attempt.Direction.ACTION
 COMPENSATION = Attempt.Direction.COMPENSATION
-
-
-@dataclasses.dataclass(frozen=True)
-class Outcome:
-    kind: str  # "succeeded" | "waiting" | "failed" | "timed_out"
-    output: Any = None
-    error_class: str = ""
-    error_message: str = ""
-    permanent: bool = False
-    retry_after: timedelta | None = None  # the participant's earliest retry
-
-    @property
-    def error(self) -> str:
-        return (
-            f"{self.error_class}: {self.error_message}"
-            if self.error_class
-            else self.error_message
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class Claim:
-    instance_id: str
-    step_id: int
-    timeout: timedelta
-    activity: str
-    context: ActivityContext
-
-
-# Answers "may this worker still run an attempt with this timeout?"
-InlineBudget = Callable[[timedelta], bool]
 
 
 def _claimable(change: Change, step: StepExecution, direction: str) -> str | None:
@@ -214,7 +181,7 @@ def attempt_record(
     Returns False (and only notes it) when the attempt is no longer the live
     one: a late result after a timeout, a duplicate callback, a stale worker."""
     change = Change.open(instance_id, actor)
-    return _record(change, step_id, direction, number, outcome, source=source)
+    return record_outcome(change, step_id, direction, number, outcome, source=source)
 
 
 @transaction.atomic(durable=True)
@@ -231,7 +198,7 @@ def attempt_record_and_continue(
     and no broker round trip per step)."""
     change = Change.open(claim.instance_id, actor)
     direction = claim.context.direction
-    if not _record(
+    if not record_outcome(
         change,
         claim.step_id,
         direction,
@@ -247,7 +214,7 @@ def attempt_record_and_continue(
     return next_claim
 
 
-def _record(
+def record_outcome(
     change: Change,
     step_id: int,
     direction: str,
@@ -564,7 +531,7 @@ def attempt_time_out(
         error_message=f"no outcome within {_fmt(limit)} "
         f"(deadline {seen_deadline.isoformat()})",
     )
-    return _record(change, step_id, direction, number, outcome, source="sweeper")
+    return record_outcome(change, step_id, direction, number, outcome, source="sweeper")
 
 
 def _milestone_overdue(change: Change, step: StepExecution) -> bool:

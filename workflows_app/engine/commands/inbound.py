@@ -15,11 +15,13 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.db.models.functions import Now
 
+from workflows_app.activities.base import Outcome
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands import observed
-from workflows_app.engine.commands.execution import Outcome, _record
+from workflows_app.engine.commands.execution import record_outcome
 from workflows_app.engine.errors import InvalidInput
-from workflows_app.engine.transitions import Change, db_now
+from workflows_app.engine.locking import db_now
+from workflows_app.engine.transitions import Change
 from workflows_app.models import (
     TERMINAL_STATES,
     Attempt,
@@ -117,7 +119,7 @@ def callback_report(
             permanent=permanent,
         )
     )
-    recorded = _record(
+    recorded = record_outcome(
         change,
         attempt.step_id,
         attempt.direction,
@@ -197,7 +199,7 @@ def _complete_waiting_steps(
     for instance_id, step_id, number in waiting:
         change = Change.open(instance_id, actor)
         outcome = Outcome("succeeded", output=event["payload"])
-        if _record(
+        if record_outcome(
             change, step_id, "action", number, outcome, source=f"event {event['id']}"
         ):
             completed.append({"instance": str(instance_id), "step_id": step_id})

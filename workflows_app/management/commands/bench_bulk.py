@@ -23,6 +23,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection
 
 from workflows_app import tasks
+from workflows_app.engine import dispatch
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands import bulk, instance_start
 from workflows_app.models import StepDefinition, WorkflowDefinition, WorkflowInstance
@@ -109,11 +110,9 @@ class _Broker:
     def __init__(self) -> None:
         self.queue: list[tuple[str, list[Any]]] = []
 
-    def sender(self, name: str) -> Any:
-        def apply_async(args: list[Any], **options: Any) -> None:
-            self.queue.append((name, list(args)))
-
-        return apply_async
+    def send(self, name: str, args: list[Any], **options: Any) -> None:
+        """Stands in for ``engine.dispatch.send``."""
+        self.queue.append((name.removeprefix("workflows."), list(args)))
 
     def drain(self) -> None:
         while self.queue:
@@ -137,11 +136,7 @@ class Command(BaseCommand):
         user = User.objects.get(pk=user.pk)
         _definition()
         broker = _Broker()
-        names = ("run_attempt", "advance", "run_bulk_job")
-        patches = [
-            mock.patch.object(getattr(tasks, n), "apply_async", broker.sender(n))
-            for n in names
-        ]
+        patches = [mock.patch.object(dispatch, "send", broker.send)]
         for patch in patches:
             patch.start()
         try:

@@ -31,10 +31,10 @@ from django.core.servers.basehttp import ThreadedWSGIServer, WSGIRequestHandler
 from workflows_app import tasks
 from workflows_app.alerts import sync_alerts
 from workflows_app.demo_definitions import load_demo_definitions
-from workflows_app.engine import commands
+from workflows_app.engine import commands, dispatch
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands import bulk
-from workflows_app.engine.transitions import db_now
+from workflows_app.engine.locking import db_now
 from workflows_app.models import WorkflowDefinition, WorkflowInstance
 from workflows_app.roles import sync_roles
 
@@ -66,13 +66,12 @@ class _MemoryBroker:
         self.hold: set[str] = set()
         self._seq = 0
 
-    def sender(self, name: str) -> Any:
-        def apply_async(args: list[Any], **options: Any) -> None:
-            self._seq += 1
-            due = time.monotonic() + float(options.get("countdown") or 0)
-            self.queue.append(_Message(due, self._seq, name, list(args)))
-
-        return apply_async
+    def send(self, name: str, args: list[Any], **options: Any) -> None:
+        """Stands in for ``engine.dispatch.send``."""
+        self._seq += 1
+        due = time.monotonic() + float(options.get("countdown") or 0)
+        task = name.removeprefix("workflows.")
+        self.queue.append(_Message(due, self._seq, task, list(args)))
 
     def run(self, *, limit: int = 2000) -> None:
         for _ in range(limit):
@@ -102,12 +101,7 @@ def seed(stdout: Any) -> dict[str, Any]:
     sync_roles()
     operator = _user("demo-operator", "operator")
     broker = _MemoryBroker()
-    patches = [
-        mock.patch.object(
-            tasks.run_attempt, "apply_async", broker.sender("run_attempt")
-        ),
-        mock.patch.object(tasks.advance, "apply_async", broker.sender("advance")),
-    ]
+    patches = [mock.patch.object(dispatch, "send", broker.send)]
     for patch in patches:
         patch.start()
     try:

@@ -1,0 +1,35 @@
+"""The database clock and the instance lock: the two things every command
+starts with, below everything else in the engine."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from django.db import connection
+from django.db.models.functions import Now
+from django.utils import timezone
+
+from workflows_app.models import WorkflowInstance
+
+
+def db_now() -> datetime:
+    """The database's clock (the one every deadline is written with)."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT statement_timestamp()")
+            return cursor.fetchone()[0]  # type: ignore[no-any-return,index]
+    return timezone.now()
+
+
+def lock_instance(instance_id: Any) -> tuple[WorkflowInstance, datetime]:
+    """Lock the instance row (always first: one lock order) and read the DB clock.
+
+    Raises ``WorkflowInstance.DoesNotExist``."""
+    instance = (
+        WorkflowInstance.objects.select_for_update(of=("self",))
+        .select_related("definition")
+        .annotate(db_now=Now())
+        .get(pk=instance_id)
+    )
+    return instance, instance.db_now  # type: ignore[attr-defined]
