@@ -28,7 +28,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Case, F, Q, QuerySet, Value, When
 
-from workflows_app import alerts
+from workflows_app import activity, alerts
 from workflows_app.engine import commands, dispatch, progress, stuck
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands import approvals
@@ -282,4 +282,5 @@ def sweep_all(batch: int | None = None) -> dict[str, int]:
         "approvals_expired": approvals.expire_approvals(now, size),
         # After flagging, so a newly stuck instance gets its alert this sweep.
         **alerts.sync_alerts(now, size),
+        "activity_hours": activity.roll_up(now),
     }

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from workflows_app.models.activity import ActivityHour, ActivityRollup
 from workflows_app.models.alerts import Alert
 from workflows_app.models.audit import ActorKind, InboundMessage, TransitionLog
 from workflows_app.models.definitions import StepDefinition, WorkflowDefinition
@@ -29,6 +30,8 @@ from workflows_app.models.tokens import ApiToken
 __all__ = [
     "ACTIVE_STATES",
     "TERMINAL_STATES",
+    "ActivityHour",
+    "ActivityRollup",
     "ActorKind",
     "Alert",
     "ApiToken",

@@ -54,6 +54,12 @@ class TransitionLog(models.Model):
         ordering = ["id"]
         indexes = [
             models.Index(fields=["instance", "id"], name="history_instance_seq"),
+            # Moves into needs attention per hour (the activity charts).
+            models.Index(
+                fields=["created_at"],
+                condition=models.Q(field="state", target="needs_attention"),
+                name="history_held",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -211,6 +211,13 @@ class WorkflowInstance(VersionedFSMMixin, models.Model):
                 name="instance_def_state_progress",
             ),
             models.Index(fields=["-last_progress_at"], name="instance_progress"),
+            # The overview's activity charts (workflows_app/activity.py); they
+            # also use instance_accepted (migration 0005).
+            models.Index(
+                fields=["finished_at"],
+                condition=models.Q(finished_at__isnull=False),
+                name="instance_finished",
+            ),
             # The stuck queue on the dashboard, oldest first.
             models.Index(
                 fields=["stuck_since"],

@@ -3,10 +3,15 @@ recent failures. Its live part refreshes itself with htmx polling."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from django.core.cache import cache
 from django.http import HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
+from workflows_app import activity, charts
+from workflows_app.engine.locking import db_now
 from workflows_app.models import ApprovalRequest, WorkflowDefinition
 from workflows_app.views import queries
 from workflows_app.views.common import (
@@ -18,6 +23,54 @@ from workflows_app.views.common import (
 from workflows_app.views.saved_views import saved_views_for
 
 APPROVALS_SHOWN = 20
+# The charts change by the hour; a page polled every few seconds by several
+# people reads them from the cache.
+CHARTS_CACHE_SECONDS = 30
+CHART_TITLES = {
+    "started": "Started",
+    "completed": "Completed",
+    "compensated": "Compensated",
+    "held": "Held (moved to needs attention)",
+}
+
+
+def activity_charts(window_name: str) -> dict[str, Any]:
+    """The overview's charts for the last 24 hours or 7 days."""
+    key = f"saga:activity-charts:{window_name}"
+    found = cache.get(key)
+    if found is not None:
+        return found  # type: ignore[no-any-return]
+    window = activity.WINDOWS[window_name]
+    data = activity.activity(window, db_now())
+    hourly = window.interval == activity.HOUR
+    labels = [charts.interval_label(start, hourly) for start in data.intervals]
+    measures = []
+    for name, title in CHART_TITLES.items():
+        values = [value for _, value in data.series(name)]
+        pairs = zip(labels, values, strict=True)
+        bars = [charts.Bar(label, value) for label, value in pairs]
+        measures.append(
+            {
+                "name": name,
+                "title": title,
+                "total": sum(values),
+                "svg": charts.bar_chart(title, bars, css=name),
+            }
+        )
+    found = {
+        "window": window,
+        "measures": measures,
+        "rows": [
+            (label, *[getattr(counts, name) for name in CHART_TITLES])
+            for label, counts in zip(labels, data.totals, strict=True)
+        ],
+        "percentiles": [
+            (key_, completed, charts.at_most(p50), charts.at_most(p95))
+            for key_, completed, p50, p95 in data.percentiles()
+        ],
+    }
+    cache.set(key, found, CHARTS_CACHE_SECONDS)
+    return found
 
 
 def _definition_titles() -> dict[str, str]:
@@ -71,6 +124,7 @@ def overview(request: HtmxHttpRequest) -> HttpResponse:
             .order_by("requested_at")[:APPROVALS_SHOWN]
         ),
         "saved_views": saved_views_for(request.user),
+        "activity": activity_charts("24h" if window == "24h" else "7d"),
     }
     template = "workflows/overview.html"
     if wants_partial(request):

@@ -8,10 +8,16 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
+from workflows_app import activity
 from workflows_app.models import WorkflowDefinition
 from workflows_app.validation import BadInput, check_text
 from workflows_app.views import queries
-from workflows_app.views.common import HtmxHttpRequest, dashboard_view
+from workflows_app.views.common import (
+    HtmxHttpRequest,
+    dashboard_view,
+    poll_seconds,
+    wants_partial,
+)
 
 
 @require_GET
@@ -39,6 +45,35 @@ def definition_list(request: HtmxHttpRequest) -> HttpResponse:
     return render(request, "workflows/definition_list.html", {"rows": rows})
 
 
+def step_map(key: str, step_names: list[str]) -> list[dict[str, Any]]:
+    """The version's steps in order (then steps only older versions have),
+    each with where the unfinished instances are now; ``heat`` (0-3) says
+    how much a person is needed there, for the eye: the counts are text."""
+    places = activity.step_places(key)
+    names = step_names + sorted(set(places) - set(step_names))
+    most_held = max((p["held"] for p in places.values()), default=0)
+    cells = []
+    for name in names:
+        counts = places.get(name, dict.fromkeys(activity.STEP_PLACES, 0))
+        held = counts["held"]
+        heat = 0
+        if held and held == most_held:
+            heat = 3
+        elif held:
+            heat = 2
+        elif any(counts.values()):
+            heat = 1
+        cells.append(
+            {
+                "name": name,
+                "counts": [(place, counts[place]) for place in activity.STEP_PLACES],
+                "heat": heat,
+                "other_version": name not in step_names,
+            }
+        )
+    return cells
+
+
 def _selected(versions: list[WorkflowDefinition], wanted: str | None) -> Any:
     if wanted:
         for definition in versions:
@@ -60,11 +95,18 @@ def definition_detail(request: HtmxHttpRequest, key: str) -> HttpResponse:
     if not versions:
         raise Http404("no such definition")
     definition = _selected(versions, request.GET.get("version"))
+    steps = definition.ordered_steps()
+    places = step_map(key, [step.name for step in steps])
+    if wants_partial(request):
+        context = {"key": key, "places": places, "poll_seconds": poll_seconds()}
+        return render(request, "workflows/definition_detail.html#step-map", context)
     health = queries.definition_health(key)
     context = {
         "key": key,
         "definition": definition,
-        "steps": definition.ordered_steps(),
+        "steps": steps,
+        "places": places,
+        "poll_seconds": poll_seconds(),
         "versions": versions,
         "health": health,
         "health_cells": [
