@@ -25,6 +25,7 @@ from workflows_app.models.runtime import (
     WorkflowInstance,
 )
 from workflows_app.models.tokens import ApiToken
+from workflows_app.models.webhooks import WebhookDelivery
 
 __all__ = [
     "ACTIVE_STATES",
@@ -49,6 +50,7 @@ __all__ = [
     "StepState",
     "StuckKind",
     "TransitionLog",
+    "WebhookDelivery",
     "WorkflowDefinition",
     "WorkflowInstance",
 ]
