@@ -8,6 +8,8 @@
    ``next_send_at``, mails them (one digest per definition when a burst is
    due together), and on failure keeps them visibly unsent and retries with
    backoff. It then escalates, once, the alerts nobody acknowledged in time.
+   The same claim queues each alert's chat and webhook notifications, once
+   per episode, in the webhook outbox (``workflows_app.webhooks``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from workflows_app.models import (
     WorkflowInstance,
 )
 from workflows_app.monitoring import metrics
+from workflows_app.webhooks import outbox
 
 log = logging.getLogger(__name__)
 SEND_LEASE = timedelta(minutes=2)
@@ -226,6 +229,14 @@ def send_due_alerts(batch: int | None = None) -> dict[str, int]:
         .order_by("opened_at")
     ):
         by_definition[alert.definition_key].append(alert)
+    # Chat and webhook notifications go to their own outbox first (once per
+    # episode), so a mail server that is down does not hold them back.
+    queued = sum(
+        outbox.queue_alert_notifications(
+            key, alerts[0].instance.definition, alerts, now
+        )
+        for key, alerts in by_definition.items()
+    )
     sent = failed = 0
     mail = get_connection(fail_silently=False)
     for alerts in by_definition.values():
@@ -246,7 +257,12 @@ def send_due_alerts(batch: int | None = None) -> dict[str, int]:
             sent += ok
             failed += not ok
     escalated = _escalate(mail, now, size)
-    return {"mails_sent": sent, "mails_failed": failed, "escalations": escalated}
+    return {
+        "mails_sent": sent,
+        "mails_failed": failed,
+        "escalations": escalated,
+        "webhooks_queued": queued,
+    }
 
 
 def _deliver(

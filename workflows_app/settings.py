@@ -226,6 +226,16 @@ SAGA_ALERT_GATHER = float(os.environ.get("SAGA_ALERT_GATHER", "10"))
 # ...sent when a definition has at least this many alerts due together.
 SAGA_ALERT_DIGEST_MIN = int(os.environ.get("SAGA_ALERT_DIGEST_MIN", "5"))
 SAGA_ALERT_INTERVAL = float(os.environ.get("SAGA_ALERT_INTERVAL", "10"))
+# Every alert (and digest) also goes to this chat or webhook URL, as "slack"
+# ({"text": ...}) or "json" (signed); definitions may add their own targets.
+SAGA_ALERT_WEBHOOK_URL = os.environ.get("SAGA_ALERT_WEBHOOK_URL", "")
+# Another value makes every delivery to it fail, visibly, on the alerts page.
+SAGA_ALERT_WEBHOOK_FORMAT = os.environ.get("SAGA_ALERT_WEBHOOK_FORMAT", "slack")
+# Key of the HMAC-SHA256 signature on every webhook (required for "json").
+SAGA_WEBHOOK_SECRET = os.environ.get("SAGA_WEBHOOK_SECRET", "")
+# Seconds one webhook POST may take; how often queued webhooks are sent.
+SAGA_WEBHOOK_TIMEOUT = float(os.environ.get("SAGA_WEBHOOK_TIMEOUT", "10"))
+SAGA_WEBHOOK_INTERVAL = float(os.environ.get("SAGA_WEBHOOK_INTERVAL", "5"))
 
 # --- Celery ---------------------------------------------------------------
 # The database is the source of truth; the broker is only transport. Late
@@ -336,6 +346,10 @@ Path(PROMETHEUS_MULTIPROC_DIR).mkdir(parents=True, exist_ok=True)
 CELERY_BEAT_SCHEDULE = {
     "saga-sweep": {"task": "workflows.sweep", "schedule": SAGA_SWEEP_INTERVAL},
     "saga-alerts": {"task": "workflows.send_alerts", "schedule": SAGA_ALERT_INTERVAL},
+    "saga-webhooks": {
+        "task": "workflows.send_webhooks",
+        "schedule": SAGA_WEBHOOK_INTERVAL,
+    },
 }
 
 LOGGING = {

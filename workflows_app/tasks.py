@@ -14,6 +14,7 @@ from workflows_app.activities.runner import alarms_available, call_activity
 from workflows_app.engine import commands, dispatch, sweeps
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands import bulk
+from workflows_app.webhooks import delivery
 
 
 def _budget(task: Any) -> commands.InlineBudget | None:
@@ -71,6 +72,11 @@ def sweep() -> dict[str, int]:
 @shared_task(name="workflows.send_alerts", ignore_result=True)
 def send_alerts() -> dict[str, int]:
     return alerts.send_due_alerts()
+
+
+@shared_task(name="workflows.send_webhooks", ignore_result=True)
+def send_webhooks() -> dict[str, int]:
+    return delivery.deliver_due()
 
 
 @shared_task(name=dispatch.RUN_BULK_JOB, ignore_result=True, acks_late=True)

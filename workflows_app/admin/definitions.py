@@ -247,9 +247,12 @@ class WorkflowDefinitionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                     "failure_policy",
                     "stuck_after",
                     "deadline",
-                    "alert_recipients",
                 )
             },
+        ),
+        (
+            "Alerts and webhooks",
+            {"fields": ("alert_recipients", "alert_webhooks", "event_webhooks")},
         ),
         (
             "Four-eyes approval",

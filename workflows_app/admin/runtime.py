@@ -18,6 +18,7 @@ from workflows_app.models import (
     ParticipantEffect,
     StepExecution,
     TransitionLog,
+    WebhookDelivery,
     WorkflowDefinition,
     WorkflowInstance,
 )
@@ -318,3 +319,28 @@ class ParticipantEffectAdmin(ReadOnlyAdmin):
     search_fields = ("idempotency_key", "step_name")
     exact_search_uuid_fields = ("instance_id",)
     search_help_text = "An exact idempotency key, step name or instance id."
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(ReadOnlyAdmin):
+    """The webhook outbox; only the sender changes a row (no secret is in it:
+    a target is a URL or a reference)."""
+
+    list_display = (
+        "event",
+        "event_id",
+        "definition_key",
+        "target",
+        "created_at",
+        "attempts",
+        "last_status",
+        "delivered_at",
+        "next_attempt_at",
+    )
+    list_filter = ("event", "format")
+    search_fields = ("definition_key", "target")
+    exact_search_uuid_fields = ("event_id", "instance_id")
+    search_help_text = "An exact definition key, target, event id or instance id."
+    raw_id_fields = ("instance",)
+    exclude = ("alerts",)  # shown on the alerts page instead
+    ordering = ("-created_at", "-id")

@@ -30,6 +30,7 @@ from workflows_app.models import (
     WorkflowInstance,
 )
 from workflows_app.monitoring import metrics
+from workflows_app.webhooks import outbox
 
 STEP_FIELDS = [
     "state",
@@ -245,6 +246,7 @@ class Change:
         if self._logs:
             TransitionLog.objects.bulk_create(self._logs)
             transaction.on_commit(metrics.recorder(instance, self._logs), robust=True)
+            outbox.queue_state_events(instance, self._logs, self.now)
         for step, direction, wait in self._dispatches:
             self._after_commit.append(
                 dispatch.attempt_sender(

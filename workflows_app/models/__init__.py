@@ -26,6 +26,7 @@ from workflows_app.models.runtime import (
     WorkflowInstance,
 )
 from workflows_app.models.tokens import ApiToken
+from workflows_app.models.webhooks import WebhookDelivery
 
 __all__ = [
     "ACTIVE_STATES",
@@ -52,6 +53,7 @@ __all__ = [
     "StepState",
     "StuckKind",
     "TransitionLog",
+    "WebhookDelivery",
     "WorkflowDefinition",
     "WorkflowInstance",
 ]

@@ -47,6 +47,9 @@ class Alert(models.Model):
     last_send_error = models.TextField(blank=True)
     escalate_at = models.DateTimeField(null=True, blank=True)
     escalated_at = models.DateTimeField(null=True, blank=True)
+    # Set when the alert's webhook notifications were queued (once per
+    # episode, whatever happens to the mail).
+    hooks_queued_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-opened_at"]

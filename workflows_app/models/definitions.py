@@ -86,6 +86,19 @@ class WorkflowDefinition(models.Model):
     alert_recipients = models.TextField(
         blank=True, help_text="Email addresses, comma or newline separated."
     )
+    alert_webhooks = models.TextField(
+        blank=True,
+        help_text="Chat or webhook targets for alerts, one per line: "
+        "'slack env:NAME' (a chat's incoming-webhook URL is a credential: give "
+        "the name of the environment variable or secret file holding it) or "
+        "'json https://…' (signed JSON).",
+    )
+    event_webhooks = models.TextField(
+        blank=True,
+        help_text="State-change webhooks, one per line: the events "
+        "(completed, compensated, needs_attention, failed, or *), a space, "
+        "then the URL or env:NAME / secret:NAME. Signed JSON, at least once.",
+    )
     # Four-eyes: operator actions (names as in APPROVABLE_ACTIONS) that a
     # second operator must approve first, how long a request stays open, and
     # the size above which a bulk job over this definition needs approval.
@@ -132,6 +145,8 @@ class WorkflowDefinition(models.Model):
         return [part.strip() for part in raw.split(",") if part.strip()]
 
     def clean(self) -> None:
+        from workflows_app.webhooks.targets import webhook_errors
+
         errors: dict[str, list[str]] = {}
         for address in self.recipient_list():
             try:
@@ -140,6 +155,8 @@ class WorkflowDefinition(models.Model):
                 errors.setdefault("alert_recipients", []).append(
                     f"{address!r} is not a valid email address."
                 )
+        for field, message in webhook_errors(self.alert_webhooks, self.event_webhooks):
+            errors.setdefault(field, []).append(message)
         if self.deadline is not None and self.deadline <= timedelta(0):
             errors.setdefault("deadline", []).append("The deadline must be positive.")
         unknown = set(self.approval_actions or []) - set(APPROVABLE_ACTIONS)
@@ -219,6 +236,8 @@ class WorkflowDefinition(models.Model):
             stuck_after=self.stuck_after,
             deadline=self.deadline,
             alert_recipients=self.alert_recipients,
+            alert_webhooks=self.alert_webhooks,
+            event_webhooks=self.event_webhooks,
             approval_actions=self.approval_actions,
             approval_expires_after=self.approval_expires_after,
             approval_bulk_over=self.approval_bulk_over,

@@ -52,6 +52,7 @@ from workflows_app.models import (
     InstanceState,
     StepExecution,
     StepState,
+    WebhookDelivery,
     WorkflowInstance,
 )
 from workflows_app.monitoring.counts import InstanceCounts
@@ -187,6 +188,20 @@ def _alerts(now: datetime) -> Iterator[GaugeMetricFamily]:
         failing.add_metric([kind], failed)
     yield open_alerts
     yield failing
+    webhooks = GaugeMetricFamily(
+        "saga_webhooks_failing",
+        "Webhook deliveries not accepted yet after at least one try "
+        "(retried with backoff), by event.",
+        labels=["event"],
+    )
+    for event, n in (
+        WebhookDelivery.objects.order_by()
+        .filter(delivered_at__isnull=True, attempts__gt=0)
+        .values_list("event")
+        .annotate(n=Count("*"))
+    ):
+        webhooks.add_metric([event], n)
+    yield webhooks
 
 
 def _bulk_jobs(now: datetime) -> Iterator[GaugeMetricFamily]:

@@ -23,9 +23,13 @@ def alert_list(request: HtmxHttpRequest) -> HttpResponse:
     status = request.GET.get("status", "open")
     if status not in STATUSES:
         status = "open"
+    alerts = Alert.objects.filter(**STATUSES[status])
+    definition = request.GET.get("definition", "")
+    if definition:
+        alerts = alerts.filter(definition_key=definition)
     alerts = (
-        Alert.objects.filter(**STATUSES[status])
-        .select_related("instance", "acknowledged_by")
+        alerts.select_related("instance", "acknowledged_by")
+        .prefetch_related("webhook_deliveries")
         .order_by("-opened_at", "-id")[:PAGE_SIZE]
     )
     return render(
@@ -34,6 +38,7 @@ def alert_list(request: HtmxHttpRequest) -> HttpResponse:
         {
             "alerts": alerts,
             "status": status,
+            "definition": definition,
             "statuses": list(STATUSES),
             "page_size": PAGE_SIZE,
             "can_acknowledge": request.user.has_perm("workflows_app.acknowledge_alert"),

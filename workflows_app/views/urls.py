@@ -14,6 +14,7 @@ from workflows_app.views import (
     failures,
     instances,
     saved_views,
+    webhooks,
 )
 
 urlpatterns = [
@@ -46,6 +47,7 @@ urlpatterns = [
         name="alert_acknowledge",
     ),
     path("alerts/", alerts.alert_list, name="alert_list"),
+    path("webhooks/", webhooks.webhook_list, name="webhook_list"),
     path("views/", saved_views.saved_view_create, name="saved_view_create"),
     path(
         "views/<int:pk>/delete/",

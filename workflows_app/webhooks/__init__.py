@@ -1,0 +1,1 @@
+"""Alert and state-change webhooks: targets, signing, the outbox, delivery."""
