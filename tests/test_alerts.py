@@ -162,7 +162,42 @@ def test_held_instance_alerts_as_waiting_on_a_person(broker, smtp):
     run_alerting()
     assert len(smtp.messages) == 1
     assert Alert.objects.get().kind == "held"
-    assert "retry the step now" in text_of(smtp.messages[0])
+    # The catalogue's actions possible now (engine/actions.py).
+    assert "Retry step now: Run the failed step again now" in text_of(smtp.messages[0])
+
+
+def test_mail_advises_only_what_the_catalogue_allows_now(broker, smtp):
+    """Past the pivot nothing is compensated, so the mail does not say to;
+    before the pivot it does (issue 14)."""
+    from tests.operations.held_population import SCENARIOS, make_definitions, make_held
+
+    make_definitions()
+    by_name = {s.name: s for s in SCENARIOS}
+    keys = {
+        "ship fails": "after-pivot",
+        "ship never answers": "unknown-past-pivot",
+        "pivot declined": "before-pivot",
+        "pivot declined, undo of reserve fails": "undo-failed",
+    }
+    for name, key in keys.items():
+        make_held(broker, by_name[name], key)
+    run_alerting()
+    mails = {}
+    for message in smtp.messages:
+        body = text_of(message)
+        [key] = [k for k in keys.values() if f"Business key:  {k}" in body]
+        advice = body.split("What you can do:")[1].split("Open it:")[0]
+        mails[key] = (advice, body)
+    assert set(mails) == set(keys.values())
+    for key in ("after-pivot", "unknown-past-pivot"):
+        advice, body = mails[key]
+        assert "Retry step now" in advice and "Close as failed" in advice
+        assert "compensat" not in body.lower(), body
+    advice, _ = mails["before-pivot"]
+    assert "Compensate:" in advice and "Retry step now" in advice
+    advice, _ = mails["undo-failed"]
+    assert "Retry compensation" in advice and "Compensate:" not in advice
+    assert "Retry step now" not in advice
 
 
 def test_check_alerts_command_sends_a_test_message(smtp):

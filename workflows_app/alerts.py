@@ -23,15 +23,18 @@ from typing import Any
 from django.conf import settings
 from django.core.mail import EmailMultiAlternatives, get_connection
 from django.db import connection, transaction
-from django.db.models import QuerySet
+from django.db.models import Prefetch, QuerySet
 from django.template.loader import render_to_string
 from django.urls import reverse
 
+from workflows_app.engine.actions import possible_now
 from workflows_app.engine.locking import db_now
 from workflows_app.models import (
     TERMINAL_STATES,
     ActorKind,
     Alert,
+    InstanceState,
+    StepExecution,
     TransitionLog,
     WorkflowDefinition,
     WorkflowInstance,
@@ -205,6 +208,16 @@ def make_message(
     return message
 
 
+# What the mail needs of an alert: its instance with the definition and steps
+# (the catalogue reads them to say what can be done now).
+WITH_STEPS = Prefetch(
+    "instance__steps",
+    queryset=StepExecution.objects.select_related("step_definition").order_by(
+        "position"
+    ),
+)
+
+
 def _context(alerts: Iterable[Alert]) -> list[dict[str, Any]]:
     return [
         {
@@ -212,9 +225,18 @@ def _context(alerts: Iterable[Alert]) -> list[dict[str, Any]]:
             "instance": a.instance,
             "url": instance_url(a.instance_id),
             "definition": a.instance.definition,
+            "can_do": _can_do(a.instance),
         }
         for a in alerts
     ]
+
+
+def _can_do(instance: WorkflowInstance) -> list[Any]:
+    """What the mail advises for a held instance: the catalogue's actions
+    possible now (never, say, compensate past the pivot); [] otherwise."""
+    if instance.state != InstanceState.NEEDS_ATTENTION:
+        return []
+    return possible_now(instance, list(instance.steps.all()))
 
 
 def send_due_alerts(batch: int | None = None) -> dict[str, int]:
@@ -226,6 +248,7 @@ def send_due_alerts(batch: int | None = None) -> dict[str, int]:
     for alert in (
         Alert.objects.filter(pk__in=[a.pk for a in claimed])
         .select_related("instance__definition")
+        .prefetch_related(WITH_STEPS)
         .order_by("opened_at")
     ):
         by_definition[alert.definition_key].append(alert)
@@ -318,7 +341,11 @@ def _escalate(mail: Any, now: datetime, batch: int) -> int:
     )
     done = 0
     for alert in _claim(due, "escalate_at", now, batch):
-        alert = Alert.objects.select_related("instance__definition").get(pk=alert.pk)
+        alert = (
+            Alert.objects.select_related("instance__definition")
+            .prefetch_related(WITH_STEPS)
+            .get(pk=alert.pk)
+        )
         items = _context([alert])
         message = make_message(
             "escalation",

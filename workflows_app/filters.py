@@ -12,12 +12,17 @@ from django import forms
 from django.db.models import Exists, OuterRef, QuerySet
 from django.utils import timezone
 
-from workflows_app.failure_groups import BLOCKING
+from workflows_app.engine.blocking import (
+    DEADLINE,
+    HELD_BY,
+    deadline_holds,
+    holding_steps,
+)
+from workflows_app.failure_groups import NO_SIGNATURE
 from workflows_app.models import (
     ACTIVE_STATES,
     TERMINAL_STATES,
     InstanceState,
-    StepExecution,
     WorkflowDefinition,
     WorkflowInstance,
 )
@@ -105,10 +110,17 @@ class InstanceFilter(django_filters.FilterSet):
         label="Accepted until (UTC)",
         widget=DATETIME_WIDGET,
     )
-    # A failure group (see failure_groups.py): held by this step, with this
-    # error signature. Applied together in filter_queryset.
+    # A failure group (see failure_groups.py): held now by this step's action
+    # or compensation (or by the deadline), with this error signature.
+    # Applied together in filter_queryset.
     failed_step = django_filters.CharFilter(
         method="keep", label="Blocked at step", widget=forms.HiddenInput
+    )
+    held_by = django_filters.ChoiceFilter(
+        method="keep",
+        choices=[(value, value) for value in HELD_BY],
+        label="Held by",
+        widget=forms.HiddenInput,
     )
     signature = django_filters.CharFilter(
         method="keep", label="Error signature", widget=forms.HiddenInput
@@ -128,13 +140,22 @@ class InstanceFilter(django_filters.FilterSet):
         qs = super().filter_queryset(queryset)
         data = self.form.cleaned_data
         step, signature = data.get("failed_step"), data.get("signature")
-        if step or signature:
-            blocking = StepExecution.objects.filter(BLOCKING, instance=OuterRef("pk"))
+        held_by = data.get("held_by")
+        if held_by == DEADLINE:
+            # No step holds these: a step or signature matches none of them.
+            qs = qs.filter(pk__in=deadline_holds().values("pk"))
+            return qs.none() if step or signature else qs
+        if step or signature or held_by:
+            holding = holding_steps().filter(instance=OuterRef("pk"))
             if step:
-                blocking = blocking.filter(name=step)
+                holding = holding.filter(name=step)
             if signature:
-                blocking = blocking.filter(error_signature=signature)
-            qs = qs.filter(Exists(blocking))
+                holding = holding.filter(
+                    error_signature="" if signature == NO_SIGNATURE else signature
+                )
+            if held_by:
+                holding = holding.filter(held_by=held_by)
+            qs = qs.filter(Exists(holding))
         return qs
 
     def search(self, qs: QuerySet[Any], name: str, value: str) -> QuerySet[Any]:

@@ -155,7 +155,10 @@ class KnownFailureForm(forms.Form):
     definition_key = TextField(
         what="definition", max_length=100, widget=forms.HiddenInput
     )
-    step_name = TextField(what="step", max_length=100, widget=forms.HiddenInput)
+    # Empty for a deadline group (no step holds those instances).
+    step_name = TextField(
+        what="step", max_length=100, required=False, widget=forms.HiddenInput
+    )
     signature = TextField(
         what="signature",
         max_length=300,

@@ -152,6 +152,10 @@ CATALOGUE: dict[str, OperatorAction] = {
 }
 # The state-changing actions, in the order pages show them.
 TRANSITIONS = [a for a in CATALOGUE.values() if a.transition]
+# What ``why_not`` reads of a held instance besides its steps and the user:
+# instances alike in these get the same answer, so a failure group asks once
+# per kind of instance in it instead of once per instance.
+AVAILABILITY_COLUMNS = ("state", "attention_kind", "pivot_passed", "definition_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,11 +169,12 @@ class Availability:
 def why_not(
     action: OperatorAction,
     instance: WorkflowInstance,
-    user: Any,
+    user: Any | None,
     steps: Sequence[StepExecution],
 ) -> str:
-    """Why ``user`` cannot do ``action`` on ``instance`` now ("" if they can)."""
-    if not user.has_perm(action.permission):
+    """Why ``user`` cannot do ``action`` on ``instance`` now ("" if they can);
+    with ``user`` None, why nobody can (permissions are not asked)."""
+    if user is not None and not user.has_perm(action.permission):
         return f"you are not allowed to {action.label.lower()}"
     if not action.transition:
         if instance.is_terminal:
@@ -178,7 +183,7 @@ def why_not(
     bound = getattr(instance, action.transition)
     if not can_proceed(bound):
         return _state_reason(action, instance)
-    if not has_transition_perm(bound, user):
+    if user is not None and not has_transition_perm(bound, user):
         return f"you are not allowed to {action.label.lower()}"
     blocked = blocking_step(steps)
     if action.targets_step and blocked is None:
@@ -238,6 +243,14 @@ def availability(
     ]
 
 
+def possible_now(
+    instance: WorkflowInstance, steps: Sequence[StepExecution]
+) -> list[OperatorAction]:
+    """The state-changing actions ``instance`` allows now, whoever asks: what
+    the alert mail advises (each reader's permissions apply on the page)."""
+    return [a for a in TRANSITIONS if not why_not(a, instance, None, steps)]
+
+
 def command_arguments(
     action: OperatorAction, *, step_id: int | None, data: dict[str, Any] | None
 ) -> dict[str, Any]:
@@ -272,10 +285,12 @@ __all__ = [
     "CATALOGUE",
     "TRANSITIONS",
     "Availability",
+    "AVAILABILITY_COLUMNS",
     "OperatorAction",
     "availability",
     "blocking_step",
     "command_arguments",
+    "possible_now",
     "restart_points",
     "why_not",
 ]

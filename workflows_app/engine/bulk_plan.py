@@ -25,6 +25,16 @@ class ItemPlan:
         return bool(self.transition)
 
 
+def catalogue_action(action: str, instance: WorkflowInstance) -> str:
+    """The catalogue action (``engine.actions``) a bulk ``action`` does to
+    ``instance``: a retry retries what holds it, the step or its compensation."""
+    if action == BulkJob.Action.RETRY:
+        if instance.attention_kind == AttentionKind.COMPENSATION_FAILED:
+            return "retry_compensation"
+        return "retry_step"
+    return "compensate"
+
+
 def plan_item(
     action: str,
     instance: WorkflowInstance,
@@ -33,17 +43,14 @@ def plan_item(
     blocked_step: str = "",
     failed_compensations: tuple[str, ...] = (),
 ) -> ItemPlan:
-    if action == BulkJob.Action.RETRY:
-        if instance.attention_kind == AttentionKind.COMPENSATION_FAILED:
-            transition = "retry_compensation"
-            what = f"retry the compensation of {', '.join(failed_compensations)}"
-            if instance.restart_position is not None:
-                what += " (then its restart runs the steps again)"
-        else:
-            transition = "retry_step"
-            what = f"retry {blocked_step or 'the blocked step'}"
+    transition = catalogue_action(action, instance)
+    if transition == "retry_compensation":
+        what = f"retry the compensation of {', '.join(failed_compensations)}"
+        if instance.restart_position is not None:
+            what += " (then its restart runs the steps again)"
+    elif transition == "retry_step":
+        what = f"retry {blocked_step or 'the blocked step'}"
     else:
-        transition = "compensate"
         what = "compensate the steps done"
     bound = getattr(instance, transition)
     if not can_proceed(bound):

@@ -24,7 +24,9 @@ def failure_group_list(request: HtmxHttpRequest) -> HttpResponse:
 def _groups_page(
     request: HtmxHttpRequest, *, include_known: bool, status: int = 200
 ) -> HttpResponse:
-    groups = failure_groups(include_known=include_known)
+    # Each group's bulk actions are those the catalogue allows this user on
+    # some of its instances (``offers``): none that would act on nothing.
+    groups = failure_groups(include_known=include_known, user=request.user)
     return render(
         request,
         "workflows/failure_groups.html",
@@ -32,13 +34,6 @@ def _groups_page(
             "groups": groups,
             "include_known": include_known,
             "can_mark": request.user.has_perm(MARK_PERMISSION),
-            "can_bulk": any(
-                request.user.has_perm(p)
-                for p in (
-                    "workflows_app.retry_step",
-                    "workflows_app.compensate_instance",
-                )
-            ),
         },
         status=status,
     )
