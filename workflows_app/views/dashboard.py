@@ -7,6 +7,7 @@ from django.http import HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
+from workflows_app.engine.stuck import span_in_words
 from workflows_app.models import ApprovalRequest, WorkflowDefinition
 from workflows_app.views import queries
 from workflows_app.views.common import (
@@ -29,6 +30,20 @@ def _definition_titles() -> dict[str, str]:
     for key, title in rows:
         titles.setdefault(key, title)
     return titles
+
+
+def _stuck_after_words() -> str:
+    """The definitions' stuck-after times in words, e.g. "2 minutes"."""
+    spans = sorted(
+        set(
+            WorkflowDefinition.objects.order_by()
+            .values_list("stuck_after", flat=True)
+            .distinct()
+        )
+    )
+    return ", ".join(span_in_words(span) for span in spans[:3]) + (
+        ", …" if len(spans) > 3 else ""
+    )
 
 
 @require_GET
@@ -71,6 +86,7 @@ def overview(request: HtmxHttpRequest) -> HttpResponse:
             .order_by("requested_at")[:APPROVALS_SHOWN]
         ),
         "saved_views": saved_views_for(request.user),
+        "stuck_after_words": _stuck_after_words(),
     }
     template = "workflows/overview.html"
     if wants_partial(request):
