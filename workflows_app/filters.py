@@ -18,6 +18,7 @@ from workflows_app.engine.blocking import (
     deadline_holds,
     holding_steps,
 )
+from workflows_app.engine.stuck import STALLED
 from workflows_app.failure_groups import NO_SIGNATURE
 from workflows_app.models import (
     ACTIVE_STATES,
@@ -89,7 +90,7 @@ class InstanceFilter(django_filters.FilterSet):
     )
     stuck = django_filters.ChoiceFilter(
         method="filter_stuck",
-        choices=[("yes", "stuck only"), ("no", "not stuck")],
+        choices=[("yes", "stuck (no progress) only"), ("no", "not stuck")],
         empty_label="any",
     )
     idle = django_filters.ChoiceFilter(
@@ -173,7 +174,8 @@ class InstanceFilter(django_filters.FilterSet):
         return qs.filter(state=value)
 
     def filter_stuck(self, qs: QuerySet[Any], name: str, value: str) -> QuerySet[Any]:
-        return qs.filter(stuck=value == "yes")
+        # Stuck means no progress past the time rule; holds are a state.
+        return qs.filter(STALLED) if value == "yes" else qs.exclude(STALLED)
 
     def filter_idle(self, qs: QuerySet[Any], name: str, value: str) -> QuerySet[Any]:
         return qs.filter(last_progress_at__lte=timezone.now() - IDLE[value])

@@ -1,5 +1,10 @@
-"""Two response policies for every request: the Content-Security-Policy, and
-a 503 (not a 500) while the database is unreachable.
+"""Response policies for every request: the Content-Security-Policy, no
+caching of signed-in pages, and a 503 (not a 500) while the database is
+unreachable.
+
+No caching: a page shown to a signed-in user (instance data, the timeline,
+a form's CSRF token) is sent with ``Cache-Control: no-store``, so neither a
+shared proxy nor the browser's back/forward cache keeps a copy after logout.
 
 Content-Security-Policy (Django 5.2 has none built in).
 
@@ -26,9 +31,10 @@ import logging
 from collections.abc import Callable
 
 from django.conf import settings
-from django.db import InterfaceError, OperationalError
+from django.db import DatabaseError, InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.template.loader import render_to_string
+from django.utils.cache import patch_cache_control
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,24 @@ class ContentSecurityPolicyMiddleware:
         policy = self.admin_policy if admin else self.policy
         if policy:
             response["Content-Security-Policy"] = policy
+        return response
+
+
+class NoStoreWhenSignedInMiddleware:
+    """``Cache-Control: no-store`` on every answer to a signed-in user."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        response = self.get_response(request)
+        user = getattr(request, "user", None)
+        try:
+            signed_in = user is not None and user.is_authenticated
+        except DatabaseError:  # the session cannot be read: do not store it
+            signed_in = True
+        if signed_in:
+            patch_cache_control(response, no_store=True, private=True)
         return response
 
 

@@ -51,11 +51,14 @@ EDIT_DEFINITIONS = [
     "change_stepdefinition",
     "delete_stepdefinition",
 ]
+# API tokens are created (the clear token shown once), edited and revoked in
+# the admin; never deleted, so the list keeps who had access.
+MANAGE_TOKENS = ["view_apitoken", "add_apitoken", "change_apitoken"]
 ROLES = {
     "viewer": VIEW,
     "operator": VIEW + OPERATE,
     # Also needs is_staff on the user to enter the admin.
-    "workflow admin": VIEW + EDIT_DEFINITIONS,
+    "workflow admin": VIEW + EDIT_DEFINITIONS + MANAGE_TOKENS,
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -60,6 +61,8 @@ INSTALLED_APPS = [
     "template_partials",
     # Serves the OpenAPI docs UI's assets locally (no CDN).
     "ninja",
+    # Failed logins are counted; too many lock the username from that address.
+    "axes",
     "workflows_app",
 ]
 
@@ -70,12 +73,16 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # Pages for a signed-in user are never stored by browsers or proxies.
+    "workflows_app.middleware.NoStoreWhenSignedInMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "workflows_app.middleware.ContentSecurityPolicyMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
     # A view that cannot reach the database answers 503 + Retry-After.
     "workflows_app.middleware.DatabaseUnavailableMiddleware",
+    # Last, as django-axes asks: answers a locked-out login with its page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "workflows_app.urls"
@@ -123,6 +130,29 @@ else:
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+AUTHENTICATION_BACKENDS = [
+    # Refuses a login while its username and address are locked out.
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+# Login throttling (django-axes, attempts stored in the database): after
+# AXES_FAILURE_LIMIT failed logins for one username from one address, that
+# pair is locked for AXES_COOLOFF_MINUTES; a success resets the count.
+AXES_FAILURE_LIMIT = int(os.environ.get("AXES_FAILURE_LIMIT", "5"))
+AXES_COOLOFF_TIME = timedelta(
+    minutes=float(os.environ.get("AXES_COOLOFF_MINUTES", "15"))
+)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+# Behind a reverse proxy the client address comes from X-Forwarded-For.
+AXES_IPWARE_PROXY_COUNT = int(os.environ.get("AXES_PROXY_COUNT", "0")) or None
+AXES_IPWARE_META_PRECEDENCE_ORDER = (
+    ["HTTP_X_FORWARDED_FOR", "REMOTE_ADDR"]
+    if os.environ.get("AXES_PROXY_COUNT")
+    else ["REMOTE_ADDR"]
+)
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
@@ -142,6 +172,8 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "/"
 # Dashboard: seconds between HTMX refreshes of the live parts of a page.
 SAGA_DASHBOARD_POLL_SECONDS = float(os.environ.get("SAGA_DASHBOARD_POLL_SECONDS", "5"))
+# Lists count their rows exactly up to this many; above, the planner estimates.
+SAGA_EXACT_COUNT_UP_TO = int(os.environ.get("SAGA_EXACT_COUNT_UP_TO", "10000"))
 # Production: STATIC_MANIFEST=1 and `manage.py collectstatic` give hashed,
 # compressed, far-future-cached files. Otherwise whitenoise serves the files
 # straight from the source folders (demo, tests, development).

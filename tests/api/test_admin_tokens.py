@@ -95,3 +95,46 @@ class ApiTokenAdminTests(TestCase):
             .context["cl"]
             .model_admin.has_delete_permission(response.wsgi_request)
         )
+
+
+class WorkflowAdminTokenTests(TestCase):
+    """README: tokens are created in the admin. The demo's ``admin`` user is a
+    staff member of the workflow admin role (not a superuser)."""
+
+    def setUp(self):
+        from tests.support import user_in
+
+        self.admin = user_in("workflow admin", "wanda")
+        self.admin.is_staff = True
+        self.admin.save()
+        self.client.force_login(self.admin)
+
+    def test_the_demo_admin_creates_and_revokes_tokens(self):
+        assert self.client.get(ADD_URL).status_code == 200
+        response = self.client.post(
+            ADD_URL, {"name": "checkout", "scopes": ["start", "read"]}, follow=True
+        )
+        assert len(set(TOKEN.findall(response.content.decode()))) == 1
+        own = self.client.post(
+            ADD_URL,
+            {"name": "mine", "scopes": ["operate"], "user": self.admin.pk},
+            follow=True,
+        )
+        assert TOKEN.search(own.content.decode())
+        row = ApiToken.objects.get(name="checkout")
+        self.client.post(
+            LIST_URL,
+            {"action": "revoke", "_selected_action": [row.pk]},
+            follow=True,
+        )
+        row.refresh_from_db()
+        assert row.revoked_at is not None
+
+    def test_only_a_superuser_issues_a_token_acting_as_someone_else(self):
+        other = User.objects.create_user("olga")
+        response = self.client.post(
+            ADD_URL, {"name": "as-olga", "scopes": ["operate"], "user": other.pk}
+        )
+        assert response.status_code == 200
+        assert "Only a superuser can issue a token acting" in response.content.decode()
+        assert not ApiToken.objects.exists()

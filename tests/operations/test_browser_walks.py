@@ -5,6 +5,7 @@ bulk job, a cancel approved by a second operator, a repair then a retry."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -53,10 +54,19 @@ def test_outage_burst_is_one_group_retried_as_a_watched_job(
 
     page.get_by_role("button", name="Start the job (5 instances)").click()
     expect(page.locator(".job-status")).to_contain_text("queued")
+    expect(page.locator(".job-status")).to_contain_text("a worker is starting it")
     broker.run()  # the worker runs the job, then the retried steps
     # The progress part polls itself: no reload.
     expect(page.locator(".job-status")).to_contain_text("finished", timeout=TIMEOUT)
     expect(page.locator("#job-processed")).to_contain_text("5 of 5 processed (100%)")
+    # Nothing on the page still says it is queued; history in human times.
+    expect(page.locator("main")).not_to_contain_text("queued")
+    expect(page.locator("main")).to_contain_text("You started the job.")
+    expect(page.locator("#job-log")).to_contain_text("confirm by olga")
+    expect(page.locator("#job-log time")).to_have_attribute(
+        "datetime", re.compile(r"^\d{4}-")
+    )
+    expect(page.locator("#job-log")).not_to_contain_text("T0")
     assert BulkJob.objects.get().status == "finished"
     states = WorkflowInstance.objects.filter(business_key__startswith="ORD-1")
     assert set(states.values_list("state", flat=True)) == {"completed"}

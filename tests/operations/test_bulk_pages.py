@@ -101,6 +101,6 @@ def test_job_page_escapes_and_viewer_cannot_operate(broker, wf, operator):
     assert "<script>alert(1)</script>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert ">Pause<" not in page
-    assert viewer.post(f"/bulk-jobs/{job.pk}/pause/").status_code == 302
+    assert viewer.post(f"/bulk-jobs/{job.pk}/pause/").status_code == 403
     assert BulkJob.objects.get().status == "queued"
     assert "bulk-jobs" in viewer.get("/bulk-jobs/").content.decode()

@@ -9,14 +9,18 @@ and the test delivers them (``broker.run()``) when it wants the work done.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from django.contrib.auth.models import User
 
 from tests.support import make_definition, start, user_in
 from tests.views.conftest import HOLD_STEPS, fresh, held
+from workflows_app.alerts import sync_alerts
+from workflows_app.engine.locking import db_now
 from workflows_app.models import TransitionLog
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -54,16 +58,66 @@ def browser() -> Iterator[object]:
         os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
 
 
+# axe-core, vendored from npm (static/vendor/axe-core): loaded from this
+# origin, so the pages' Content-Security-Policy allows it.
+AXE = "/static/vendor/axe-core/axe.min.js"
+BLOCKING_IMPACTS = {"serious", "critical"}
+# Every CSP violation, also those Chromium does not log to the console.
+WATCH_CSP = """
+window.__cspViolations = [];
+document.addEventListener("securitypolicyviolation", function (event) {
+  window.__cspViolations.push(event.violatedDirective + " " + event.blockedURI);
+});
+"""
+RUN_AXE = """async () => {
+  const result = await axe.run(document, {resultTypes: ["violations"]});
+  return result.violations.map(v => ({
+    id: v.id, impact: v.impact, help: v.help,
+    nodes: v.nodes.slice(0, 3).map(n => n.target.join(" ")),
+  }));
+}"""
+
+
+def accessibility_problems(page) -> list[str]:
+    """axe-core's serious and critical findings on the page as it is now."""
+    if not page.evaluate("typeof window.axe !== 'undefined'"):
+        page.add_script_tag(url=AXE)
+    return [
+        f"{page.url}: {v['id']} ({v['impact']}): {v['help']} at {v['nodes']}"
+        for v in page.evaluate(RUN_AXE)
+        if v["impact"] in BLOCKING_IMPACTS
+    ]
+
+
+# Page kinds already loaded again and checked in this test run: each kind
+# once keeps the check quick (final states are checked in every test).
+CHECKED_KINDS: set[str] = set()
+
+
+def page_kind(url: str) -> str:
+    """The URL with its ids and query values left out: one kind of page."""
+    parts = urlsplit(url)
+    path = re.sub(r"/[0-9a-f-]{36}/|/\d+/", "/<id>/", parts.path)
+    return path + "?" + ",".join(sorted(parse_qs(parts.query)))
+
+
+def csp_violations(page) -> list[str]:
+    return page.evaluate("window.__cspViolations || []")
+
+
 @pytest.fixture
 def open_session(browser, live_server, request):
-    """A logged-in browser session per user, each its own cookie jar; every
-    console error (a CSP violation, a failed request) fails the test."""
-    contexts, errors = [], []
+    """A logged-in browser session per user, each its own cookie jar. Every
+    console error (a CSP violation, a failed request) fails the test, and so
+    does a serious or critical axe-core finding on any page the test saw: in
+    its final state, and each page it loaded, loaded again at the end."""
+    contexts, errors, visited = [], [], []
 
     def open_as(user: User):
         context = browser.new_context(
             base_url=live_server.url, viewport={"width": 1366, "height": 900}
         )
+        context.add_init_script(WATCH_CSP)
         contexts.append(context)
         page = context.new_page()
         page.set_default_timeout(TIMEOUT)
@@ -72,6 +126,7 @@ def open_session(browser, live_server, request):
             "console",
             lambda msg: errors.append(msg.text) if msg.type == "error" else None,
         )
+        page.on("load", lambda: visited.append((context, page.url)))
         page.goto("/login/")
         page.get_by_label("Username").fill(user.username)
         page.get_by_label("Password").fill("pw")
@@ -80,6 +135,21 @@ def open_session(browser, live_server, request):
         return page
 
     yield open_as
+    problems, violations = [], []
+    for context in contexts:
+        for page in context.pages:
+            violations += csp_violations(page)
+            problems += accessibility_problems(page)
+            CHECKED_KINDS.add(page_kind(page.url))
+    for context, url in visited:
+        if page_kind(url) in CHECKED_KINDS or url.startswith("about:"):
+            continue
+        page = context.pages[0]
+        page.goto(url)
+        violations += csp_violations(page)
+        if page_kind(page.url) not in CHECKED_KINDS:  # not redirected to one
+            CHECKED_KINDS.update({page_kind(url), page_kind(page.url)})
+            problems += accessibility_problems(page)
     for context in contexts:
         context.close()
     # 409 answers are expected in the concurrency test; a test that expects
@@ -87,6 +157,8 @@ def open_session(browser, live_server, request):
     marker = request.node.get_closest_marker("expected_http_errors")
     allowed = {"409", *(marker.args if marker else ())}
     assert [e for e in errors if not any(code in e for code in allowed)] == []
+    assert violations == []
+    assert problems == []
 
 
 @pytest.fixture
@@ -126,18 +198,45 @@ def test_viewer_finds_a_stuck_instance_and_reads_its_timeline(broker, wf, open_s
     page.wait_for_url("**/instances/?state=needs_attention")
     expect(page.locator("#instance-table tbody tr")).to_have_count(1)
     expect(page.locator("#instance-table")).to_contain_text("stuck-1")
+    # The alert list's status tabs (checked by axe-core at the end).
+    page.goto("/alerts/")
+    page.get_by_role("link", name="Acknowledged").click()
+    page.wait_for_url("**/alerts/?status=acknowledged")
+    page.get_by_role("link", name="Resolved").click()
+    page.wait_for_url("**/alerts/?status=resolved")
+    # The other pages of the menu, for the accessibility check.
+    menu = page.get_by_role("navigation", name="Main")
+    for name, heading in [
+        ("Definitions", "Definitions"),
+        ("Bulk jobs", "Bulk jobs"),
+        ("Failures", "Failure groups"),
+    ]:
+        menu.get_by_role("link", name=name).click()
+        expect(page.locator("h1")).to_have_text(heading)
+    page.locator("main").get_by_role("link", name="Hide known").click()
+    page.wait_for_url("**/failures/?known=hide")
+    page.goto("/definitions/wf/")
+    expect(page.locator("#health")).to_contain_text("needs attention")
 
 
 def test_operator_retries_a_failed_step_and_sees_it_move_on(
     broker, wf, open_session, fast_polling
 ):
     instance = held(broker, "order-1")
+    sync_alerts(db_now(), 100)  # the hold's alert is open
     page = open_session(user_in("operator", "olga"))
     page.goto(f"/instances/{instance.pk}/")
+    expect(page.locator("#why-it-waits")).to_contain_text("Why it waits")
+    acknowledge = page.get_by_role("button", name="Acknowledge: I am on it")
+    expect(acknowledge).to_have_count(1)
     page.get_by_text("Retry step now: two").click()
     page.locator("#action-retry_step").get_by_label("Reason").fill("payments is back")
     page.get_by_role("button", name="Confirm: retry step now").click()
     expect(page.locator("#action-message")).to_have_text("Retry step now: done.")
+    # The same answer dropped the old alert and its button: no waiting.
+    assert acknowledge.count() == 0
+    assert page.locator("#why-it-waits").count() == 0
+    assert "No open alerts." in page.locator("#alerts").inner_text()
     expect(page.locator("#instance-live")).to_have_attribute("data-state", "running")
     broker.run()  # the worker runs step two again, then step three
     # The page refreshes itself (htmx polling): no reload.
@@ -148,6 +247,11 @@ def test_operator_retries_a_failed_step_and_sees_it_move_on(
     expect(row).to_contain_text("olga")
     expect(row).to_contain_text("payments is back")
     assert fresh(instance).state == "completed"
+    # Finished: attempts counted in the retry's fresh budget, no deadline
+    # ahead, and htmx added no inline style (the CSP forbids them).
+    expect(page.locator("#step-two")).to_contain_text("1 of 1 (fresh budget; 1 before)")
+    expect(page.locator("#instance-deadline")).to_have_text("none: finished")
+    assert page.evaluate("document.querySelectorAll('style').length") == 0
 
 
 def test_operator_compensates_an_instance_on_hold_and_watches_it_undo(

@@ -3,6 +3,7 @@ keyset pages, htmx partials and polling, and a bounded number of queries."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import timedelta
 
@@ -16,6 +17,7 @@ from django.utils import timezone
 from tests.support import make_definition, start
 from tests.views.conftest import completed, fresh, held, logged_in
 from workflows_app import tasks
+from workflows_app.engine.sweeps import flag_stuck
 from workflows_app.models import TransitionLog, WorkflowInstance
 from workflows_app.views.pagination import decode, encode
 
@@ -93,13 +95,33 @@ def test_overview_counts_states_and_lists_stuck_and_failures(broker, wf, viewer)
     completed(broker, "done-1")
     completed(broker, "done-2")
     stuck = held(broker, "held-1")
-    start("wf", "queued-1")  # accepted: its start message is never delivered
+    queued = start("wf", "queued-1")  # accepted: its start message is never delivered
     client = logged_in(viewer)
     response = client.get("/")
     counts = response.context["counts"]
     assert counts.by_state == {"completed": 2, "needs_attention": 1, "accepted": 1}
-    assert counts.stuck == 1
+    # Held (waits on a person) is not stuck (no progress past the time rule).
+    assert counts.stuck == 0
     assert response.context["stuck_queue"] == [stuck]
+    text = " ".join(re.sub(r"<[^>]+>", " ", response.content.decode()).split())
+    assert "held: waits on a person to act" in text
+    assert "no progress for longer than its definition's stuck-after time" in text
+    # Once the queued one passes its stuck-after, it is stuck: counted apart.
+    flag_stuck(timezone.now() + timedelta(hours=1), 100)
+    response = client.get("/")
+    assert response.context["counts"].stuck == 1
+    assert response.context["counts"].by_state["needs_attention"] == 1
+    assert set(response.context["stuck_queue"]) == {stuck, fresh(queued)}
+    text = " ".join(re.sub(r"<[^>]+>", " ", response.content.decode()).split())
+    assert "stuck: no progress for more than 15 minutes" in text
+    assert rows(client.get("/instances/?stuck=yes")) == ["queued-1"]
+    # Each instance page says which of the two it is, with the rule.
+    page = client.get(reverse("instance_detail", args=[queued.pk])).content.decode()
+    assert "badge--instance-stuck" in page
+    assert "(rule: stuck: no progress for more than 15 minutes)" in page
+    page = client.get(reverse("instance_detail", args=[stuck.pk])).content.decode()
+    assert "badge--instance-stuck" not in page
+    assert "Held for a person for" in page and "not counted as stuck" in page
     assert [i.pk for i in response.context["failures"]] == [stuck.pk]
     html = response.content.decode()
     # Separate badges with text, never colour alone.
@@ -147,7 +169,7 @@ def test_list_filters_and_search(broker, wf, viewer):
     ]
     assert rows(client.get("/instances/?state=finished")) == ["done-1"]
     assert rows(client.get("/instances/?definition=other")) == ["queued-1"]
-    assert rows(client.get("/instances/?stuck=yes")) == ["held-1"]
+    assert rows(client.get("/instances/?stuck=yes")) == []  # held, not stuck
     assert rows(client.get("/instances/?q=held-1")) == ["held-1"]
     assert rows(client.get(f"/instances/?q={held_one.pk}")) == ["held-1"]
     assert rows(client.get("/instances/?q=nope")) == []
@@ -164,14 +186,21 @@ def test_list_filters_and_search(broker, wf, viewer):
     assert "bogus is not one of the available choices" in bad.content.decode()
 
 
-def test_list_pages_by_keyset_without_counting(broker, wf, viewer):
+def test_list_pages_by_keyset_without_counting(broker, wf, viewer, settings):
     for n in range(30):
         start("wf", f"order-{n:02}")  # accepted, cheap: no broker run
     client = logged_in(viewer)
+    # A small list is counted exactly, never "About 206 (estimate)".
+    small = client.get("/instances/?sort=progress")
+    assert small.context["total"] == 30 and small.context["total_exact"] is True
+    assert "30 instances" in small.content.decode()
+    assert "(estimate)" not in small.content.decode()
+    settings.SAGA_EXACT_COUNT_UP_TO = 10  # above the bound: the planner's guess
     first = client.get("/instances/?sort=progress")
     page = first.context["page"]
     assert len(page.rows) == 25 and page.prev_cursor is None
-    assert first.context["total_exact"] is False  # an estimate, no COUNT(*)
+    assert first.context["total_exact"] is False
+    assert first.context["total"] >= 11
     second = client.get(f"/instances/?sort=progress&cursor={page.next_cursor}")
     page2 = second.context["page"]
     assert rows(second) == [f"order-{n:02}" for n in range(25, 30)]
@@ -189,6 +218,17 @@ def test_list_pages_by_keyset_without_counting(broker, wf, viewer):
     if connection.vendor == "postgresql":  # SQLite (small data) counts exactly
         with CaptureQueriesContext(connection) as queries:
             client.get("/instances/?sort=progress")
+        sql = [q["sql"].upper() for q in queries.captured_queries]
+        # A count, if any (no statistics yet), reads at most the bound's rows.
+        counts = [q for q in sql if "COUNT(" in q]
+        assert all("LIMIT 11" in q for q in counts), counts
+        # With statistics and a large estimate: the planner's guess alone.
+        with connection.cursor() as cursor:
+            cursor.execute(f"ANALYZE {WorkflowInstance._meta.db_table}")
+        with CaptureQueriesContext(connection) as queries:
+            analysed = client.get("/instances/?sort=progress")
+        assert analysed.context["total_exact"] is False
+        assert analysed.context["total"] == 30  # ANALYZE read every row
         sql = [q["sql"].upper() for q in queries.captured_queries]
         assert not any("COUNT(" in q for q in sql)
 

@@ -4,6 +4,8 @@ definition asks for it."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.urls import reverse
 
@@ -51,6 +53,11 @@ def test_restart_from_the_page_runs_the_steps_again(broker, operator):
     )
     assert response.status_code == 200
     assert "Restart from an earlier step: done." in response.content.decode()
+    # The banner names the step, not a position number.
+    banner = re.search(r'id="restart-callout">(.*?)</p>', response.content.decode())
+    text = " ".join(re.sub(r"<[^>]+>", " ", banner.group(1)).split())
+    assert text.startswith("Restarting from one : undoing one and the steps after")
+    assert "position" not in text
     broker.run()
     assert fresh(instance).state == "completed"
     html = page(client, instance)

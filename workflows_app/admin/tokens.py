@@ -42,8 +42,23 @@ class ApiTokenForm(forms.ModelForm):  # type: ignore[type-arg]
     def clean_scopes(self) -> list[str]:
         return sorted(set(self.cleaned_data["scopes"]))
 
+    # The admin user filling in the form (set by ApiTokenAdmin.get_form).
+    acting_user: Any = None
+
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
+        chosen, acting = data.get("user"), self.acting_user
+        # A token acts with its user's permissions: only a superuser may hand
+        # out someone else's.
+        if (
+            chosen is not None
+            and acting is not None
+            and not acting.is_superuser
+            and chosen.pk != acting.pk
+        ):
+            self.add_error(
+                "user", "Only a superuser can issue a token acting as another user."
+            )
         if "scopes" in data:
             problem = ApiToken.scope_problem(data["scopes"], data.get("user"))
             if problem:
@@ -76,6 +91,12 @@ class ApiTokenAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "last_used_at",
         "revoked_at",
     )
+
+    def get_form(
+        self, request: HttpRequest, obj: ApiToken | None = None, **kwargs: Any
+    ) -> Any:
+        form = super().get_form(request, obj, **kwargs)
+        return type(form.__name__, (form,), {"acting_user": request.user})
 
     def get_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> Any:
         if obj is None:

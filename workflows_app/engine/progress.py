@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from workflows_app.engine import stuck
 from workflows_app.engine.planning import Decision, InstanceView, Move, StepView, decide
 from workflows_app.engine.transitions import Change
 
 
 def view_of(change: Change) -> InstanceView:
-    steps = change.steps
+    return instance_view(change.instance, change.steps)
+
+
+def instance_view(instance: Any, steps: Sequence[Any]) -> InstanceView:
+    """The planner's snapshot of an instance and its steps (by position)."""
     pivot = next((s.position for s in steps if s.step_definition.is_pivot), None)
     return InstanceView(
-        state=change.instance.state,
-        failure_policy=change.instance.definition.failure_policy,
+        state=instance.state,
+        failure_policy=instance.definition.failure_policy,
         pivot_position=pivot,
-        observed=change.instance.definition.mode == "observed",
-        restart_position=change.instance.restart_position,
+        observed=instance.definition.mode == "observed",
+        restart_position=instance.restart_position,
         steps=[
             StepView(
                 position=s.position,

@@ -16,6 +16,8 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from workflows_app.engine.stuck import HELD_RULE, is_stalled, stalled_rule
+
 register = template.Library()
 
 # state -> (icon, label). Icons differ in shape, not only in colour.
@@ -40,6 +42,8 @@ STEP_BADGES = {
     "succeeded": ("✔", "succeeded"),
     "failed": ("✖", "failed"),
     "skipped": ("✎", "done by hand"),
+    # Never ran, and never will: its instance has finished.
+    "not_run": ("–", "not run"),
 }
 COMPENSATION_BADGES = {
     "none": ("·", "none"),
@@ -182,3 +186,18 @@ def approval_label(action: str) -> str:
         "bulk_job": "start a bulk job",
     }
     return labels.get(action, action.replace("_", " "))
+
+
+@register.filter
+def stalled(instance: Any) -> bool:
+    """Stuck by the definition's time rule (a hold waits on a person instead)."""
+    return is_stalled(instance)
+
+
+@register.filter
+def stuck_rule(instance: Any) -> str:
+    """Why the instance counts as held or stuck, as a rule in words."""
+    if not is_stalled(instance):
+        return HELD_RULE
+    definition = getattr(instance, "definition", None)
+    return stalled_rule(getattr(definition, "stuck_after", None))

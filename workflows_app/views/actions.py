@@ -198,6 +198,8 @@ def approval_decide(
     """A second operator approves (the action is done now) or rejects."""
     if decision not in {"approve", "reject"}:
         raise Http404("no such decision")
+    if not request.user.has_perm(approvals.APPROVE_PERMISSION):
+        return forbidden(request, "You are not allowed to decide on requests.")
     target = (
         ApprovalRequest.objects.filter(pk=approval_id)
         .values("instance_id", "bulk_job_id")
@@ -232,6 +234,8 @@ def approval_decide(
         if decided.status != "approved":
             status = 409 if decided.status in {"expired", "failed"} else 200
     if target["bulk_job_id"] is not None:
+        if status == 403:
+            return forbidden(request, text)
         if status == 422:
             return refuse_on_job(request, target["bulk_job_id"], text)
         messages.add_message(request, LEVELS.get(status, messages.ERROR), text)

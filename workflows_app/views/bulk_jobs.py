@@ -3,6 +3,7 @@ watch, pause, resume, cancel. The work is done by a Celery worker."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from django import forms
@@ -14,7 +15,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_htmx.http import HttpResponseStopPolling
 
 from workflows_app.engine.commands import bulk
-from workflows_app.engine.errors import EngineError
+from workflows_app.engine.errors import EngineError, NotPermitted
 from workflows_app.filters import InstanceFilter
 from workflows_app.forms import BulkJobForm, clean_reason
 from workflows_app.models import BulkJob, BulkJobItem, WorkflowInstance
@@ -28,12 +29,24 @@ from workflows_app.views.common import (
 # Query parameters of the list that do not select instances.
 NOT_FILTERS = ("cursor", "per_page", "sort")
 ITEMS_SHOWN = 100
+# What the operator did: an event, true for as long as the page shows it
+# (the job's state is told by the progress part, which refreshes itself).
 DONE = {
-    "confirm": "The job is queued; a worker is starting it.",
-    "pause": "Paused: the worker stops before the next instance.",
-    "resume": "Resumed: the job is queued again.",
-    "cancel": "Cancelled: instances not reached yet are left alone.",
+    "confirm": "You started the job.",
+    "pause": "You paused the job.",
+    "resume": "You resumed the job.",
+    "cancel": "You cancelled the job.",
 }
+# The job's state in words, shown in the progress part.
+STATUS_MEANING = {
+    BulkJob.Status.DRAFT: "Preview: nothing has been done yet.",
+    BulkJob.Status.QUEUED: "The job is queued; a worker is starting it.",
+    BulkJob.Status.RUNNING: "A worker is acting on the instances, one at a time.",
+    BulkJob.Status.PAUSED: "Paused: the worker stopped before the next instance.",
+    BulkJob.Status.CANCELLED: "Cancelled: instances not reached were left alone.",
+    BulkJob.Status.FINISHED: "Finished: every planned instance was processed.",
+}
+DISCARDED = "Discarded before it started: nothing was done."
 OPERATIONS = {
     "confirm": bulk.bulk_job_confirm,
     "pause": bulk.bulk_job_pause,
@@ -66,6 +79,10 @@ def _describe(filterset: InstanceFilter) -> str:
 @dashboard_view
 def bulk_job_new(request: HtmxHttpRequest) -> HttpResponse:
     """The form (GET), then the plan (POST): a draft job to preview."""
+    if request.method == "POST" and not any(
+        bulk.may_run(request.user, action) for action in BulkJob.Action.values
+    ):
+        return forbidden(request, "You are not allowed to plan bulk jobs.")
     if request.method == "GET":
         query = request.GET.urlencode()
     else:
@@ -127,7 +144,13 @@ def job_context(job: BulkJob, user: Any) -> dict[str, Any]:
     acting = [(plan, n) for plan, command, n in plans if command]
     skipped = [(plan, n) for plan, command, n in plans if not command]
     total_acting = sum(n for _, n in acting)
-    processed = total_acting - counts.get(BulkJobItem.Outcome.PENDING, 0)
+    # Items a cancel left alone were not processed.
+    not_reached = counts.get(BulkJobItem.Outcome.PENDING, 0) + counts.get(
+        BulkJobItem.Outcome.CANCELLED, 0
+    )
+    processed = max(total_acting - not_reached, 0)
+    # Cancelled before anyone started it: a plan thrown away.
+    discarded = job.status == BulkJob.Status.CANCELLED and job.confirmed_at is None
     items = job.items.select_related("instance").only(*ITEM_COLUMNS)
     if job.status != BulkJob.Status.DRAFT:
         items = items.exclude(outcome=BulkJobItem.Outcome.PENDING).order_by(
@@ -136,6 +159,9 @@ def job_context(job: BulkJob, user: Any) -> dict[str, Any]:
     allowed = {t.name for t in job.get_available_status_transitions()}  # type: ignore[attr-defined]
     return {
         "job": job,
+        "discarded": discarded,
+        "status_meaning": DISCARDED if discarded else STATUS_MEANING[job.status],
+        "log": [_log_entry(entry) for entry in job.log],
         "acting": sorted(acting, key=lambda row: -row[1]),
         "skipped": sorted(skipped, key=lambda row: -row[1]),
         "total_acting": total_acting,
@@ -155,6 +181,15 @@ def job_context(job: BulkJob, user: Any) -> dict[str, Any]:
             if counts.get(value)
         ],
     }
+
+
+def _log_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """A job-history entry with its time as a datetime (stored as ISO text)."""
+    try:
+        at = datetime.fromisoformat(entry.get("at", ""))
+    except (TypeError, ValueError):
+        at = None
+    return {**entry, "at": at}
 
 
 @require_GET
@@ -185,6 +220,11 @@ def bulk_job_operate(request: HtmxHttpRequest, pk: int, operation: str) -> HttpR
     command = OPERATIONS.get(operation)
     if command is None:
         raise Http404("no such operation")
+    action = BulkJob.objects.filter(pk=pk).values_list("action", flat=True).first()
+    if action is None:
+        raise Http404("no such job")
+    if not bulk.may_run(request.user, action):
+        return forbidden(request, f"You are not allowed to {operation} this job.")
     try:
         kwargs: dict[str, Any] = {"user": request.user}
         if operation == "cancel":
@@ -194,6 +234,8 @@ def bulk_job_operate(request: HtmxHttpRequest, pk: int, operation: str) -> HttpR
         return refuse_on_job(request, pk, f"Not done: {' '.join(exc.messages)}")
     except BulkJob.DoesNotExist as exc:
         raise Http404("no such job") from exc
+    except NotPermitted as exc:
+        return forbidden(request, f"Not done: {exc}.")
     except EngineError as exc:
         messages.error(request, f"Not done: {exc}.")
     else:

@@ -12,6 +12,7 @@ from django.views.decorators.http import require_GET
 
 from workflows_app import activity, charts
 from workflows_app.engine.locking import db_now
+from workflows_app.engine.stuck import span_in_words
 from workflows_app.models import ApprovalRequest, WorkflowDefinition
 from workflows_app.views import queries
 from workflows_app.views.common import (
@@ -84,6 +85,20 @@ def _definition_titles() -> dict[str, str]:
     return titles
 
 
+def _stuck_after_words() -> str:
+    """The definitions' stuck-after times in words, e.g. "2 minutes"."""
+    spans = sorted(
+        set(
+            WorkflowDefinition.objects.order_by()
+            .values_list("stuck_after", flat=True)
+            .distinct()
+        )
+    )
+    return ", ".join(span_in_words(span) for span in spans[:3]) + (
+        ", …" if len(spans) > 3 else ""
+    )
+
+
 @require_GET
 @dashboard_view
 def overview(request: HtmxHttpRequest) -> HttpResponse:
@@ -125,6 +140,7 @@ def overview(request: HtmxHttpRequest) -> HttpResponse:
         ),
         "saved_views": saved_views_for(request.user),
         "activity": activity_charts("24h" if window == "24h" else "7d"),
+        "stuck_after_words": _stuck_after_words(),
     }
     template = "workflows/overview.html"
     if wants_partial(request):

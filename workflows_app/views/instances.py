@@ -13,6 +13,7 @@ from django_htmx.http import HttpResponseStopPolling
 
 from workflows_app.engine.blocking import blocking_step, restart_points
 from workflows_app.engine.commands import approvals, repair
+from workflows_app.engine.outlook import step_outlooks
 from workflows_app.filters import SORTS, InstanceFilter
 from workflows_app.forms import ActionForm, BulkActionForm, RepairForm
 from workflows_app.models import (
@@ -61,7 +62,7 @@ def instance_list(request: HtmxHttpRequest) -> HttpResponse:
     if page.is_first and page.next_cursor is None:
         total, exact = len(page.rows), True
     else:
-        total, exact = queries.estimate_count(qs), False
+        total, exact = queries.count_or_estimate(qs)
     can_bulk = any(request.user.has_perm(p) for p in OPERATE_PERMISSIONS)
     context = {
         "filter": filterset,
@@ -132,6 +133,10 @@ def detail_context(
         .select_related("acknowledged_by")
         .order_by("opened_at")
     )
+    # What the engine says each step may still do (run, be undone, attempts).
+    outlooks = step_outlooks(instance, steps)
+    for step in steps:
+        step.outlook = outlooks[step.id]
     blocked = blocking_step(steps)
     needs_approval = set(approvals.approval_policy(instance).approval_actions or [])
     points = restart_points(steps, blocked)
@@ -155,6 +160,9 @@ def detail_context(
         "steps": steps,
         "blocked": blocked,
         "restart_points": points,
+        "restart_step": next(
+            (s for s in steps if s.position == instance.restart_position), None
+        ),
         "history": history,
         "history_truncated": older,
         "history_limit": HISTORY_LIMIT,

@@ -3,8 +3,8 @@
 Nothing here counts a whole table on a page view. Counts of unfinished
 instances are exact (they are few and indexed by state); finished ones are
 counted over a recent window on the ``(state, last_progress_at)`` index; the
-size of a filtered list is the planner's estimate (``EXPLAIN``), never a
-``COUNT(*)``.
+size of a filtered list is counted up to a bound (10,000 rows) and is the
+planner's estimate (``EXPLAIN``) above it, never an unbounded ``COUNT(*)``.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from collections import defaultdict
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import connection
 from django.db.models import Aggregate, Count, DurationField, F, QuerySet
 from django.utils import timezone
 
+from workflows_app.engine.stuck import STALLED
 from workflows_app.models import (
     ACTIVE_STATES,
     TERMINAL_STATES,
@@ -79,8 +81,9 @@ def state_counts(window: timedelta | None, definition_key: str | None = None) ->
         for key, state, n in rows:
             by_state[state] += n
             by_definition[key][state] += n
-    # Index-only, on the partial index instance_stuck_progress (migration 0005).
-    stuck = WorkflowInstance.objects.order_by().filter(stuck=True)
+    # Stuck without the holds (those are counted as needs attention): the
+    # partial index instance_stuck_progress (migration 0005) finds the rows.
+    stuck = WorkflowInstance.objects.order_by().filter(STALLED)
     if definition_key is not None:
         stuck = stuck.filter(definition_key=definition_key)
     stuck_rows = stuck.values_list("definition_key").annotate(n=Count("*"))
@@ -142,6 +145,34 @@ def recent_failures(limit: int = 10) -> list[WorkflowInstance]:
     for instance in instances:
         instance.failed_step = failed_steps.get(instance.id)  # type: ignore[attr-defined]
     return instances
+
+
+def count_or_estimate(qs: QuerySet[Any]) -> tuple[int, bool]:
+    """How many rows ``qs`` has, and whether that is exact. The planner's
+    estimate when it is above ``SAGA_EXACT_COUNT_UP_TO`` and the table has
+    statistics; otherwise a count that stops reading after that many rows
+    (so a small or never-analysed table never shows a wrong "about")."""
+    if connection.vendor != "postgresql":
+        return qs.count(), True  # the embedded SQLite default holds small data
+    limit = int(getattr(settings, "SAGA_EXACT_COUNT_UP_TO", 10_000))
+    estimate = estimate_count(qs)
+    if estimate > limit and _analysed(qs.model._meta.db_table):
+        return estimate, False
+    counted = qs.order_by().values("pk")[: limit + 1].count()
+    if counted <= limit:
+        return counted, True
+    return max(estimate, counted), False
+
+
+def _analysed(table: str) -> bool:
+    """Whether PostgreSQL has statistics for ``table`` (``reltuples`` is -1
+    until the first ANALYZE or autovacuum)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT reltuples FROM pg_class WHERE oid = %s::regclass", [table]
+        )
+        row = cursor.fetchone()
+    return row is not None and row[0] >= 0
 
 
 def estimate_count(qs: QuerySet[Any]) -> int:

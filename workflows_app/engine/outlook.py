@@ -1,0 +1,75 @@
+"""What a page may say about each step of an instance, asked of the planner:
+whether a never-run step will still run, whether a step can still be
+undone, and how many attempts its current budget has used.
+
+Templates show these answers; they never re-derive them from raw states.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from workflows_app.engine import planning
+from workflows_app.engine.progress import instance_view
+from workflows_app.models import TERMINAL_STATES, StepState
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Attempts of the step's current budget. Every grant (the start, an
+    operator's retry, a restart) is the definition's ``max_attempts`` on top
+    of the attempts made so far; ``earlier`` counts those made before it."""
+
+    used: int
+    allowed: int
+    earlier: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutlook:
+    # The step state to show: "not_run" for a step that never ran and never
+    # will (its instance has finished); otherwise the recorded state.
+    state: str
+    # Shown while the compensation is "none": "undo ready", or why not.
+    undo: str
+    action_budget: Budget
+    compensation_budget: Budget
+
+
+def _budget(attempt: int, allowed: int, size: int) -> Budget:
+    base = max(allowed - size, 0)
+    return Budget(used=max(attempt - base, 0), allowed=size, earlier=base)
+
+
+def _undo(view: planning.InstanceView, step: planning.StepView, finished: bool) -> str:
+    if not step.has_compensation:
+        return "no undo"
+    if not step.started:
+        return "never ran: nothing to undo"
+    if finished:
+        return "not undone (finished)"
+    if planning.needs_compensation(view, step):
+        return "undo ready"
+    return f"no undo: {planning.why_no_compensation(view, step)}"
+
+
+def step_outlooks(instance: Any, steps: Sequence[Any]) -> dict[Any, StepOutlook]:
+    """Per step id, what the instance page says about it (``steps`` ordered
+    by position, with their step definitions loaded)."""
+    view = instance_view(instance, steps)
+    finished = instance.state in TERMINAL_STATES
+    outlooks = {}
+    for step, step_view in zip(steps, view.steps, strict=True):
+        size = step.step_definition.max_attempts
+        never_ran = step.state == StepState.PENDING and not step_view.started
+        outlooks[step.id] = StepOutlook(
+            state="not_run" if finished and never_ran else step.state,
+            undo=_undo(view, step_view, finished),
+            action_budget=_budget(step.attempt, step.attempts_allowed, size),
+            compensation_budget=_budget(
+                step.compensation_attempt, step.compensation_attempts_allowed, size
+            ),
+        )
+    return outlooks
