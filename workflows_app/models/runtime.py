@@ -234,6 +234,12 @@ class WorkflowInstance(VersionedFSMMixin, models.Model):
                 condition=models.Q(state__in=["accepted", "running"]),
                 name="instance_deadline_due",
             ),
+            # Retention: finished instances of a definition, oldest first.
+            models.Index(
+                fields=["definition", "finished_at", "id"],
+                condition=models.Q(finished_at__isnull=False),
+                name="instance_finished",
+            ),
             # Sweeper: accepted instances whose start message may be lost.
             models.Index(
                 fields=["redispatch_at"],
