@@ -20,7 +20,12 @@ from workflows_app.engine.actors import Actor
 from workflows_app.engine.planning import Move, decide
 from workflows_app.engine.progress import view_of
 from workflows_app.engine.transitions import Change
-from workflows_app.models import Attempt, StepExecution, WorkflowInstance
+from workflows_app.models import (
+    TERMINAL_STATES,
+    Attempt,
+    StepExecution,
+    WorkflowInstance,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -102,6 +107,25 @@ def test_generate_load_then_the_in_process_benchmarks() -> None:
         out,
     )
     assert int(row[1]) == 12
+
+    # Last: it deletes every finished instance (archived to a temporary folder).
+    finished = WorkflowInstance.objects.filter(state__in=TERMINAL_STATES).count()
+    out = run("bench_retention", batch=40)
+    figure(
+        rf"^\d+ instances, {finished} finished, postgresql; batches of up to 40",
+        out,
+    )
+    row = figure(
+        rf"^purged (\d+) instances in {NUMBER} s = {NUMBER} instances/s "
+        rf"\(archived first, {NUMBER} MB gzip\)$",
+        out,
+    )
+    assert int(row[1]) == finished > 200
+    figure(
+        r"^batches \d+: transaction median \d+ ms, p95 \d+ ms, longest \d+ ms",
+        out,
+    )
+    figure(r"^left: \d+ instances, 0 finished$", out)
 
 
 @pytest.mark.celery_worker

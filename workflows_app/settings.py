@@ -323,6 +323,21 @@ SAGA_BULK_TASK_BUDGET = float(os.environ.get("SAGA_BULK_TASK_BUDGET", "20"))
 # Optionally a queue of their own, so that a long job never queues ahead of
 # step attempts (then start workers with -Q celery,<queue>).
 SAGA_BULK_QUEUE = os.environ.get("SAGA_BULK_QUEUE", "")
+# Retention (see README "Retention and archive"): where finished instances
+# are archived (JSON Lines, gzip) before they are purged; empty: no archive,
+# and definitions that ask for one are not purged. Instances per purge batch
+# (one short transaction each; halved while a batch takes longer than
+# SAGA_RETENTION_BATCH_SECONDS), seconds of purging per sweep, and how often
+# a sweeper process purges when no backlog is left.
+SAGA_ARCHIVE_DIR = os.environ.get("SAGA_ARCHIVE_DIR", "")
+SAGA_RETENTION_BATCH = int(os.environ.get("SAGA_RETENTION_BATCH", "500"))
+SAGA_RETENTION_BATCH_SECONDS = float(
+    os.environ.get("SAGA_RETENTION_BATCH_SECONDS", "0.25")
+)
+SAGA_RETENTION_SWEEP_SECONDS = float(
+    os.environ.get("SAGA_RETENTION_SWEEP_SECONDS", "2")
+)
+SAGA_RETENTION_EVERY = float(os.environ.get("SAGA_RETENTION_EVERY", "300"))
 # Extra modules that register activities (dotted paths, comma separated).
 SAGA_ACTIVITY_MODULES = env_list("SAGA_ACTIVITY_MODULES")
 

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from workflows_app.admin import definitions, runtime, tokens
+from workflows_app.admin import definitions, retention, runtime, tokens
 
-__all__ = ["definitions", "runtime", "tokens"]
+__all__ = ["definitions", "retention", "runtime", "tokens"]

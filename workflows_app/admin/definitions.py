@@ -4,13 +4,14 @@ versions frozen and changed only by creating a new draft version."""
 from __future__ import annotations
 
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.core.validators import MaxValueValidator
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db.models import CharField, Count, F, Max, QuerySet, Value
 from django.db.models.functions import Cast, Concat
 from django.http import (
@@ -20,6 +21,7 @@ from django.http import (
     HttpResponseNotAllowed,
     HttpResponseRedirect,
 )
+from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 
 from workflows_app.activities import activity_names
@@ -222,6 +224,35 @@ class WorkflowDefinitionForm(forms.ModelForm):  # type: ignore[type-arg]
         return value
 
 
+class RetentionForm(forms.Form):
+    """Retention is operational, not part of a version: it is edited here,
+    published or not, and written to every version of the workflow."""
+
+    retention_days = forms.IntegerField(
+        required=False,
+        label="Keep finished instances for (days)",
+        validators=[MinValueValidator(1), MaxValueValidator(36_500)],
+        help_text="Completed, compensated, cancelled and failed instances that "
+        "finished longer ago than this are purged by the sweeper. Empty: keep "
+        "them forever.",
+    )
+    archive_on_purge = forms.BooleanField(
+        required=False,
+        label="Archive before purging",
+        help_text="Write each instance, with its steps, attempts and timeline, "
+        "to the archive folder (SAGA_ARCHIVE_DIR) before it is deleted; "
+        "without that folder nothing is purged.",
+    )
+
+
+def retention_text(definition: WorkflowDefinition) -> str:
+    if definition.retention is None:
+        return "kept forever"
+    days = definition.retention / timedelta(days=1)
+    archive = "archived, then " if definition.archive_on_purge else ""
+    return f"{archive}purged {days:g} days after they finish"
+
+
 @admin.register(WorkflowDefinition)
 class WorkflowDefinitionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     form = WorkflowDefinitionForm
@@ -264,6 +295,7 @@ class WorkflowDefinitionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                 )
             },
         ),
+        ("Retention", {"fields": ("retention_summary",)}),
         ("Status", {"fields": ("status", "published_at", "created_at")}),
     )
 
@@ -274,8 +306,14 @@ class WorkflowDefinitionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def step_count(self, obj: WorkflowDefinition) -> int:
         return obj.step_total  # type: ignore[attr-defined,no-any-return]
 
+    @admin.display(description="finished instances")
+    def retention_summary(self, obj: WorkflowDefinition | None) -> str:
+        if obj is None or obj.pk is None:
+            return "kept forever (change it once the definition is saved)"
+        return retention_text(obj)
+
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
-        status = ("status", "published_at", "created_at")
+        status = ("retention_summary", "status", "published_at", "created_at")
         # Key and version name a definition; new versions come from "new draft".
         return status if obj is None else ("key", "version", *status)
 
@@ -326,6 +364,11 @@ class WorkflowDefinitionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                 wrap(self.new_draft_view),
                 name=f"{name}_new_draft",
             ),
+            path(
+                "<path:object_id>/retention/",
+                wrap(self.retention_view),
+                name=f"{name}_retention",
+            ),
             *super().get_urls(),
         ]
 
@@ -341,6 +384,7 @@ class WorkflowDefinitionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         if obj is not None:
             context["can_publish"] = self.has_change_permission(request, obj)
             context["can_new_draft"] = self.has_new_draft_permission(request)
+            context["can_edit_retention"] = super().has_change_permission(request)
         return super().render_change_form(request, context, add, change, form_url, obj)
 
     def publish_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
@@ -360,6 +404,54 @@ class WorkflowDefinitionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             raise PermissionDenied
         draft = self._new_draft(request, definition)
         return HttpResponseRedirect(self._change_url(draft))
+
+    def retention_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        definition = self.get_object(request, unquote(object_id))
+        if definition is None:
+            raise Http404("No such workflow definition.")
+        # Any version's page edits the workflow's retention, published or not.
+        if not super().has_change_permission(request):
+            raise PermissionDenied
+        if request.method == "POST":
+            form = RetentionForm(request.POST)
+            if form.is_valid():
+                days = form.cleaned_data["retention_days"]
+                retention = None if days is None else timedelta(days=days)
+                WorkflowDefinition.objects.filter(key=definition.key).update(
+                    retention=retention,
+                    archive_on_purge=form.cleaned_data["archive_on_purge"],
+                )
+                definition.refresh_from_db()
+                self.message_user(
+                    request,
+                    f"Finished {definition.key} instances (every version): "
+                    f"{retention_text(definition)}.",
+                    messages.SUCCESS,
+                )
+                return HttpResponseRedirect(self._change_url(definition))
+        else:
+            days = (
+                None
+                if definition.retention is None
+                else round(definition.retention / timedelta(days=1))
+            )
+            form = RetentionForm(
+                initial={
+                    "retention_days": days,
+                    "archive_on_purge": definition.archive_on_purge,
+                }
+            )
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Retention of {definition.key}",
+            "opts": self.opts,
+            "original": definition,
+            "form": form,
+            "change_url": self._change_url(definition),
+        }
+        return TemplateResponse(
+            request, "admin/workflows_app/workflowdefinition/retention.html", context
+        )
 
     @admin.action(description="Publish selected drafts", permissions=["change"])
     def publish_selected(

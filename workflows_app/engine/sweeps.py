@@ -13,6 +13,8 @@ twice:
 3. ``deadlines``: running instances past the workflow deadline are held.
 4. ``stuck``: instances that made no progress within ``stuck_after`` are
    flagged, with a reason, until they move again.
+5. ``purged``: finished instances past their definition's retention period
+   are archived and deleted (``workflows_app.engine.retention``).
 
 On PostgreSQL every batch is picked with ``FOR UPDATE SKIP LOCKED`` so that
 sweepers share the work instead of queueing behind each other or a worker.
@@ -29,7 +31,7 @@ from django.db import connection, transaction
 from django.db.models import Case, F, Q, QuerySet, Value, When
 
 from workflows_app import activity, alerts
-from workflows_app.engine import commands, dispatch, progress, stuck
+from workflows_app.engine import commands, dispatch, progress, retention, stuck
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands import approvals
 from workflows_app.engine.errors import EngineError
@@ -283,4 +285,6 @@ def sweep_all(batch: int | None = None) -> dict[str, int]:
         # After flagging, so a newly stuck instance gets its alert this sweep.
         **alerts.sync_alerts(now, size),
         "activity_hours": activity.roll_up(now),
+        # Last: the essential work above never waits behind a purge.
+        "purged": retention.sweep(now),
     }

@@ -43,7 +43,7 @@ class Migration(migrations.Migration):
         ),
         AddIndexWithoutLocking(
             model_name='workflowinstance',
-            index=models.Index(condition=models.Q(('finished_at__isnull', False)), fields=['finished_at'], name='instance_finished'),
+            index=models.Index(condition=models.Q(('finished_at__isnull', False)), fields=['finished_at'], name='instance_finished_at'),
         ),
         migrations.AddConstraint(
             model_name='activityhour',

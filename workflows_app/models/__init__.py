@@ -13,6 +13,7 @@ from workflows_app.models.operations import (
     KnownFailure,
     SavedView,
 )
+from workflows_app.models.retention import PurgeRun
 from workflows_app.models.runtime import (
     ACTIVE_STATES,
     TERMINAL_STATES,
@@ -47,6 +48,7 @@ __all__ = [
     "InstanceState",
     "KnownFailure",
     "ParticipantEffect",
+    "PurgeRun",
     "SavedView",
     "StepDefinition",
     "StepExecution",

@@ -99,6 +99,8 @@ class InboundMessage(models.Model):
             ),
         ]
         indexes = [
+            # Retention: the messages of purged instances.
+            models.Index(fields=["instance_id"], name="inbound_instance"),
             # The instance page: replays that were suppressed.
             models.Index(
                 fields=["instance_id"],

@@ -113,6 +113,20 @@ class WorkflowDefinition(models.Model):
         help_text="Bulk jobs acting on more instances of this workflow than "
         "this need a second operator's approval; empty means never.",
     )
+    # Retention: an operational setting, editable on published versions too
+    # (the admin writes it to every version of the key).
+    retention = models.DurationField(
+        null=True,
+        blank=True,
+        help_text="Finished instances (completed, compensated, cancelled, "
+        "failed) older than this are purged by the sweeper; empty means keep "
+        "forever. Applies to every version of this workflow.",
+    )
+    archive_on_purge = models.BooleanField(
+        default=True,
+        help_text="Write purged instances to the archive folder "
+        "(SAGA_ARCHIVE_DIR) first; without that folder nothing is purged.",
+    )
     status = models.CharField(
         max_length=20, choices=Status.choices, default=Status.DRAFT
     )
@@ -130,6 +144,11 @@ class WorkflowDefinition(models.Model):
             models.CheckConstraint(
                 condition=models.Q(stuck_after__gt=timedelta(0)),
                 name="definition_stuck_after_positive",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(retention__isnull=True)
+                | models.Q(retention__gt=timedelta(0)),
+                name="definition_retention_positive",
             ),
         ]
 
@@ -241,6 +260,8 @@ class WorkflowDefinition(models.Model):
             approval_actions=self.approval_actions,
             approval_expires_after=self.approval_expires_after,
             approval_bulk_over=self.approval_bulk_over,
+            retention=self.retention,
+            archive_on_purge=self.archive_on_purge,
         )
         StepDefinition.objects.bulk_create(
             [step.copy_for(draft) for step in self.steps.order_by("position")]

@@ -216,7 +216,7 @@ class WorkflowInstance(VersionedFSMMixin, models.Model):
             models.Index(
                 fields=["finished_at"],
                 condition=models.Q(finished_at__isnull=False),
-                name="instance_finished",
+                name="instance_finished_at",
             ),
             # The stuck queue on the dashboard, oldest first.
             models.Index(
@@ -240,6 +240,12 @@ class WorkflowInstance(VersionedFSMMixin, models.Model):
                 fields=["deadline_at"],
                 condition=models.Q(state__in=["accepted", "running"]),
                 name="instance_deadline_due",
+            ),
+            # Retention: finished instances of a definition, oldest first.
+            models.Index(
+                fields=["definition", "finished_at", "id"],
+                condition=models.Q(finished_at__isnull=False),
+                name="instance_finished",
             ),
             # Sweeper: accepted instances whose start message may be lost.
             models.Index(
