@@ -267,6 +267,27 @@ class AddDefinitionTests(AdminTestCase):
         )
         self.assert_rejected(data, "'not-an-email' is not a valid email address.")
 
+    def test_search_attributes_are_validated_and_saved(self):
+        data = form_data([{"name": "a"}], search_attributes='{"Customer": "x y"}')
+        self.assert_rejected(data, "'Customer' is not a valid attribute name")
+        self.assert_rejected(data, "must be a dotted input path")
+        self.assert_rejected(
+            form_data([{"name": "a"}], search_attributes='["customer"]'),
+            "Must be a JSON object of name to input path",
+        )
+        declared = '{"customer": "customer.id", "email": "contact.email"}'
+        response = self.client.post(
+            ADD_URL, form_data([{"name": "a"}], search_attributes=declared)
+        )
+        assert response.status_code == 302, errors(response)
+        definition = WorkflowDefinition.objects.get(key="order")
+        assert definition.search_attributes == {
+            "customer": "customer.id",
+            "email": "contact.email",
+        }
+        page = self.client.get(change_url(definition)).content.decode()
+        assert 'name="search_attributes"' in page
+
     def test_orchestrated_definition_needs_a_step(self):
         self.assert_rejected(
             form_data([]), "An orchestrated definition needs at least one step."

@@ -80,7 +80,14 @@ def test_generate_load_then_the_in_process_benchmarks() -> None:
 
     out = run("bench_dashboard", runs=1, warmup=0)
     figure(r"^300 instances; 1 runs per page \(\+0 warm-up\)$", out)
-    for page in ("overview", "list: definition, page 2", "instance detail"):
+    for page in (
+        "overview",
+        "list: definition, page 2",
+        "instance detail",
+        "search: key prefix, any case",
+        "search: short id (8 chars)",
+        "search: attribute name:value",
+    ):
         row = figure(
             rf"^{re.escape(page)}\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})"
             r"\s+(\d+)$",

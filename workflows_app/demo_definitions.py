@@ -25,6 +25,8 @@ DEMO_DEFINITIONS: list[dict[str, Any]] = [
         # second operator (the demo has two: operator and operator2).
         "approval_actions": ["close_as_failed", "repair"],
         "approval_bulk_over": 20,
+        # Support finds orders by customer and amount: customer:customer-42.
+        "search_attributes": {"customer": "customer", "amount": "amount"},
         "steps": [
             # Support may run an order again from the start (e.g. after
             # correcting the items) or from the payment (e.g. another card).
@@ -65,6 +67,7 @@ DEMO_DEFINITIONS: list[dict[str, Any]] = [
         "stuck_after": timedelta(minutes=2),
         "deadline": None,
         "alert_recipients": "travel-oncall@example.com",
+        "search_attributes": {"customer": "customer"},
         "steps": [
             {
                 "name": "book_car",

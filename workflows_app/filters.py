@@ -3,15 +3,16 @@ string, so a filtered list is a link that can be shared."""
 
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
 from typing import Any
 
 import django_filters
 from django import forms
 from django.db.models import Exists, OuterRef, QuerySet
+from django.http import QueryDict
 from django.utils import timezone
 
+from workflows_app import search as instance_search
 from workflows_app.engine.blocking import (
     DEADLINE,
     HELD_BY,
@@ -64,6 +65,22 @@ SORT_CHOICES = [
 DATETIME_WIDGET = forms.DateTimeInput(attrs={"type": "datetime-local"})
 
 
+class StateConflict(ValueError):
+    """``state`` and ``status`` name different states."""
+
+
+def merge_states(state: list[str], status: list[str]) -> list[str]:
+    """``state`` and ``status`` are one filter under two names (the pages
+    said ``state``, the API ``status``): either may be given, or both with
+    the same values; anything else is refused, never silently ignored."""
+    if state and status and sorted(set(state)) != sorted(set(status)):
+        raise StateConflict(
+            f"state={','.join(state)} and status={','.join(status)} disagree: "
+            "give one of them (they are the same filter)."
+        )
+    return list(dict.fromkeys(state or status))
+
+
 def definition_choices() -> list[tuple[str, str]]:
     keys = (
         WorkflowDefinition.objects.order_by("key").values_list("key", flat=True)
@@ -71,12 +88,46 @@ def definition_choices() -> list[tuple[str, str]]:
     return [(key, key) for key in keys]
 
 
+class InstanceFilterForm(forms.Form):
+    """Parses the search box and folds ``status`` into ``state``."""
+
+    parsed_search = instance_search.Search()
+
+    def clean_q(self) -> str:
+        text = self.cleaned_data.get("q") or ""
+        try:
+            self.parsed_search = instance_search.parse(text)
+        except instance_search.SearchError as exc:
+            raise forms.ValidationError(str(exc)) from None
+        return text
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        states = [v for v in self.data.getlist("state") if v]
+        statuses = [v for v in self.data.getlist("status") if v]
+        try:
+            merged = merge_states(states, statuses)
+        except StateConflict as exc:
+            raise forms.ValidationError(str(exc)) from None
+        if len(merged) > 1:
+            raise forms.ValidationError(
+                "The list filters on one state at a time (or 'unfinished' / "
+                "'finished'); the API takes several."
+            )
+        return cleaned
+
+
 class InstanceFilter(django_filters.FilterSet):
     q = django_filters.CharFilter(
         method="search",
-        label="Business key or instance id",
+        label="Search",
+        help_text="Business key or id prefix, any case; name:value for a "
+        "search attribute (e.g. customer:c-349).",
         widget=forms.TextInput(
-            attrs={"type": "search", "placeholder": "e.g. ORD-1042 or a UUID"}
+            attrs={
+                "type": "search",
+                "placeholder": "e.g. ORD-5402, 7a79e74c or customer:c-349",
+            }
         ),
     )
     definition = django_filters.ChoiceFilter(
@@ -136,6 +187,21 @@ class InstanceFilter(django_filters.FilterSet):
     class Meta:
         model = WorkflowInstance
         fields: list[str] = []
+        form = InstanceFilterForm
+
+    def __init__(self, data: Any = None, *args: Any, **kwargs: Any) -> None:
+        if data is not None and not isinstance(data, QueryDict):
+            query = QueryDict(mutable=True)
+            for key, value in data.items():
+                query.setlist(key, value if isinstance(value, list) else [value])
+            data = query
+        if data is not None and data.get("status") and not data.get("state"):
+            # ?status= is the API's name of the state filter: the same filter
+            # (and the form shows it as the state chosen).
+            data = data.copy()
+            data.setlist("state", data.getlist("status"))
+            data.pop("status")
+        super().__init__(data, *args, **kwargs)
 
     def filter_queryset(self, queryset: QuerySet[Any]) -> QuerySet[Any]:
         qs = super().filter_queryset(queryset)
@@ -160,11 +226,7 @@ class InstanceFilter(django_filters.FilterSet):
         return qs
 
     def search(self, qs: QuerySet[Any], name: str, value: str) -> QuerySet[Any]:
-        value = value.strip()
-        try:
-            return qs.filter(pk=uuid.UUID(value))
-        except ValueError:
-            return qs.filter(business_key=value)
+        return instance_search.apply(qs, self.form.parsed_search)
 
     def filter_state(self, qs: QuerySet[Any], name: str, value: str) -> QuerySet[Any]:
         if value == ACTIVE:

@@ -21,7 +21,7 @@ from tests.support import make_definition, start, user_in
 from tests.views.conftest import HOLD_STEPS, fresh, held
 from workflows_app.alerts import sync_alerts
 from workflows_app.engine.locking import db_now
-from workflows_app.models import TransitionLog
+from workflows_app.models import SavedView, TransitionLog
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [
@@ -316,3 +316,50 @@ def test_two_sessions_act_at_once_and_the_second_is_told_it_changed(
     expect(second.locator("#action-close_as_failed")).to_have_count(0)
     assert not TransitionLog.objects.filter(transition="close_as_failed").exists()
     assert TransitionLog.objects.filter(transition="retry_step").count() == 1
+
+
+def test_htmx_apply_shows_the_tools_of_the_filtered_list(broker, open_session):
+    """Apply swaps the results in place (no reload), and with them what
+    depends on the filters: "Act on all matching…", "Save this list as" and
+    a search error."""
+    make_definition("wf", steps=HOLD_STEPS, search_attributes={"customer": "c"})
+    start("wf", "ORD-54020-76", c="C-349")
+    start("wf", "ORD-54021-77", c="C-350")
+    page = open_session(user_in("operator", "olga"))
+    page.goto("/instances/")
+    page.evaluate("window.notReloaded = true")
+    results = page.locator("#instance-results")
+    expect(results).to_contain_text("2 instances")
+    expect(page.get_by_text("Save this list as")).to_have_count(0)
+    expect(page.get_by_role("link", name="Act on all matching…")).to_have_count(0)
+
+    page.get_by_label("Search").fill("customer:c-349")
+    page.get_by_role("button", name="Apply", exact=True).click()
+    page.wait_for_url("**/instances/?q=customer%3Ac-349*")
+    expect(results).to_contain_text("1 instance")
+    expect(page.locator("#instance-table")).to_contain_text("ORD-54020-76")
+    act = page.get_by_role("link", name="Act on all matching…")
+    expect(act).to_have_attribute("href", re.compile(r"q=customer%3Ac-349"))
+    expect(page.get_by_label("Save this list as")).to_be_visible()
+    assert page.evaluate("window.notReloaded") is True
+
+    # A search the list cannot run: its error, no rows, no tools.
+    page.get_by_label("Search").fill("custmer:c-349")
+    page.get_by_role("button", name="Apply", exact=True).click()
+    expect(page.locator("#filter-errors")).to_contain_text("custmer")
+    expect(page.get_by_role("link", name="Act on all matching…")).to_have_count(0)
+    expect(results).to_contain_text("0 instances")
+
+    # The short id shown under a key finds it; the saved list keeps the search.
+    page.get_by_label("Search").fill("ord-54021")
+    page.get_by_role("button", name="Apply", exact=True).click()
+    expect(page.locator("#instance-table tbody tr")).to_have_count(1)
+    # Leaving the field ("change") and Apply ("submit") both ask for the
+    # results: let the answer land before typing into the part it swaps.
+    expect(page.locator(".htmx-request")).to_have_count(0)
+    page.get_by_label("Save this list as").fill("one order")
+    page.get_by_role("button", name="Save view").click()
+    expect(page.locator("body")).to_contain_text("one order")
+    assert page.evaluate("window.notReloaded") is None  # a real POST, then a page
+    view = SavedView.objects.get(name="one order")
+    assert "q=ord-54021" in view.query

@@ -296,6 +296,16 @@ class WorkflowDefinitionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             },
         ),
         ("Retention", {"fields": ("retention_summary",)}),
+        (
+            "Search",
+            {
+                "fields": ("search_attributes",),
+                "description": "Input values the instance list finds with "
+                "name:value. Instances started on this version are indexed "
+                "by these; for older instances run manage.py "
+                "reindex_search_attributes --definition KEY.",
+            },
+        ),
         ("Status", {"fields": ("status", "published_at", "created_at")}),
     )
 

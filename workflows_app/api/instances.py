@@ -10,6 +10,7 @@ from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
 from ninja import Field, Header, Query, Router, Schema, Status
 
+from workflows_app import search
 from workflows_app.api import queries
 from workflows_app.api.auth import READ, START, api_actor
 from workflows_app.api.body import check_text
@@ -25,6 +26,7 @@ from workflows_app.api.schemas import (
 )
 from workflows_app.engine import commands
 from workflows_app.engine.errors import DefinitionNotFound, IdempotencyConflict
+from workflows_app.filters import StateConflict, merge_states
 from workflows_app.models import InstanceState
 
 router = Router()
@@ -160,6 +162,18 @@ class InstanceFilters(Schema):
     status: list[InstanceState] = Field(
         default_factory=list, description="Repeat for several statuses."
     )
+    state: list[InstanceState] = Field(
+        default_factory=list,
+        description="The same filter as `status` (the dashboard's name); "
+        "giving both with different values is a 400.",
+    )
+    q: str | None = Field(
+        None,
+        max_length=500,
+        description="The dashboard's search: business-key or instance-id "
+        "prefixes (any case) and `name:value` search attributes, e.g. "
+        "`ORD-5402 customer:c-349`.",
+    )
     business_key: Key | None = None
     stuck: bool | None = None
     cursor: Key | None = Field(None, description="next_cursor of the last page.")
@@ -178,9 +192,23 @@ class InstanceFilters(Schema):
 def instance_list(
     request: HttpRequest, filters: Query[InstanceFilters]
 ) -> dict[str, Any]:
+    try:
+        statuses = merge_states(
+            [str(s) for s in filters.state], [str(s) for s in filters.status]
+        )
+    except StateConflict as exc:
+        raise ApiError(400, "conflicting_filters", str(exc)) from None
+    query = None
+    if filters.q:
+        check_text(filters.q, "q")
+        try:
+            query = search.parse(filters.q)
+        except search.SearchError as exc:
+            raise ApiError(400, "invalid_search", str(exc)) from None
     rows, following = queries.instance_page(
         definition=filters.definition,
-        statuses=filters.status,
+        statuses=statuses,
+        search=query,
         business_key=filters.business_key,
         stuck=filters.stuck,
         cursor=filters.cursor,

@@ -20,6 +20,8 @@ from workflows_app.models import (
     TransitionLog,
     WorkflowInstance,
 )
+from workflows_app.search import Search
+from workflows_app.search import apply as apply_search
 
 
 def instance_detail(instance_id: uuid.UUID) -> WorkflowInstance | None:
@@ -128,6 +130,7 @@ def instance_page(
     *,
     definition: str | None,
     statuses: Iterable[str],
+    search: Search | None = None,
     business_key: str | None,
     stuck: bool | None,
     cursor: str | None,
@@ -142,6 +145,8 @@ def instance_page(
         qs = qs.filter(state__in=statuses)
     if business_key:
         qs = qs.filter(business_key=business_key)
+    if search:
+        qs = apply_search(qs, search)
     if stuck is not None:
         qs = qs.filter(stuck=stuck)
     if cursor:

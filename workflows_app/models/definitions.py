@@ -16,6 +16,8 @@ from django.db import models, transaction
 from django.db.models import Max
 from django.utils import timezone
 
+from workflows_app.search_attributes import declaration_errors
+
 KEY_VALIDATOR = RegexValidator(
     r"^[a-z0-9][a-z0-9_.-]*$",
     "Use lower-case letters, digits, '-', '_' and '.', "
@@ -127,6 +129,15 @@ class WorkflowDefinition(models.Model):
         help_text="Write purged instances to the archive folder "
         "(SAGA_ARCHIVE_DIR) first; without that folder nothing is purged.",
     )
+    # Input values worth finding: {"customer": "customer.id", ...}; see
+    # workflows_app.search_attributes.
+    search_attributes = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Input values the instance list can find, as name: dotted "
+        'input path, e.g. {"customer": "customer.id", "email": "contact.email"}; '
+        "searched as customer:c-349 (exact, any case).",
+    )
     status = models.CharField(
         max_length=20, choices=Status.choices, default=Status.DRAFT
     )
@@ -192,6 +203,10 @@ class WorkflowDefinition(models.Model):
             )
         if self.stuck_after is not None and self.stuck_after <= timedelta(0):
             errors.setdefault("stuck_after", []).append("Stuck-after must be positive.")
+        if self.search_attributes is None:  # a form's empty field: none declared
+            self.search_attributes = {}
+        for message in declaration_errors(self.search_attributes):
+            errors.setdefault("search_attributes", []).append(message)
         if errors:
             raise ValidationError(errors)
 
@@ -262,6 +277,7 @@ class WorkflowDefinition(models.Model):
             approval_bulk_over=self.approval_bulk_over,
             retention=self.retention,
             archive_on_purge=self.archive_on_purge,
+            search_attributes=self.search_attributes,
         )
         StepDefinition.objects.bulk_create(
             [step.copy_for(draft) for step in self.steps.order_by("position")]

@@ -190,6 +190,12 @@ class WorkflowInstance(VersionedFSMMixin, models.Model):
     # Sweep bookkeeping: set when the instance turns stuck, cleared once its
     # alert is opened, so the alert sweep never scans all stuck instances.
     alert_due = models.BooleanField(default=False)
+    # The definition's declared search attributes, read from the input at
+    # start (lower-case text). Indexed on PostgreSQL (GIN, jsonb_path_ops;
+    # migration 0016) for the list's "name:value" search.
+    search_attributes = models.JSONField(
+        default=dict, db_default=models.Value({}, models.JSONField()), blank=True
+    )
 
     class Meta:
         ordering = ["-accepted_at"]
@@ -201,7 +207,9 @@ class WorkflowInstance(VersionedFSMMixin, models.Model):
             ),
         ]
         indexes = [
-            # Dashboard filters and business-key search.
+            # Exact business keys (events, the API). The list's case-blind
+            # prefix search has an expression index, and search attributes a
+            # GIN index, both PostgreSQL only (migration 0016).
             models.Index(fields=["business_key"], name="instance_business_key"),
             models.Index(
                 fields=["state", "-last_progress_at"], name="instance_state_progress"

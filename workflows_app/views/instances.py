@@ -56,10 +56,15 @@ def instance_list(request: HtmxHttpRequest) -> HttpResponse:
     base = WorkflowInstance.objects.select_related("definition").defer(*queries.HEAVY)
     filterset = InstanceFilter(request.GET or None, queryset=base)
     qs = filterset.qs if filterset.is_bound else base
+    # A filter the list cannot apply shows its error and no rows: a list that
+    # quietly dropped it would look like the answer.
+    refused = filterset.is_bound and not filterset.is_valid()
+    if refused:
+        qs = base.none()
     field, descending = SORTS[filterset.sort_key]
     size = _page_size(request)
     page = keyset_page(qs, field, descending, request.GET.get("cursor"), size)
-    if page.is_first and page.next_cursor is None:
+    if refused or (page.is_first and page.next_cursor is None):
         total, exact = len(page.rows), True
     else:
         total, exact = queries.count_or_estimate(qs)

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import EmptyResultSet
 from django.db import connection
 from django.db.models import Aggregate, Count, DurationField, F, QuerySet
 from django.utils import timezone
@@ -180,7 +181,10 @@ def estimate_count(qs: QuerySet[Any]) -> int:
     count elsewhere (the embedded SQLite default holds small data)."""
     if connection.vendor != "postgresql":
         return qs.count()
-    sql, params = qs.order_by().values("pk").query.sql_with_params()
+    try:
+        sql, params = qs.order_by().values("pk").query.sql_with_params()
+    except EmptyResultSet:  # e.g. a search that matched no id: pk IN ()
+        return 0
     with connection.cursor() as cursor:
         cursor.execute(f"EXPLAIN (FORMAT JSON) {sql}", params)
         plan = cursor.fetchone()[0]

@@ -24,6 +24,7 @@ from workflows_app.models import (
     WorkflowDefinition,
     WorkflowInstance,
 )
+from workflows_app.search_attributes import extract
 
 
 def observed_definitions(event_type: str) -> list[WorkflowDefinition]:
@@ -104,6 +105,7 @@ def _instance_for(
         business_key=correlation_key,
         input={"first_event": event},
         input_fingerprint=input_fingerprint(event),
+        search_attributes=extract(definition.search_attributes, {"first_event": event}),
         accepted_at=now,
         last_progress_at=now,
         stuck_check_at=now + definition.stuck_after,

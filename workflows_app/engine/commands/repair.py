@@ -12,6 +12,7 @@ from workflows_app.engine.errors import InvalidInput, NotPermitted, TransitionRe
 from workflows_app.engine.json_diff import json_diff
 from workflows_app.engine.transitions import Change
 from workflows_app.models import StepState
+from workflows_app.search_attributes import extract
 
 PERMISSION = "workflows_app.edit_instance_data"
 # Steps whose output is recorded (and so can be corrected).
@@ -55,7 +56,11 @@ def repair_input(
     if not diff:
         raise InvalidInput("the new input is the same as the current one")
     change.instance.input = new_input
-    change.mark_instance("input")
+    # Search finds the instance by its corrected values.
+    change.instance.search_attributes = extract(
+        change.instance.definition.search_attributes, new_input
+    )
+    change.mark_instance("input", "search_attributes")
     change.note(
         "input_repaired",
         reason=reason,

@@ -21,6 +21,7 @@ from workflows_app.engine.errors import (
 )
 from workflows_app.engine.transitions import Change
 from workflows_app.models import StepExecution, WorkflowDefinition, WorkflowInstance
+from workflows_app.search_attributes import extract
 
 MAX_KEY_LENGTH = 200
 
@@ -153,6 +154,7 @@ def instance_start(
         idempotency_key=idempotency_key,
         input=data,
         input_fingerprint=fingerprint,
+        search_attributes=extract(definition.search_attributes, data),
         accepted_at=now,
         last_progress_at=now,
         stuck_check_at=now + definition.stuck_after,

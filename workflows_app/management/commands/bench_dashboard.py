@@ -7,12 +7,16 @@ session, views, queries, templates) with Django's test client, logged in as
 an operator, so the figures are server time without the network. Run it
 against a database filled by ``generate_load``. Targets are picked at random
 per request (``TABLESAMPLE``), so caches do not flatter the detail and search
-figures.
+figures. The searches are the list's search box: a sampled business key, a
+lower-case prefix its neighbours share, a full and an 8-character id, and a
+sampled instance's ``name:value`` search attribute (alone and with a state);
+each must find rows, or the command stops.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import random
 import re
 import statistics
@@ -20,6 +24,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
+from urllib.parse import quote
 
 from django.contrib.auth.models import Group, User
 from django.core.management.base import BaseCommand, CommandError
@@ -33,24 +38,45 @@ from workflows_app.roles import sync_roles
 NEXT_LINK = re.compile(r'rel="next" href="(?P<href>[^"]+)"')
 
 
-def _sample(limit: int) -> list[tuple[str, str]]:
-    """Random (id, business key) pairs without scanning the table."""
+def _sample(limit: int) -> list[tuple[str, str, dict[str, str]]]:
+    """Random (id, business key, search attributes) without scanning the table."""
     table = WorkflowInstance._meta.db_table
+    columns = "id, business_key, search_attributes"
     with connection.cursor() as cursor:
         rows = []
         if connection.vendor == "postgresql":
             cursor.execute(
-                f"SELECT id, business_key FROM {table} TABLESAMPLE SYSTEM (1) LIMIT %s",
+                f"SELECT {columns} FROM {table} TABLESAMPLE SYSTEM (1) LIMIT %s",
                 [limit],
             )
             rows = cursor.fetchall()
         if not rows:  # a small table: 1 % of its pages may be none of them
             cursor.execute(
-                f"SELECT id, business_key FROM {table} ORDER BY random() LIMIT %s",
-                [limit],
+                f"SELECT {columns} FROM {table} ORDER BY random() LIMIT %s", [limit]
             )
             rows = cursor.fetchall()
-        return [(str(pk), key) for pk, key in rows]
+        # Django's psycopg setup returns jsonb as text on a raw cursor.
+        return [
+            (str(pk), key, json.loads(attrs) if isinstance(attrs, str) else attrs)
+            for pk, key, attrs in rows
+        ]
+
+
+def _attribute_search(samples: list[tuple[str, str, dict[str, str]]]) -> str:
+    """``name:value`` of a random instance's search attribute."""
+    with_attributes = [attrs for _, _, attrs in samples if attrs]
+    if not with_attributes:
+        raise CommandError(
+            "no sampled instance has search attributes: declare some on the "
+            "definitions (the demo ones do) before generate_load"
+        )
+    name, value = random.choice(sorted(random.choice(with_attributes).items()))
+    return f'{name}:"{value}"' if " " in value else f"{name}:{value}"
+
+
+def _prefix(key: str) -> str:
+    """A lower-case prefix of a business key: its siblings share it."""
+    return key[: max(3, len(key) - 2)].lower()
 
 
 def _percentile(values: list[float], p: float) -> float:
@@ -94,12 +120,31 @@ class Command(BaseCommand):
             "list: stuck, oldest first": lambda: "/instances/?stuck=yes&sort=progress",
             "list: accepted in a 1 h range": lambda: range_url,
             "search: business key": lambda: (
-                f"/instances/?q={random.choice(samples)[1]}"
+                f"/instances/?q={quote(random.choice(samples)[1])}"
+            ),
+            "search: key prefix, any case": lambda: (
+                f"/instances/?q={quote(_prefix(random.choice(samples)[1]))}"
             ),
             "search: instance id": lambda: f"/instances/?q={random.choice(samples)[0]}",
+            "search: short id (8 chars)": lambda: (
+                f"/instances/?q={random.choice(samples)[0][:8]}"
+            ),
+            "search: attribute name:value": lambda: (
+                f"/instances/?q={quote(_attribute_search(samples))}"
+            ),
+            "search: attribute + state": lambda: (
+                f"/instances/?q={quote(_attribute_search(samples))}&status=completed"
+            ),
             "instance detail": lambda: f"/instances/{random.choice(samples)[0]}/",
             "definition page": lambda: f"/definitions/{definition}/",
         }
+        # A search that finds nothing would time an empty page: each must
+        # find its sampled instance.
+        for name, make_url in pages.items():
+            if name.startswith("search:") and "attribute + state" not in name:
+                url = make_url()
+                if 'id="instance-table"' not in client.get(url).content.decode():
+                    raise CommandError(f"{name}: {url} found nothing")
         total = WorkflowInstance.objects.order_by().count()
         self.stdout.write(
             f"{total:,} instances; {options['runs']} runs per page "

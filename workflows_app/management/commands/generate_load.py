@@ -24,6 +24,7 @@ construction), which makes the load several times faster.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import time
@@ -47,7 +48,7 @@ DROP TABLE IF EXISTS load_def, load_pick, load_shape, load_shape_step,
     load_shape_attempt;
 CREATE TEMP TABLE load_def (
     d int PRIMARY KEY, definition_id bigint, key text, steps int,
-    stuck_after interval, deadline interval);
+    stuck_after interval, deadline interval, attributes jsonb);
 CREATE TEMP TABLE load_pick (d int, category text, shapes int[],
     PRIMARY KEY (d, category));
 CREATE TEMP TABLE load_shape (
@@ -91,6 +92,7 @@ WITH base AS (
         sh.final_position,
         sh.final_source, sh.final_target, sh.final_transition, sh.final_actor,
         def.definition_id, def.key, def.steps, def.stuck_after, def.deadline,
+        def.attributes,
         (%(now)s::timestamptz) - CASE
             WHEN sh.state IN ('running', 'accepted', 'compensating')
                 THEN s.rt * interval '1 hour'
@@ -115,12 +117,11 @@ INSERT INTO workflows_app_workflowinstance (
     input_fingerprint, outputs, state, attention_kind, attention_reason, version,
     accepted_at, started_at, finished_at, last_progress_at, deadline_at,
     stuck_check_at, redispatch_at, pivot_passed, restart_position, stuck,
-    stuck_kind, stuck_reason, stuck_since, alert_due
+    stuck_kind, stuck_reason, stuck_since, alert_due, search_attributes
 )
 SELECT id, definition_id, key,
     'LOAD-' || %(run)s || '-' || lpad(n::text, 8, '0'), NULL,
-    jsonb_build_object('order', n, 'amount', round((rd * 500)::numeric, 2),
-                       'currency', 'EUR', 'customer', 'customer-' || (n %% 9973)),
+    i.input,
     md5(n::text),
     CASE WHEN state = 'completed'
          THEN jsonb_build_object('receipt', 'R-' || n) ELSE '{{}}'::jsonb END,
@@ -147,8 +148,22 @@ SELECT id, definition_id, key,
     CASE WHEN state = 'needs_attention' THEN progress_at
          WHEN stuck THEN progress_at + stuck_after END,
     -- Stuck, and its alert not opened yet: the next sweep opens it.
-    stuck
+    stuck,
+    -- The declared search attributes, as search_attributes.extract makes
+    -- them: scalars as lower-case text (numbers as float8 prints them, which
+    -- is what Python's json.dumps prints).
+    (SELECT coalesce(jsonb_object_agg(a.key, lower(btrim(CASE
+                WHEN jsonb_typeof(v.value) = 'number'
+                    THEN (v.value #>> '{{}}')::float8::text
+                ELSE v.value #>> '{{}}' END))), '{{}}'::jsonb)
+     FROM jsonb_each_text(attributes) AS a
+     CROSS JOIN LATERAL (SELECT i.input #> string_to_array(a.value, '.')) AS v(value)
+     WHERE jsonb_typeof(v.value) IN ('string', 'number', 'boolean')
+        AND length(v.value #>> '{{}}') BETWEEN 1 AND 200)
 FROM load_batch
+CROSS JOIN LATERAL (SELECT jsonb_build_object(
+    'order', n, 'amount', round((rd * 500)::numeric, 2), 'currency', 'EUR',
+    'customer', 'customer-' || (n %% 9973)) AS input) AS i
 """
 
 # The new steps' ids are kept for the attempts and the history, which then
@@ -359,6 +374,7 @@ class Command(BaseCommand):
                     definition.steps.count(),
                     definition.stuck_after,
                     deadline,
+                    json.dumps(definition.search_attributes or {}),
                 )
             )
             by_category: dict[str, list[int]] = {c: [] for c in CATEGORIES}
