@@ -3,7 +3,6 @@ from __future__ import annotations
 from workflows_app.models.alerts import Alert
 from workflows_app.models.audit import ActorKind, InboundMessage, TransitionLog
 from workflows_app.models.definitions import StepDefinition, WorkflowDefinition
-from workflows_app.models.demo import ParticipantEffect
 from workflows_app.models.exchanges import AttemptExchange
 from workflows_app.models.operations import (
     ApprovalRequest,
@@ -42,7 +41,6 @@ __all__ = [
     "InboundMessage",
     "InstanceState",
     "KnownFailure",
-    "ParticipantEffect",
     "SavedView",
     "StepDefinition",
     "StepExecution",
