@@ -59,6 +59,10 @@ def _importable(python: str) -> bool:
 
 if __name__ == "__main__":
     _bootstrap()
+    # The one-command demo installs the demo app (settings SAGA_DEMO) for
+    # itself and the web server and worker it starts.
+    if sys.argv[1:2] == ["demo"]:
+        os.environ.setdefault("SAGA_DEMO", "1")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "workflows_app.settings")
     from django.core.management import execute_from_command_line
 

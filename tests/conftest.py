@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.support import LocalBroker
@@ -9,6 +11,10 @@ from tests.support import LocalBroker
 # run one after another on one xdist worker; everything else spreads over
 # the cores (.ci/run: -n 2 --dist loadgroup).
 MACHINE_WIDE_MODULES = {"tests.test_demo", "tests.test_embedded_default"}
+
+# The settings install the demo app under pytest (SAGA_DEMO); the processes
+# the tests start (workers, manage.py, the demo) are told so explicitly.
+os.environ.setdefault("SAGA_DEMO", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -127,9 +127,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from workflows_app.demo.models import ParticipantEffect
 from workflows_app.models import (
     ActorKind,
-    ParticipantEffect,
     StepDefinition,
     StepExecution,
     TransitionLog,

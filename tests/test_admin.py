@@ -13,10 +13,10 @@ from django.utils import timezone
 from django.utils.html import escape
 
 from tests.support import make_definition, start, user_in
+from workflows_app.demo.models import ParticipantEffect
 from workflows_app.models import (
     Attempt,
     InboundMessage,
-    ParticipantEffect,
     StepDefinition,
     StepExecution,
     TransitionLog,
@@ -635,9 +635,8 @@ class InstanceAdminTests(AdminTestCase):
         )
 
     def url(self, model: type, view: str, *args: Any) -> str:
-        return reverse(
-            f"admin:workflows_app_{model._meta.model_name}_{view}", args=args
-        )
+        meta = model._meta
+        return reverse(f"admin:{meta.app_label}_{meta.model_name}_{view}", args=args)
 
     def test_changelist_filters_and_exact_search(self):
         other = start("order", "order-43")

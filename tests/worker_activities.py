@@ -9,7 +9,7 @@ from pathlib import Path
 
 from workflows_app.activities import activity
 from workflows_app.activities.base import ActivityContext, ActivityError, Waiting
-from workflows_app.activities.demo import perform_action, perform_compensation
+from workflows_app.demo.activities import perform_action, perform_compensation
 
 
 @activity("test.die_once")

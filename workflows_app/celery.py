@@ -8,7 +8,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "workflows_app.settings")
 
 app = Celery("workflows_app")
 app.config_from_object("django.conf:settings", namespace="CELERY")
-app.autodiscover_tasks(["workflows_app"])
+# Every installed app's tasks module: the core's, and the benchmark's baseline
+# when the bench app is installed (SAGA_DEMO).
+app.autodiscover_tasks()
 
 
 @signals.worker_ready.connect

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -65,6 +66,14 @@ INSTALLED_APPS = [
     "axes",
     "workflows_app",
 ]
+# The demo (its definitions, participants and their ledger table, commands)
+# and the benchmarks, which run the demo's definitions and activities: apps
+# of their own, installed only when asked for. SAGA_DEMO=1 installs them; by
+# default they are there with DEBUG on and under pytest, never otherwise.
+# `manage.py demo` turns it on for itself and the processes it starts.
+SAGA_DEMO = env_bool("SAGA_DEMO", DEBUG or "pytest" in sys.modules)
+if SAGA_DEMO:
+    INSTALLED_APPS += ["workflows_app.demo", "workflows_app.bench"]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",

@@ -75,6 +75,8 @@ def _setup_django(pg: PostgresCluster, redis: RedisServer, rundir: Path) -> None
         CELERY_BROKER_URL=redis.url(),
         SAGA_DESK_VAR_DIR=str(rundir / "var"),
         SAGA_REDISPATCH_AFTER="30",
+        # The demo participants' ledger and activities (settings SAGA_DEMO).
+        SAGA_DEMO="1",
         # Publishing a definition checks that its activities exist.
         SAGA_ACTIVITY_MODULES="tests.worker_activities,tests.chaos.activities",
     )

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from workflows_app.activities import activity
 from workflows_app.activities.base import ActivityContext
-from workflows_app.activities.demo import perform_action, perform_compensation
+from workflows_app.demo.activities import perform_action, perform_compensation
 from workflows_app.models import WorkflowInstance
 
 AFTER_HOLD = 6.0  # seconds to wait for the operator once held

@@ -26,7 +26,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from tests.saga_invariant import TERMINAL, check_instance, run_of_key
-from workflows_app.models import ParticipantEffect, TransitionLog, WorkflowInstance
+from workflows_app.demo.models import ParticipantEffect
+from workflows_app.models import TransitionLog, WorkflowInstance
 
 MUST_BE_ZERO = (
     "lost",

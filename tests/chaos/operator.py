@@ -12,9 +12,10 @@ from django.contrib.auth.models import User
 from django.db import transaction
 from django.utils import timezone
 
+from workflows_app.demo.models import ParticipantEffect
 from workflows_app.engine import commands
 from workflows_app.engine.errors import EngineError
-from workflows_app.models import ParticipantEffect, StepExecution, WorkflowInstance
+from workflows_app.models import StepExecution, WorkflowInstance
 
 CLOSE_SHARE = 0.2  # held instances the operator closes as failed
 

@@ -2,7 +2,7 @@
 misbehaving participants mixed in, and stray task messages.
 
 Every participant fault is a ``simulate`` mode of the demo activities
-(``workflows_app/activities/demo.py``), which also keep the ledger the
+(``workflows_app/demo/activities.py``), which also keep the ledger the
 checker reads.
 """
 
@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 from workflows_app import tasks
-from workflows_app.demo_definitions import load_demo_definitions
+from workflows_app.demo.definitions import load_demo_definitions
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands import instance_start
 from workflows_app.models import StepDefinition, StepExecution, WorkflowDefinition

@@ -15,6 +15,7 @@ import pytest
 from django.db import connection, transaction
 
 from tests.support import advance_clock, make_definition, start, user_in
+from workflows_app.demo.models import ParticipantEffect
 from workflows_app.engine import commands
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands.execution import Outcome
@@ -25,7 +26,6 @@ from workflows_app.models import (
     TERMINAL_STATES,
     Alert,
     Attempt,
-    ParticipantEffect,
     StepExecution,
     TransitionLog,
     WorkflowInstance,

@@ -10,6 +10,7 @@ import pytest
 from django.db import connection
 
 from tests.support import advance_clock, make_definition, start, user_in
+from workflows_app.demo.models import ParticipantEffect
 from workflows_app.engine import commands
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.errors import (
@@ -21,7 +22,6 @@ from workflows_app.engine.errors import (
 )
 from workflows_app.engine.sweeps import sweep_all
 from workflows_app.models import (
-    ParticipantEffect,
     StepExecution,
     TransitionLog,
     WorkflowInstance,

@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 from tests.engine.test_saga_property import report
 from tests.saga_invariant import check_instance
 from tests.support import LocalBroker, advance_clock, make_definition, user_in
-from workflows_app.activities.demo import perform_action
+from workflows_app.demo.activities import perform_action
 from workflows_app.engine import commands, sweeps
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.errors import InvalidInput, NotPermitted, TransitionRejected

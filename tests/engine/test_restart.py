@@ -15,6 +15,7 @@ from django.core.exceptions import ValidationError
 
 from tests.saga_invariant import Recorded, check_history, check_instance, load
 from tests.support import advance_clock, make_definition, start, user_in
+from workflows_app.demo.models import ParticipantEffect
 from workflows_app.engine import commands
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.errors import (
@@ -26,7 +27,6 @@ from workflows_app.engine.errors import (
 from workflows_app.engine.sweeps import sweep_all
 from workflows_app.models import (
     Attempt,
-    ParticipantEffect,
     StepExecution,
     TransitionLog,
     WorkflowDefinition,

@@ -21,7 +21,7 @@ from tests.saga_invariant import (
     load,
 )
 from tests.support import advance_clock, make_definition, start, user_in
-from workflows_app.activities.demo import perform_action
+from workflows_app.demo.activities import perform_action
 from workflows_app.engine import sweeps
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands import (

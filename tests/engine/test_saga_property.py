@@ -94,7 +94,8 @@ from workflows_app.activities.base import (
     Waiting,
     step_idempotency_key,
 )
-from workflows_app.activities.demo import perform_action, perform_compensation
+from workflows_app.demo.activities import perform_action, perform_compensation
+from workflows_app.demo.models import ParticipantEffect
 from workflows_app.engine import commands, sweeps
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.blocking import blocking_step as blocked_step
@@ -108,7 +109,6 @@ from workflows_app.models import (
     AttentionKind,
     InboundMessage,
     InstanceState,
-    ParticipantEffect,
     StepExecution,
     TransitionLog,
     WorkflowInstance,

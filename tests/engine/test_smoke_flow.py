@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from tests.support import make_definition, start
-from workflows_app.models import ParticipantEffect, TransitionLog
+from workflows_app.demo.models import ParticipantEffect
+from workflows_app.models import TransitionLog
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

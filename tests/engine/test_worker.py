@@ -18,10 +18,10 @@ from tests.celery_processes import celery_processes, wait_for
 from tests.chaos.services import RedisServer
 from tests.support import LocalBroker, make_definition, start
 from workflows_app import tasks
-from workflows_app.demo_definitions import load_demo_definitions
+from workflows_app.demo.definitions import load_demo_definitions
+from workflows_app.demo.models import ParticipantEffect
 from workflows_app.models import (
     Attempt,
-    ParticipantEffect,
     StepExecution,
     TransitionLog,
     WorkflowInstance,

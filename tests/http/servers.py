@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from workflows_app.participants.server import reset_connection
+from workflows_app.demo.participants_server import reset_connection
 
 
 @dataclasses.dataclass

@@ -10,7 +10,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from tests.http.participants import broken_participant, demo_participants
-from workflows_app.models import ParticipantEffect
+from workflows_app.demo.models import ParticipantEffect
 from workflows_app.participants.contract import FAIL, NOT_APPLICABLE, PASS, check
 
 pytestmark = pytest.mark.django_db(transaction=True)

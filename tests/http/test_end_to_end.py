@@ -14,10 +14,10 @@ from django.test import override_settings
 from tests.celery_processes import celery_processes, wait_for
 from tests.http.participants import CALLBACK_TOKEN, demo_participants
 from tests.support import make_definition, start
+from workflows_app.demo.models import ParticipantEffect
 from workflows_app.models import (
     ApiToken,
     AttemptExchange,
-    ParticipantEffect,
     TransitionLog,
     WorkflowInstance,
 )

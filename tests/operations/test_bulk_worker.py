@@ -16,10 +16,10 @@ from django.test import override_settings
 from tests.celery_processes import celery_processes, wait_for
 from tests.operations.conftest import held
 from tests.support import LocalBroker
+from workflows_app.bench.management.commands.bench_bulk import clone_instance
 from workflows_app.engine import sweeps
 from workflows_app.engine.commands import bulk
 from workflows_app.engine.locking import db_now
-from workflows_app.management.commands.bench_bulk import clone_instance
 from workflows_app.models import (
     BulkJob,
     TransitionLog,

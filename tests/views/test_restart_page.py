@@ -11,7 +11,8 @@ from django.urls import reverse
 
 from tests.support import make_definition, user_in
 from tests.views.conftest import HOLD_STEPS, fresh, held, logged_in
-from workflows_app.models import ApprovalRequest, ParticipantEffect, TransitionLog
+from workflows_app.demo.models import ParticipantEffect
+from workflows_app.models import ApprovalRequest, TransitionLog
 
 pytestmark = pytest.mark.django_db(transaction=True)
 HTMX = {"HX-Request": "true"}

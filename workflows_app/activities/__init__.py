@@ -1,10 +1,11 @@
 """The activity registry: dotted names used in definitions -> Python callables.
 
 An activity is a callable ``fn(ctx: ActivityContext) -> dict | Waiting | None``
-registered with :func:`activity`. Modules listed in ``ACTIVITY_MODULES`` are
-imported lazily the first time the registry is read, so registering in a
-module of your own only needs its dotted path added to settings
-``SAGA_ACTIVITY_MODULES``.
+registered with :func:`activity`. The modules that register are imported
+lazily the first time the registry is read: the built-in ones, those an
+installed app's config lists in ``activity_modules`` (the demo's), and those
+in settings ``SAGA_ACTIVITY_MODULES``, so registering in a module of your own
+only needs its dotted path added there.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from django.apps import apps
 from django.conf import settings
 
 from workflows_app.activities.base import (
@@ -23,10 +25,7 @@ from workflows_app.activities.base import (
 
 ActivityFn = Callable[[ActivityContext], Any]
 
-BUILTIN_MODULES = (
-    "workflows_app.activities.http",
-    "workflows_app.activities.demo",
-)
+BUILTIN_MODULES = ("workflows_app.activities.http",)
 
 _REGISTRY: dict[str, ActivityFn] = {}
 _loaded = False
@@ -50,7 +49,13 @@ def _load() -> None:
     global _loaded
     if _loaded:
         return
-    for module in (*BUILTIN_MODULES, *getattr(settings, "SAGA_ACTIVITY_MODULES", ())):
+    app_modules = [
+        module
+        for config in apps.get_app_configs()
+        for module in getattr(config, "activity_modules", ())
+    ]
+    configured = getattr(settings, "SAGA_ACTIVITY_MODULES", ())
+    for module in (*BUILTIN_MODULES, *app_modules, *configured):
         importlib.import_module(module)
     _loaded = True
 

@@ -15,7 +15,6 @@ from django.http import (
 from workflows_app.models import (
     Attempt,
     InboundMessage,
-    ParticipantEffect,
     StepExecution,
     TransitionLog,
     WebhookDelivery,
@@ -302,23 +301,6 @@ class InboundMessageAdmin(ReadOnlyAdmin):
     list_filter = ("kind",)
     search_fields = ("message_id", "source")
     search_help_text = "An exact message id or source."
-
-
-@admin.register(ParticipantEffect)
-class ParticipantEffectAdmin(ReadOnlyAdmin):
-    list_display = (
-        "idempotency_key",
-        "step_name",
-        "direction",
-        "applied",
-        "calls",
-        "late_refused",
-        "first_applied_at",
-    )
-    list_filter = ("direction", "applied")
-    search_fields = ("idempotency_key", "step_name")
-    exact_search_uuid_fields = ("instance_id",)
-    search_help_text = "An exact idempotency key, step name or instance id."
 
 
 @admin.register(WebhookDelivery)

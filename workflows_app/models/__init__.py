@@ -4,7 +4,6 @@ from workflows_app.models.activity import ActivityHour, ActivityRollup
 from workflows_app.models.alerts import Alert
 from workflows_app.models.audit import ActorKind, InboundMessage, TransitionLog
 from workflows_app.models.definitions import StepDefinition, WorkflowDefinition
-from workflows_app.models.demo import ParticipantEffect
 from workflows_app.models.exchanges import AttemptExchange
 from workflows_app.models.operations import (
     ApprovalRequest,
@@ -47,7 +46,6 @@ __all__ = [
     "InboundMessage",
     "InstanceState",
     "KnownFailure",
-    "ParticipantEffect",
     "PurgeRun",
     "SavedView",
     "StepDefinition",

@@ -1,6 +1,6 @@
 """Benchmark the engine on a real worker: throughput and latency.
 
-    DATABASE_URL=postgres://... CELERY_BROKER_URL=redis://... \\
+    SAGA_DEMO=1 DATABASE_URL=postgres://... CELERY_BROKER_URL=redis://... \\
         python manage.py bench_engine --workflows 1000 --steps 5 --workers 2
 
 Prints workflows/s, steps/s, p50/p95 start-to-finish latency, the latency of
@@ -27,8 +27,8 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection
 
-from workflows_app import bench_tasks
-from workflows_app.bench_support import child_env
+from workflows_app.bench import tasks as bench_tasks
+from workflows_app.bench.support import child_env
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands import instance_start
 from workflows_app.models import StepDefinition, WorkflowDefinition, WorkflowInstance
@@ -115,8 +115,6 @@ class Command(BaseCommand):
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",
-                "--include",
-                "workflows_app.bench_tasks",
                 "-n",
                 f"bench-{os.getpid()}@%h",
             ],

@@ -28,8 +28,9 @@ def database_url() -> str:
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """A started process's environment: ours, on our database."""
-    return {**os.environ, "DATABASE_URL": database_url(), **extra}
+    """A started process's environment: ours, on our database, with the demo
+    installed (the benchmarks run its activities and the bench tasks)."""
+    return {**os.environ, "DATABASE_URL": database_url(), "SAGA_DEMO": "1", **extra}
 
 
 @contextmanager

@@ -1,6 +1,7 @@
 """Benchmark one sweep (timeouts, redispatch, deadlines, stuck, alerts).
 
-    DATABASE_URL=postgres://.../saga_load python manage.py bench_sweeps --runs 5
+    SAGA_DEMO=1 DATABASE_URL=postgres://.../saga_load \\
+        python manage.py bench_sweeps --runs 5
 
 Run it on a large database (``generate_load --instances 1000000``). Prints the
 median and worst time of a sweep and its query count; note that a sweep
@@ -20,7 +21,7 @@ from django.core.management.base import BaseCommand, CommandParser
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from workflows_app.bench_support import discarding_broker
+from workflows_app.bench.support import discarding_broker
 from workflows_app.engine.sweeps import sweep_all
 from workflows_app.models import WorkflowInstance
 

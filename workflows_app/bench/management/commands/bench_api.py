@@ -1,6 +1,6 @@
 """Benchmark the JSON API behind gunicorn on PostgreSQL.
 
-    DATABASE_URL=postgres://... python manage.py bench_api --workers 2 \\
+    SAGA_DEMO=1 DATABASE_URL=postgres://... python manage.py bench_api --workers 2 \\
         --requests 2000 --concurrency 16
 
 Starts gunicorn on 127.0.0.1 (a free port) with N sync workers, then sends a
@@ -34,7 +34,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection
 
-from workflows_app.bench_support import child_env
+from workflows_app.bench.support import child_env
 from workflows_app.client import ApiError, ClientError, SagaDeskClient
 from workflows_app.models import ApiToken, StepDefinition, WorkflowDefinition
 

@@ -1,6 +1,6 @@
 """Screenshots of the dashboard in headless Chromium, for review and docs.
 
-    python manage.py screenshots --seed
+    SAGA_DEMO=1 python manage.py screenshots --seed
 
 ``--seed`` loads the demo definitions and runs a handful of demo instances
 into varied states (completed, retried, compensated, held after the pivot,
@@ -30,7 +30,7 @@ from django.core.servers.basehttp import ThreadedWSGIServer, WSGIRequestHandler
 
 from workflows_app import tasks
 from workflows_app.alerts import sync_alerts
-from workflows_app.demo_definitions import load_demo_definitions
+from workflows_app.demo.definitions import load_demo_definitions
 from workflows_app.engine import commands, dispatch
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands import bulk

@@ -1,6 +1,7 @@
 """Benchmark a bulk job: planning (the dry run) and the runner's throughput.
 
-    DATABASE_URL=postgres://.../saga_bench python manage.py bench_bulk --instances 10000
+    SAGA_DEMO=1 DATABASE_URL=postgres://.../saga_bench \\
+        python manage.py bench_bulk --instances 10000
 
 Builds one held instance through the engine, copies it in SQL (PostgreSQL
 only), plans a bulk retry of all of them and works the job in this process.

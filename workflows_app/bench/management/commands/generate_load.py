@@ -1,6 +1,7 @@
 """Fill a PostgreSQL database with many synthetic instances, for benchmarks.
 
-    python manage.py generate_load --instances 1000000 --history-per-instance 10
+    SAGA_DEMO=1 python manage.py generate_load --instances 1000000 \\
+        --history-per-instance 10
 
 Rows are generated inside PostgreSQL (``generate_series`` into a temporary
 batch table, then ``INSERT ... SELECT``), in batches, so a million instances
@@ -9,7 +10,7 @@ hours. The states follow a plausible production mix (mostly completed, a few
 percent compensated, a tail of unfinished, held and stuck instances).
 
 What each instance's steps and attempts look like comes from
-``workflows_app.load_shapes``, which asks the engine's planner: a step
+``workflows_app.bench.load_shapes``, which asks the engine's planner: a step
 declined for good has ``last_failure_permanent`` and no compensation, holds
 carry the planner's kind and reason, compensations run in its order. The
 snapshot is one of a site whose workers and sweeper are behind: work sent
@@ -34,8 +35,8 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connection, transaction
 
-from workflows_app.demo_definitions import load_demo_definitions
-from workflows_app.load_shapes import CATEGORIES, Shape, definition_shapes
+from workflows_app.bench.load_shapes import CATEGORIES, Shape, definition_shapes
+from workflows_app.demo.definitions import load_demo_definitions
 from workflows_app.models import WorkflowDefinition
 
 TERMINAL = "('completed', 'compensated', 'cancelled', 'failed')"

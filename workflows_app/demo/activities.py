@@ -2,7 +2,7 @@
 
 Each behaves like a well-built downstream service: it deduplicates by
 idempotency key, records every effect in its own ledger
-(:class:`~workflows_app.models.ParticipantEffect`), treats a compensation of
+(:class:`~workflows_app.demo.models.ParticipantEffect`), treats a compensation of
 an action that never applied as a no-op, and refuses a forward call that
 arrives after its compensation. The instance input's ``simulate`` object
 makes a step misbehave, by step name::
@@ -31,7 +31,7 @@ from workflows_app.activities.base import (
     ActivityError,
     step_idempotency_key,
 )
-from workflows_app.models.demo import ParticipantEffect
+from workflows_app.demo.models import ParticipantEffect
 
 SIMULATE_MODES = frozenset(
     {"fail", "fail_once", "timeout", "lose_confirmation", "fail_compensation"}

@@ -1,7 +1,7 @@
 """The demo participants as HTTP services.
 
 Same ledger and semantics as the in-process demo activities
-(:mod:`workflows_app.activities.demo`): one effect per idempotency key, a
+(:mod:`workflows_app.demo.activities`): one effect per idempotency key, a
 compensation of an action that never ran is a no-op, a forward call after
 its compensation is refused, and the instance input's ``simulate`` modes
 work the same way. Endpoints::
@@ -17,7 +17,7 @@ result later to the request's ``callback_url`` with a ``report``-scope token
 (``--callback-token``). ``lose_confirmation`` applies the effect and then
 resets the connection: the reply is lost on the wire.
 
-Run with ``python manage.py serve_participants --port 8001``.
+Run with ``SAGA_DEMO=1 python manage.py serve_participants --port 8001``.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import httpx
 from django.db import connection
 
 from workflows_app.activities.base import ActivityContext, ActivityError
-from workflows_app.activities.demo import perform_action, perform_compensation
-from workflows_app.models import ParticipantEffect
+from workflows_app.demo.activities import perform_action, perform_compensation
+from workflows_app.demo.models import ParticipantEffect
 
 log = logging.getLogger(__name__)
 SERVICES = frozenset(

@@ -1,6 +1,6 @@
 """Server-side response times of the dashboard's pages, p50 and p95.
 
-    python manage.py bench_dashboard --runs 60
+    SAGA_DEMO=1 python manage.py bench_dashboard --runs 60
 
 Each request goes through the whole Django stack in this process (middleware,
 session, views, queries, templates) with Django's test client, logged in as

@@ -1,6 +1,7 @@
-"""Serve the demo participants over HTTP (see workflows_app.participants.server).
+"""Serve the demo participants over HTTP (see demo.participants_server).
 
-    python manage.py serve_participants --port 8001 --callback-token "$TOKEN"
+    SAGA_DEMO=1 python manage.py serve_participants --port 8001 \\
+        --callback-token "$TOKEN"
 
 The token (scope ``report``) is used for the results of ``?reply=async``
 calls; without one those callbacks are refused by the API.
@@ -13,7 +14,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from workflows_app.participants.server import make_server
+from workflows_app.demo.participants_server import make_server
 
 
 class Command(BaseCommand):

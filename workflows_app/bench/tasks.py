@@ -1,7 +1,7 @@
 """The baseline the engine benchmark compares against: a bare Celery chain of
 tasks that each write one row to PostgreSQL, with none of the engine's
-claims, fences or audit rows. Loaded only by the benchmark's worker
-(``celery worker --include workflows_app.bench_tasks``)."""
+claims, fences or audit rows. Celery's task discovery finds it wherever the
+bench app is installed (with the demo); production workers never load it."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from workflows_app.demo_definitions import load_demo_definitions
+from workflows_app.demo.definitions import load_demo_definitions
 
 
 class Command(BaseCommand):

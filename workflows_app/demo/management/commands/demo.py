@@ -25,8 +25,8 @@ from django.contrib.auth.models import Group, User
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandParser
 
-from workflows_app.demo_definitions import load_demo_definitions
-from workflows_app.demo_traffic import start_one
+from workflows_app.demo.definitions import load_demo_definitions
+from workflows_app.demo.traffic import start_one
 from workflows_app.models import WorkflowInstance
 
 DEMO_USERS = [
