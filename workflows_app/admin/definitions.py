@@ -4,6 +4,7 @@ versions frozen and changed only by creating a new draft version."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from django import forms
@@ -45,7 +46,7 @@ def _activity_choices(current: Any) -> list[tuple[str, str]]:
     return choices
 
 
-class StepDefinitionForm(forms.ModelForm):  # type: ignore[type-arg]
+class StepDefinitionForm(forms.ModelForm[StepDefinition]):
     class Meta:
         model = StepDefinition
         fields = [
@@ -81,8 +82,14 @@ class StepDefinitionForm(forms.ModelForm):  # type: ignore[type-arg]
         self.fields["position"].validators.append(MaxValueValidator(MAX_POSITION))
 
 
-class StepDefinitionFormSet(forms.BaseInlineFormSet):  # type: ignore[type-arg]
+class StepDefinitionFormSet(
+    forms.BaseInlineFormSet[
+        StepDefinition, WorkflowDefinition, forms.ModelForm[StepDefinition]
+    ]
+):
     instance: WorkflowDefinition
+    # Django's own (private) test for a row marked for deletion; not in the stubs.
+    _should_delete_form: Callable[[forms.BaseForm], bool]
 
     def clean(self) -> None:
         # Every step of the definition is a row of this formset, so checking
@@ -141,7 +148,7 @@ class StepDefinitionFormSet(forms.BaseInlineFormSet):  # type: ignore[type-arg]
         )
 
 
-class StepDefinitionInline(admin.StackedInline):  # type: ignore[type-arg]
+class StepDefinitionInline(admin.StackedInline[StepDefinition, WorkflowDefinition]):
     model = StepDefinition
     form = StepDefinitionForm
     formset = StepDefinitionFormSet
@@ -195,7 +202,7 @@ def _is_draft(obj: WorkflowDefinition | None) -> bool:
     return obj is None or not obj.is_published
 
 
-class WorkflowDefinitionForm(forms.ModelForm):  # type: ignore[type-arg]
+class WorkflowDefinitionForm(forms.ModelForm[WorkflowDefinition]):
     approval_actions = forms.MultipleChoiceField(
         choices=list(APPROVABLE_ACTIONS.items()),
         required=False,
@@ -223,7 +230,7 @@ class WorkflowDefinitionForm(forms.ModelForm):  # type: ignore[type-arg]
 
 
 @admin.register(WorkflowDefinition)
-class WorkflowDefinitionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class WorkflowDefinitionAdmin(admin.ModelAdmin[WorkflowDefinition]):
     form = WorkflowDefinitionForm
     list_display = (
         "key",
@@ -269,6 +276,7 @@ class WorkflowDefinitionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     @admin.display(description="steps", ordering="step_total")
     def step_count(self, obj: WorkflowDefinition) -> int:
+        # Annotated by get_queryset; not a model field.
         return obj.step_total  # type: ignore[attr-defined,no-any-return]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:

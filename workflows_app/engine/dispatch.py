@@ -36,7 +36,7 @@ def attempt_sender(
         options: dict[str, Any] = {"time_limit": hard_time_limit(timeout)}
         if delay > timedelta(0):
             options["countdown"] = delay.total_seconds()
-        run_attempt.apply_async(args=[str(instance_id), step_id, direction], **options)
+        run_attempt.apply_async(args=(str(instance_id), step_id, direction), **options)
 
     return send
 
@@ -46,7 +46,9 @@ def advance_sender(instance_id: Any) -> Callable[[], None]:
         from workflows_app.tasks import advance
 
         advance.apply_async(
-            args=[str(instance_id)], time_limit=hard_time_limit(timedelta(0))
+            args=(str(instance_id),),
+            # Celery takes float seconds; celery-types declares int.
+            time_limit=hard_time_limit(timedelta(0)),  # type: ignore[arg-type]
         )
 
     return send
@@ -58,7 +60,8 @@ def bulk_job_sender(job_id: int) -> Callable[[], None]:
 
         # A queue of its own when configured, so a long job never queues
         # ahead of step attempts (workers then also consume that queue).
-        queue = settings.SAGA_BULK_QUEUE or None
-        run_bulk_job.apply_async(args=[job_id], queue=queue)
+        queue = settings.SAGA_BULK_QUEUE
+        options: dict[str, Any] = {"queue": queue} if queue else {}
+        run_bulk_job.apply_async(args=(job_id,), **options)
 
     return send

@@ -81,7 +81,8 @@ def db_now() -> datetime:
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute("SELECT statement_timestamp()")
-            return cursor.fetchone()[0]  # type: ignore[no-any-return,index]
+            now: datetime = cursor.fetchone()[0]
+            return now
     return timezone.now()
 
 
@@ -95,7 +96,7 @@ def lock_instance(instance_id: Any) -> tuple[WorkflowInstance, datetime]:
         .annotate(db_now=Now())
         .get(pk=instance_id)
     )
-    return instance, instance.db_now  # type: ignore[attr-defined]
+    return instance, instance.db_now
 
 
 CHANGED_MEANWHILE = (
@@ -170,9 +171,9 @@ class Change:
                 f"the instance is {self.instance.state}: nothing changes any more"
             )
         if not can_proceed(bound):
+            what = obj.name if isinstance(obj, StepExecution) else "the instance"
             raise TransitionRejected(
-                f"{name.replace('_', ' ')} is not allowed while "
-                f"{'the instance' if obj is self.instance else obj.name} is {source}"
+                f"{name.replace('_', ' ')} is not allowed while {what} is {source}"
             )
         if check_user and not has_transition_perm(bound, self.actor.user):
             raise NotPermitted(f"you are not allowed to {name.replace('_', ' ')}")
