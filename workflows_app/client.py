@@ -90,11 +90,15 @@ class SagaDeskClient:
         )
 
     def status(self, instance_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/instances/{_quote(instance_id)}").data  # type: ignore[no-any-return]
+        instance: dict[str, Any] = self.request(
+            "GET", f"/instances/{_quote(instance_id)}"
+        ).data
+        return instance
 
     def history(self, instance_id: str) -> list[dict[str, Any]]:
         path = f"/instances/{_quote(instance_id)}/history"
-        return self.request("GET", path).data  # type: ignore[no-any-return]
+        rows: list[dict[str, Any]] = self.request("GET", path).data
+        return rows
 
     def instances(self, **filters: Any) -> dict[str, Any]:
         """One page: filters definition, status (a list), business_key, stuck,
@@ -108,7 +112,8 @@ class SagaDeskClient:
                 text = str(item).lower() if isinstance(item, bool) else str(item)
                 query.append((name, text))
         suffix = f"?{urllib.parse.urlencode(query)}" if query else ""
-        return self.request("GET", f"/instances{suffix}").data  # type: ignore[no-any-return]
+        page: dict[str, Any] = self.request("GET", f"/instances{suffix}").data
+        return page
 
     def report_callback(
         self,
@@ -130,7 +135,8 @@ class SagaDeskClient:
         else:
             body.update(error=error, permanent=permanent)
         path = f"/callbacks/{_quote(task_token)}"
-        return self.request("POST", path, body=body).data  # type: ignore[no-any-return]
+        answer: dict[str, Any] = self.request("POST", path, body=body).data
+        return answer
 
     def post_event(
         self,
@@ -146,7 +152,8 @@ class SagaDeskClient:
             "correlation_key": correlation_key,
             "payload": payload,
         }
-        return self.request("POST", "/events", body=body).data  # type: ignore[no-any-return]
+        answer: dict[str, Any] = self.request("POST", "/events", body=body).data
+        return answer
 
     # -- transport ------------------------------------------------------------
     def request(

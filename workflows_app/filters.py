@@ -102,9 +102,11 @@ class InstanceFilterForm(forms.Form):
         return text
 
     def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
-        states = [v for v in self.data.getlist("state") if v]
-        statuses = [v for v in self.data.getlist("status") if v]
+        cleaned = super().clean() or {}
+        # A QueryDict (one key may repeat); a plain mapping from the API.
+        getlist = getattr(self.data, "getlist", lambda key: [self.data.get(key)])
+        states = [v for v in getlist("state") if v]
+        statuses = [v for v in getlist("status") if v]
         try:
             merged = merge_states(states, statuses)
         except StateConflict as exc:
@@ -221,12 +223,15 @@ class InstanceFilter(django_filters.FilterSet):
                     error_signature="" if signature == NO_SIGNATURE else signature
                 )
             if held_by:
-                holding = holding.filter(held_by=held_by)
+                # ``held_by`` is an annotation of holding_steps().
+                holding = holding.filter(held_by=held_by)  # type: ignore[misc]
             qs = qs.filter(Exists(holding))
         return qs
 
     def search(self, qs: QuerySet[Any], name: str, value: str) -> QuerySet[Any]:
-        return instance_search.apply(qs, self.form.parsed_search)
+        # Parsed once, by the form's clean_q.
+        parsed = self.form.parsed_search  # type: ignore[attr-defined]
+        return instance_search.apply(qs, parsed)
 
     def filter_state(self, qs: QuerySet[Any], name: str, value: str) -> QuerySet[Any]:
         if value == ACTIVE:

@@ -4,7 +4,7 @@ view passes the cleaned values to one engine command."""
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from django import forms
 from django.core.validators import ProhibitNullCharactersValidator
@@ -50,9 +50,10 @@ class TextField(forms.CharField):
 def clean_reason(value: str, what: str = "reason") -> str:
     """An optional reason posted outside a form: stripped, cut to 2,000
     characters and checked; raises ``forms.ValidationError``."""
-    return TextField(what=what, required=False, max_length=None).clean(
+    cleaned: str = TextField(what=what, required=False, max_length=None).clean(
         value.strip()[:2000]
     )
+    return cleaned
 
 
 class ActionForm(forms.Form):
@@ -112,7 +113,8 @@ class BulkActionForm(forms.Form):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         values = self.data.getlist("selected") if hasattr(self.data, "getlist") else []
-        self.fields["selected"].choices = [(v, v) for v in values]
+        selected = cast(forms.MultipleChoiceField, self.fields["selected"])
+        selected.choices = [(v, v) for v in values]
 
     def clean_selected(self) -> list[tuple[uuid.UUID, int]]:
         pairs = []
@@ -211,7 +213,7 @@ class RepairForm(ActionForm):
         return parse_json_object(self.cleaned_data["value"], "value")
 
     def clean_target(self) -> str | int:
-        target = self.cleaned_data["target"]
+        target: str = self.cleaned_data["target"]
         if target == "input":
             return target
         try:

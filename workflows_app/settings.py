@@ -13,6 +13,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+import django_stubs_ext
+
+# Lets admin and form classes be subscripted (ModelAdmin[Model]) for mypy.
+django_stubs_ext.monkeypatch()
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("SAGA_DESK_VAR_DIR", BASE_DIR / "var"))
@@ -128,7 +132,7 @@ else:
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": VAR_DIR / "saga_desk.sqlite3",
+            "NAME": str(VAR_DIR / "saga_desk.sqlite3"),
             "OPTIONS": {
                 "timeout": 30,
                 "transaction_mode": "IMMEDIATE",
@@ -220,7 +224,7 @@ CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
 
 
 # --- Email ----------------------------------------------------------------
-def _email_url() -> dict[str, object]:
+def _email_url() -> dict[str, str | int | bool]:
     """EMAIL_URL=smtp://user:password@host:587?tls=1 (or smtps:// for SSL)."""
     from urllib.parse import parse_qs, unquote, urlparse
 
@@ -238,7 +242,7 @@ def _email_url() -> dict[str, object]:
 
 _email = _email_url() if os.environ.get("EMAIL_URL") else {}
 EMAIL_HOST = str(_email.get("host") or os.environ.get("EMAIL_HOST", "localhost"))
-EMAIL_PORT = int(_email.get("port") or os.environ.get("EMAIL_PORT", "25"))  # type: ignore[call-overload]
+EMAIL_PORT = int(_email.get("port") or os.environ.get("EMAIL_PORT", "25"))
 EMAIL_HOST_USER = str(_email.get("user") or os.environ.get("EMAIL_HOST_USER", ""))
 EMAIL_HOST_PASSWORD = str(
     _email.get("password") or os.environ.get("EMAIL_HOST_PASSWORD", "")

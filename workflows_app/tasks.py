@@ -23,7 +23,7 @@ def _budget(task: Any) -> commands.InlineBudget | None:
     if not alarms_available():
         return None
     started = time.monotonic()
-    hard_limit = (task.request.timelimit or (None, None))[0]
+    hard_limit: float | None = (task.request.timelimit or (None, None))[0]
     grace = settings.SAGA_HARD_TIMEOUT_GRACE
 
     def fits(timeout: timedelta) -> bool:

@@ -4,6 +4,7 @@ versions frozen and changed only by creating a new draft version."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -47,7 +48,7 @@ def _activity_choices(current: Any) -> list[tuple[str, str]]:
     return choices
 
 
-class StepDefinitionForm(forms.ModelForm):  # type: ignore[type-arg]
+class StepDefinitionForm(forms.ModelForm[StepDefinition]):
     class Meta:
         model = StepDefinition
         fields = [
@@ -83,8 +84,14 @@ class StepDefinitionForm(forms.ModelForm):  # type: ignore[type-arg]
         self.fields["position"].validators.append(MaxValueValidator(MAX_POSITION))
 
 
-class StepDefinitionFormSet(forms.BaseInlineFormSet):  # type: ignore[type-arg]
+class StepDefinitionFormSet(
+    forms.BaseInlineFormSet[
+        StepDefinition, WorkflowDefinition, forms.ModelForm[StepDefinition]
+    ]
+):
     instance: WorkflowDefinition
+    # Django's own (private) test for a row marked for deletion; not in the stubs.
+    _should_delete_form: Callable[[forms.BaseForm], bool]
 
     def clean(self) -> None:
         # Every step of the definition is a row of this formset, so checking
@@ -143,7 +150,7 @@ class StepDefinitionFormSet(forms.BaseInlineFormSet):  # type: ignore[type-arg]
         )
 
 
-class StepDefinitionInline(admin.StackedInline):  # type: ignore[type-arg]
+class StepDefinitionInline(admin.StackedInline[StepDefinition, WorkflowDefinition]):
     model = StepDefinition
     form = StepDefinitionForm
     formset = StepDefinitionFormSet
@@ -197,7 +204,7 @@ def _is_draft(obj: WorkflowDefinition | None) -> bool:
     return obj is None or not obj.is_published
 
 
-class WorkflowDefinitionForm(forms.ModelForm):  # type: ignore[type-arg]
+class WorkflowDefinitionForm(forms.ModelForm[WorkflowDefinition]):
     approval_actions = forms.MultipleChoiceField(
         choices=list(APPROVABLE_ACTIONS.items()),
         required=False,
@@ -254,7 +261,7 @@ def retention_text(definition: WorkflowDefinition) -> str:
 
 
 @admin.register(WorkflowDefinition)
-class WorkflowDefinitionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class WorkflowDefinitionAdmin(admin.ModelAdmin[WorkflowDefinition]):
     form = WorkflowDefinitionForm
     list_display = (
         "key",
@@ -314,6 +321,7 @@ class WorkflowDefinitionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     @admin.display(description="steps", ordering="step_total")
     def step_count(self, obj: WorkflowDefinition) -> int:
+        # Annotated by get_queryset; not a model field.
         return obj.step_total  # type: ignore[attr-defined,no-any-return]
 
     @admin.display(description="finished instances")

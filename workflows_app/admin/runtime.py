@@ -25,7 +25,7 @@ from workflows_app.models import (
 # -- runtime (read-only) -----------------------------------------------------
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class ReadOnlyAdmin(admin.ModelAdmin[Any]):
     """Shows rows that only the engine writes. Search is exact, by text or id,
     so that it uses the indexes at millions of rows."""
 
@@ -64,7 +64,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         return queryset.filter(query), False
 
 
-class ReadOnlyInline(admin.TabularInline):  # type: ignore[type-arg]
+class ReadOnlyInline(admin.TabularInline[Any, Any]):
     extra = 0
     can_delete = False
     show_change_link = True

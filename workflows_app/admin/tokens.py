@@ -6,7 +6,7 @@ keeps the record of who had access."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from django import forms
 from django.contrib import admin, messages
@@ -17,7 +17,7 @@ from django.utils.html import format_html
 from workflows_app.models import ApiToken
 
 
-class ApiTokenForm(forms.ModelForm):  # type: ignore[type-arg]
+class ApiTokenForm(forms.ModelForm[ApiToken]):
     scopes = forms.MultipleChoiceField(
         choices=ApiToken.Scope.choices,
         widget=forms.CheckboxSelectMultiple,
@@ -34,10 +34,9 @@ class ApiTokenForm(forms.ModelForm):  # type: ignore[type-arg]
         super().__init__(*args, **kwargs)
         if "user" in self.fields:
             # Only active people can act; list them by username.
-            field = self.fields["user"]
-            field.queryset = field.queryset.filter(is_active=True).order_by(  # type: ignore[attr-defined]
-                "username"
-            )
+            field = cast("forms.ModelChoiceField[Any]", self.fields["user"])
+            assert field.queryset is not None  # a foreign key's field has one
+            field.queryset = field.queryset.filter(is_active=True).order_by("username")
 
     def clean_scopes(self) -> list[str]:
         return sorted(set(self.cleaned_data["scopes"]))
@@ -67,7 +66,7 @@ class ApiTokenForm(forms.ModelForm):  # type: ignore[type-arg]
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
     form = ApiTokenForm
     list_display = (
         "name",
@@ -93,9 +92,13 @@ class ApiTokenAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     )
 
     def get_form(
-        self, request: HttpRequest, obj: ApiToken | None = None, **kwargs: Any
+        self,
+        request: HttpRequest,
+        obj: ApiToken | None = None,
+        change: bool = False,
+        **kwargs: Any,
     ) -> Any:
-        form = super().get_form(request, obj, **kwargs)
+        form = super().get_form(request, obj, change, **kwargs)
         return type(form.__name__, (form,), {"acting_user": request.user})
 
     def get_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> Any:
@@ -108,8 +111,11 @@ class ApiTokenAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     ) -> bool:
         return False
 
-    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
-        actions = super().get_actions(request)
+    def get_actions(
+        self, request: HttpRequest, *args: Any, **kwargs: Any
+    ) -> dict[str, Any]:
+        # *args: Django 6 adds an action_location argument.
+        actions = super().get_actions(request, *args, **kwargs)
         if not self.has_change_permission(request):
             actions.pop("revoke", None)
         return actions

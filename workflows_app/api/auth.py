@@ -61,11 +61,17 @@ REPORT = TokenAuth(ApiToken.Scope.REPORT)
 OPERATE = TokenAuth(ApiToken.Scope.OPERATE)
 
 
+def request_token(request: HttpRequest) -> ApiToken:
+    """The token this request authenticated with."""
+    # Set by ninja after TokenAuth accepted it; HttpRequest does not declare it.
+    token: ApiToken = request.auth  # type: ignore[attr-defined]
+    return token
+
+
 def client_name(request: HttpRequest) -> str:
     """The authenticated client: its token's name (history rows show it, and
     inbound message ids are deduplicated per client)."""
-    token: ApiToken = request.auth  # type: ignore[attr-defined]
-    return token.name
+    return request_token(request).name
 
 
 def api_actor(request: HttpRequest) -> Actor:
@@ -78,5 +84,4 @@ def event_actor(request: HttpRequest) -> Actor:
 
 def token_user(request: HttpRequest) -> Any:
     """The person an ``operate`` token acts as (checked by OPERATE)."""
-    token: ApiToken = request.auth  # type: ignore[attr-defined]
-    return token.user
+    return request_token(request).user

@@ -83,6 +83,7 @@ class StrictJSONParser(Parser):
                 f"send JSON (Content-Type: application/json), not {content_type}",
             )
         try:
+            # Any JSON value: ninja refuses one that is not an object (422).
             return validation.parse_json(body, "the body")  # type: ignore[no-any-return]
         except BadInput as exc:
             raise refusal(exc) from None
@@ -126,7 +127,9 @@ def limit_body(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]
             # Django reads Content-Length bytes, none here. The server
             # (gunicorn) decodes the chunks and ends the stream with the
             # body; read it directly, one byte past the limit at most.
-            request._stream = LimitedStream(  # type: ignore[attr-defined]
+            # Django's WSGIRequest keeps a LimitedStream here too; the stubs
+            # type the attribute as BinaryIO.
+            request._stream = LimitedStream(  # type: ignore[assignment]
                 request.META["wsgi.input"], settings.SAGA_API_MAX_BODY + 1
             )
             refused = _read_chunked(request)

@@ -5,6 +5,7 @@ validation and authentication errors, 404s, 405s and unexpected exceptions."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
@@ -177,14 +178,21 @@ def body_too_large() -> HttpResponse:
 
 def install(api: NinjaAPI) -> None:
     """Replace ninja's handlers (which answer {"detail": ...}, or HTML for a 500)."""
-    api.add_exception_handler(Exception, _unexpected)
-    api.add_exception_handler(ApiError, _api_error)
-    api.add_exception_handler(EngineError, _engine_error)
-    api.add_exception_handler(ValidationError, _validation_error)
-    api.add_exception_handler(HttpError, _http_error)
-    api.add_exception_handler(AuthenticationError, _authentication_error)
-    api.add_exception_handler(AuthorizationError, _authorization_error)
-    api.add_exception_handler(Http404, _not_found)
-    api.add_exception_handler(RequestDataTooBig, _too_large)
-    api.add_exception_handler(OperationalError, _database_error)
-    api.add_exception_handler(InterfaceError, _database_error)
+    # ninja types a handler's argument as the exception or its class; it
+    # always passes the exception, so each handler takes just that.
+    handlers: list[tuple[type[Exception], Callable[[HttpRequest, Any], HttpResponse]]]
+    handlers = [
+        (Exception, _unexpected),
+        (ApiError, _api_error),
+        (EngineError, _engine_error),
+        (ValidationError, _validation_error),
+        (HttpError, _http_error),
+        (AuthenticationError, _authentication_error),
+        (AuthorizationError, _authorization_error),
+        (Http404, _not_found),
+        (RequestDataTooBig, _too_large),
+        (OperationalError, _database_error),
+        (InterfaceError, _database_error),
+    ]
+    for exc_class, handler in handlers:
+        api.add_exception_handler(exc_class, handler)

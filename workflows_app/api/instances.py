@@ -8,7 +8,8 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
-from ninja import Field, Header, Query, Router, Schema, Status
+from ninja import Field, Query, Router, Schema, Status
+from ninja.params.functions import Header
 
 from workflows_app import search
 from workflows_app.api import queries
@@ -34,6 +35,8 @@ router = Router()
 # The definition key format (models.definitions.KEY_VALIDATOR): anything else
 # cannot name a definition, and never reaches the database.
 DEFINITION_KEY = re.compile(r"[a-z0-9][a-z0-9_.-]{0,99}")
+# ninja.params.functions.Header: ninja.Header is the same function at run time,
+# but mypy sees it as an Annotated alias, which cannot be called.
 IDEMPOTENCY_KEY = Header(
     ...,
     alias="Idempotency-Key",
@@ -132,6 +135,7 @@ def instance_status(request: HttpRequest, instance_id: uuid.UUID) -> dict[str, A
                 "attempts": step.attempt_count,
                 "run": step.run,
             }
+            # Prefetched by queries.instance_detail (to_attr).
             for step in instance.ordered_steps  # type: ignore[attr-defined]
         ],
         "accepted_at": instance.accepted_at,

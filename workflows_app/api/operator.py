@@ -17,7 +17,7 @@ from django.http import HttpRequest
 from ninja import Field, Query, Router, Schema, Status
 
 from workflows_app.api import instances
-from workflows_app.api.auth import OPERATE, token_user
+from workflows_app.api.auth import OPERATE, request_token, token_user
 from workflows_app.api.errors import ApiError
 from workflows_app.api.schemas import (
     ActIn,
@@ -33,11 +33,11 @@ from workflows_app.engine import actions, operate
 from workflows_app.engine.commands import approvals
 from workflows_app.engine.errors import AlreadyChanged
 from workflows_app.models import (
-    ApiToken,
     ApprovalRequest,
     StepExecution,
     WorkflowInstance,
 )
+from workflows_app.models.operations import ApprovalStatus
 
 router = Router()
 
@@ -132,7 +132,7 @@ def instance_act(
 ) -> Status[dict[str, Any]]:
     if name not in actions.CATALOGUE:
         raise ApiError(404, "unknown_action", f"there is no action {name!r}")
-    token: ApiToken = request.auth  # type: ignore[attr-defined]
+    token = request_token(request)
     try:
         outcome = operate.act(
             instance_id,
@@ -181,7 +181,7 @@ def approval_body(request: ApprovalRequest, requested_by: Any = None) -> dict[st
 
 
 class ApprovalFilters(Schema):
-    status: ApprovalRequest.Status | None = Field(
+    status: ApprovalStatus | None = Field(
         None, description="pending: the requests waiting for a decision."
     )
     cursor: Key | None = Field(None, description="next_cursor of the last page.")

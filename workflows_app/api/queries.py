@@ -30,12 +30,13 @@ def instance_detail(instance_id: uuid.UUID) -> WorkflowInstance | None:
     steps = StepExecution.objects.annotate(attempt_count=Count("attempts")).order_by(
         "position"
     )
-    return (
+    instance: WorkflowInstance | None = (
         WorkflowInstance.objects.select_related("definition")
         .prefetch_related(Prefetch("steps", queryset=steps, to_attr="ordered_steps"))
         .filter(pk=instance_id)
         .first()
     )
+    return instance
 
 
 def completed_at(state: str, finished_at: datetime | None) -> datetime | None:

@@ -15,13 +15,13 @@ from ninja import Field, Schema
 from pydantic import AfterValidator, ConfigDict
 
 from workflows_app.models import (
-    ApprovalRequest,
     BulkJob,
     BulkJobItem,
     CompensationState,
     InstanceState,
     StepState,
 )
+from workflows_app.models.operations import ApprovalStatus, BulkJobStatus
 
 MAX_KEY = 200
 
@@ -280,7 +280,7 @@ class ActionsOut(Schema):
 class ApprovalOut(Schema):
     id: int
     action: str = Field(description="The action's name, or bulk_job.")
-    status: ApprovalRequest.Status
+    status: ApprovalStatus
     instance: uuid.UUID | None
     bulk_job: int | None
     reason: str
@@ -317,7 +317,7 @@ class BulkProgress(Schema):
 class BulkJobOut(Schema):
     id: int
     action: BulkJob.Action
-    status: BulkJob.Status
+    status: BulkJobStatus
     reason: str
     description: str = Field(description="The selection in words.")
     query: str = Field(description="The instance list's query string it came from.")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 from workflows_app.engine.planning import InstanceView, Move, StepView, decide
 from workflows_app.engine.signatures import error_signature
@@ -77,7 +78,7 @@ class Shape:
         """A held instance's stuck kind (its alert's); "" for the others."""
         if self.state != "needs_attention":
             return ""
-        return str(HOLD_KINDS.get(self.attention_kind, StuckKind.HELD))  # type: ignore[call-overload]
+        return str(HOLD_KINDS.get(self.attention_kind, StuckKind.HELD))
 
 
 def _succeeded() -> StepShape:
@@ -216,7 +217,7 @@ def definition_shapes(definition: WorkflowDefinition) -> list[Shape]:
             decision = decide(_view("running", policy, pivot, sds, steps))
             if decision.move is Move.HOLD:
                 reason = f"{sd.name}: {decision.reason}"
-                held = {
+                held: dict[str, Any] = {
                     "steps": tuple(steps),
                     "attention_kind": decision.attention_kind,
                     "attention_reason": reason,

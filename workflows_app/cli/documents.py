@@ -138,11 +138,11 @@ def timeline(instance: WorkflowInstance, limit: int) -> dict[str, Any]:
             {
                 "id": r.pk,
                 "at": r.created_at,
-                "step": r.step.name if r.step_id else "",
+                "step": r.step.name if r.step is not None else "",
                 "transition": r.transition,
                 "source": r.source,
                 "target": r.target,
-                "actor": r.user.get_username() if r.user_id else r.actor_label,
+                "actor": r.user.get_username() if r.user is not None else r.actor_label,
                 "actor_kind": r.actor_kind,
                 "reason": r.reason,
             }

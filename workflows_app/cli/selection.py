@@ -104,7 +104,7 @@ def select(options: dict[str, Any]) -> Selection:
     filterset = InstanceFilter(params, queryset=base)
     if not filterset.is_valid():
         problems = "; ".join(
-            f"--{name.replace('_', '-')}: {' '.join(errors)}"
+            f"--{name.replace('_', '-')}: {' '.join(map(str, errors))}"
             for name, errors in filterset.form.errors.items()
         )
         raise bad_input(problems)

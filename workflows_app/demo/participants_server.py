@@ -72,6 +72,7 @@ def context_from(body: dict[str, Any], key: str, direction: str) -> ActivityCont
         input=body.get("input") or {},
         outputs=body.get("outputs") or {},
         step_name=str(body["step"]),
+        # do_POST accepted only "action" or "compensation".
         direction=direction,  # type: ignore[arg-type]
         attempt=int(body.get("attempt", 1)),
         idempotency_key=key,

@@ -213,7 +213,7 @@ def _state_reason(action: OperatorAction, instance: WorkflowInstance) -> str:
         return "no compensation failed"
     if instance.definition.mode == "observed":
         return "an observed workflow runs nothing: only close it"
-    return f"not while held for: {instance.get_attention_kind_display()}"  # type: ignore[attr-defined]
+    return f"not while held for: {instance.get_attention_kind_display()}"
 
 
 def availability(

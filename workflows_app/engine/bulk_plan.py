@@ -61,7 +61,7 @@ def plan_item(
 
 
 def _why_not(action: str, instance: WorkflowInstance) -> str:
-    state = instance.get_state_display()  # type: ignore[attr-defined]
+    state = instance.get_state_display()
     if instance.is_terminal:
         return f"already {state}: nothing to {action}"
     if instance.state != WorkflowInstance.State.NEEDS_ATTENTION:
@@ -72,4 +72,4 @@ def _why_not(action: str, instance: WorkflowInstance) -> str:
         return "a compensation failed: retry it instead"
     if instance.attention_kind == AttentionKind.DEADLINE:
         return "held for its deadline: resume it instead"
-    return f"held ({instance.get_attention_kind_display()}): cannot {action}"  # type: ignore[attr-defined]
+    return f"held ({instance.get_attention_kind_display()}): cannot {action}"

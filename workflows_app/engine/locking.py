@@ -18,7 +18,8 @@ def db_now() -> datetime:
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute("SELECT statement_timestamp()")
-            return cursor.fetchone()[0]  # type: ignore[no-any-return,index]
+            now: datetime = cursor.fetchone()[0]
+            return now
     return timezone.now()
 
 
@@ -32,4 +33,4 @@ def lock_instance(instance_id: Any) -> tuple[WorkflowInstance, datetime]:
         .annotate(db_now=Now())
         .get(pk=instance_id)
     )
-    return instance, instance.db_now  # type: ignore[attr-defined]
+    return instance, instance.db_now

@@ -121,9 +121,11 @@ def sweeper_targets(now: datetime) -> list[Target]:
         "key", "version"
     )
     for row in rows.values("id", "key", "retention", "archive_on_purge"):
-        group = (row["key"], row["retention"])
+        retention = row["retention"]
+        assert retention is not None  # filtered above
+        group = (row["key"], retention)
         target = grouped.setdefault(
-            group, Target(row["key"], now - row["retention"], [], False)
+            group, Target(row["key"], now - retention, [], False)
         )
         target.definition_ids.append(row["id"])
         # Any version asking for an archive gets one (the admin keeps them equal).
@@ -296,13 +298,12 @@ def _archive_lines_sql(ids: list[Any]) -> bytes:
 
 def _archive_lines_python(ids: list[Any]) -> bytes:
     archived_at = datetime.now(UTC).isoformat()
-    instances = (
+    instances = _values(
         WorkflowInstance.objects.filter(pk__in=ids)
         .annotate(definition_version=F("definition__version"))
         .order_by("finished_at", "id")
-        .values()
     )
-    steps = defaultdict(list)
+    steps: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     by_step: dict[int, dict[str, Any]] = {}
     for step in _values(
         StepExecution.objects.filter(instance_id__in=ids).order_by(
@@ -327,22 +328,21 @@ def _archive_lines_python(ids: list[Any]) -> bytes:
         )
     ):
         by_token[exchange["attempt_id"]]["exchanges"].append(exchange)
-    timeline = defaultdict(list)
-    for row in (
+    timeline: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for row in _values(
         TransitionLog.objects.filter(instance_id__in=ids)
         .annotate(username=F("user__username"))
         .order_by("id")
-        .values()
     ):
         timeline[row["instance_id"]].append(row)
-    inbound = defaultdict(list)
+    inbound: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for row in _values(InboundMessage.objects.filter(instance_id__in=ids)):
         inbound[row["instance_id"]].append(row)
     others: dict[str, dict[Any, list[dict[str, Any]]]] = {}
     for rel in _direct_relations():
         model = rel.related_model
         name = RELATED_NAMES.get(model._meta.label_lower, model._meta.label_lower)
-        rows = defaultdict(list)
+        rows: dict[Any, list[dict[str, Any]]] = defaultdict(list)
         for row in _values(
             model._default_manager.filter(**{f"{rel.field.name}__in": ids}).order_by(
                 "pk"
@@ -525,7 +525,7 @@ def run(
     started_at = db_now()
     lock_rows = purge and connection.features.has_select_for_update_skip_locked
     for definition_id in target.definition_ids:
-        after: tuple[datetime, Any] | None = None
+        after: tuple[datetime | None, Any] | None = None
         while True:
             if deadline is not None and time.monotonic() > deadline:
                 outcome.finished = False
@@ -553,7 +553,9 @@ def run(
                 qs = qs.order_by("finished_at", "id")
                 if lock_rows:
                     qs = qs.select_for_update(skip_locked=True, of=("self",))
-                rows = list(qs.values("id", "finished_at")[:take])
+                rows: list[dict[str, Any]] = [
+                    dict(row) for row in qs.values("id", "finished_at")[:take]
+                ]
                 if not rows:
                     break
                 ids = [row["id"] for row in rows]

@@ -10,7 +10,7 @@ from django.db.models import Q
 from workflows_app.models import AttentionKind, StuckKind, WorkflowInstance
 
 # The alert episode a hold opens, by why the instance is held.
-HOLD_KINDS = {
+HOLD_KINDS: dict[str, str] = {
     AttentionKind.DEADLINE: StuckKind.DEADLINE,
     AttentionKind.COMPENSATION_FAILED: StuckKind.COMPENSATION_FAILED,
 }
@@ -35,7 +35,7 @@ def mark_stuck(
 
 def mark_held(instance: WorkflowInstance, now: datetime, reason: str) -> None:
     """Held for a person (the instance's attention kind says why)."""
-    kind = HOLD_KINDS.get(instance.attention_kind, StuckKind.HELD)  # type: ignore[call-overload]
+    kind = HOLD_KINDS.get(instance.attention_kind, StuckKind.HELD)
     mark_stuck(instance, now, kind, reason)
 
 

@@ -148,9 +148,9 @@ class Change:
                 f"the instance is {self.instance.state}: nothing changes any more"
             )
         if not can_proceed(bound):
+            what = obj.name if isinstance(obj, StepExecution) else "the instance"
             raise TransitionRejected(
-                f"{name.replace('_', ' ')} is not allowed while "
-                f"{'the instance' if obj is self.instance else obj.name} is {source}"
+                f"{name.replace('_', ' ')} is not allowed while {what} is {source}"
             )
         if check_user and not has_transition_perm(bound, self.actor.user):
             raise NotPermitted(f"you are not allowed to {name.replace('_', ' ')}")

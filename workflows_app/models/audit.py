@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
 from django.db import models
 from django.db.models.functions import Now
@@ -63,15 +65,15 @@ class TransitionLog(models.Model):
         ]
 
     def __str__(self) -> str:
-        where = f" {self.step.name}" if self.step_id else ""
+        where = f" {self.step.name}" if self.step is not None else ""
         return (
             f"{self.instance_id}{where}: {self.transition} {self.source}->{self.target}"
         )
 
-    def save(self, *args: object, **kwargs: object) -> None:
+    def save(self, *args: Any, **kwargs: Any) -> None:
         if self.pk is not None and not self._state.adding:
             raise ValueError("TransitionLog rows are append-only")
-        super().save(*args, **kwargs)  # type: ignore[arg-type]
+        super().save(*args, **kwargs)
 
 
 class InboundMessage(models.Model):

@@ -9,7 +9,8 @@ transaction. Transition methods set fields only; they do no queries and no I/O.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from django.db import models
 from django_fsm import (
@@ -99,6 +100,15 @@ class StuckKind(models.TextChoices):
     MILESTONE_OVERDUE = "milestone_overdue", "expected event missing"
 
 
+def _fsm_condition(
+    check: Callable[[WorkflowInstance], bool],
+) -> Callable[[models.Model], bool]:
+    # django-fsm types a condition as taking any model; these are attached to
+    # WorkflowInstance transitions only, so they always get an instance.
+    return cast("Callable[[models.Model], bool]", check)
+
+
+@_fsm_condition
 def _forward_blocked(instance: WorkflowInstance) -> bool:
     return instance.attention_kind in {
         AttentionKind.STEP_FAILED,
@@ -108,10 +118,12 @@ def _forward_blocked(instance: WorkflowInstance) -> bool:
     }
 
 
+@_fsm_condition
 def _compensation_blocked(instance: WorkflowInstance) -> bool:
     return instance.attention_kind == AttentionKind.COMPENSATION_FAILED
 
 
+@_fsm_condition
 def _can_compensate(instance: WorkflowInstance) -> bool:
     # Past the pivot nothing is undone, unless a person judges that an uncertain
     # pivot did not apply; a failed compensation is retried instead.
@@ -122,17 +134,20 @@ def _can_compensate(instance: WorkflowInstance) -> bool:
     return before_pivot and not _compensation_blocked(instance)
 
 
+@_fsm_condition
 def _can_restart(instance: WorkflowInstance) -> bool:
     # A restart runs the steps again under new keys: never a pivot that may
     # have applied, since nothing undoes it.
     return not instance.pivot_passed and not _compensation_blocked(instance)
 
 
+@_fsm_condition
 def _orchestrated(instance: WorkflowInstance) -> bool:
     # Observed workflows run nothing: nothing to retry, resume or compensate.
     return instance.definition.mode == WorkflowDefinition.Mode.ORCHESTRATED
 
 
+@_fsm_condition
 def _deadline_hold(instance: WorkflowInstance) -> bool:
     return instance.attention_kind == AttentionKind.DEADLINE
 

@@ -211,7 +211,7 @@ def approval_decide(
     status = 200
     try:
         if not form.is_valid():
-            raise InvalidInput(" ".join(form.errors["note"]).rstrip("."))
+            raise InvalidInput(" ".join(map(str, form.errors["note"])).rstrip("."))
         decided = approvals.approval_decide(
             approval_id,
             user=request.user,

@@ -156,6 +156,7 @@ def job_context(job: BulkJob, user: Any) -> dict[str, Any]:
         items = items.exclude(outcome=BulkJobItem.Outcome.PENDING).order_by(
             "-processed_at", "-id"
         )
+    # django-fsm adds get_available_<field>_transitions when the class is built.
     allowed = {t.name for t in job.get_available_status_transitions()}  # type: ignore[attr-defined]
     return {
         "job": job,

@@ -50,7 +50,7 @@ def failure_group_mark(request: HtmxHttpRequest) -> HttpResponse:
     forget = "forget" in request.POST
     if not form.is_valid():
         # Refused input (NUL characters...): the page with why, nothing done.
-        problems = [m for errors in form.errors.values() for m in errors]
+        problems = [str(m) for errors in form.errors.values() for m in errors]
         messages.error(request, f"Not marked: {' '.join(problems)}")
         return _groups_page(request, include_known=True, status=422)
     if not (forget or form.cleaned_data["note"]):
@@ -61,13 +61,15 @@ def failure_group_mark(request: HtmxHttpRequest) -> HttpResponse:
         "step_name": form.cleaned_data["step_name"],
         "signature": form.cleaned_data["signature"],
     }
+    user = request.user
+    assert user.is_authenticated  # dashboard_view lets only signed-in users in
     if forget:
         KnownFailure.objects.filter(**key).delete()
         messages.success(request, "The group is no longer marked as known.")
     else:
         KnownFailure.objects.update_or_create(
             **key,
-            defaults={"note": form.cleaned_data["note"], "marked_by": request.user},
+            defaults={"note": form.cleaned_data["note"], "marked_by": user},
         )
         messages.success(request, "Marked as known.")
     return redirect("failure_group_list")

@@ -144,6 +144,7 @@ def recent_failures(limit: int = 10) -> list[WorkflowInstance]:
     ):
         failed_steps.setdefault(step.instance_id, step)
     for instance in instances:
+        # Read by the list template; not a model field.
         instance.failed_step = failed_steps.get(instance.id)  # type: ignore[attr-defined]
     return instances
 

@@ -60,18 +60,20 @@ def view_url(view: SavedView) -> str:
 def saved_view_create(request: HtmxHttpRequest) -> HttpResponse:
     form = SavedViewForm(request.POST)
     if not form.is_valid():
-        problems = [m for errors in form.errors.values() for m in errors]
+        problems = [str(m) for errors in form.errors.values() for m in errors]
         if not request.POST.get("name", "").strip():
             problems = ["the view needs a name."]
         messages.error(request, f"Not saved: {' '.join(problems)}")
         return redirect("instance_list")
     params = form.cleaned_data["query"]
+    owner = request.user
+    assert owner.is_authenticated  # dashboard_view lets only signed-in users in
     try:
         with transaction.atomic():
             view = SavedView.objects.create(
                 name=form.cleaned_data["name"],
                 query=params.urlencode(),
-                owner=request.user,
+                owner=owner,
                 shared=form.cleaned_data["shared"],
             )
     except IntegrityError:

@@ -54,9 +54,9 @@ def client() -> httpx.Client:
 
 
 def retry_delay(attempts: int, retry_after: float | None = None) -> timedelta:
-    backoff = min(MAX_RETRY_DELAY, FIRST_RETRY * 2 ** max(0, attempts - 1))
+    backoff: timedelta = min(MAX_RETRY_DELAY, FIRST_RETRY * 2 ** max(0, attempts - 1))
     if retry_after is not None:
-        return min(MAX_RETRY_DELAY, max(backoff, timedelta(seconds=retry_after)))
+        return max(backoff, min(MAX_RETRY_DELAY, timedelta(seconds=retry_after)))
     return backoff
 
 

@@ -3,10 +3,8 @@ admin and the sweeper call these; nothing else changes a state."""
 
 from __future__ import annotations
 
+from workflows_app.activities.base import Claim, InlineBudget, Outcome
 from workflows_app.engine.commands.execution import (
-    Claim,
-    InlineBudget,
-    Outcome,
     attempt_claim,
     attempt_record,
     attempt_record_and_continue,

@@ -89,6 +89,7 @@ def _execute(request: ApprovalRequest) -> None:
     """Do the approved action as the requester (no transaction of its own:
     it commits, or not, with the decision)."""
     if request.action == BULK:
+        assert request.bulk_job_id is not None  # a bulk request names its job
         bulk.confirm_approved(request.bulk_job_id, user=request.requested_by)
         return
     action = actions.CATALOGUE[request.action]
@@ -166,6 +167,7 @@ def _close(
         }[transition or ""]
     )
     if request.instance_id is None:
+        assert request.bulk_job_id is not None  # on an instance or on a bulk job
         bulk.note_on_job(request.bulk_job_id, actor.user, name, request.decision_note)
         return
     change = Change.open(request.instance_id, actor)

@@ -51,7 +51,7 @@ from workflows_app.models import (
     WorkflowInstance,
 )
 
-PERMISSIONS = {
+PERMISSIONS: dict[str, tuple[str, ...]] = {
     BulkJob.Action.RETRY: (
         "workflows_app.retry_step",
         "workflows_app.retry_compensation",

@@ -125,6 +125,7 @@ def _claim(change: Change, step: StepExecution, direction: str, task_id: str) ->
             input=instance.input,
             outputs=dict(instance.outputs),
             step_name=step.name,
+            # An attempt's direction is "action" or "compensation" (its choices).
             direction=direction,  # type: ignore[arg-type]
             attempt=number,
             idempotency_key=step.idempotency_key(direction),
@@ -155,7 +156,7 @@ def _continue_inline(
 def _live(step: StepExecution, direction: str) -> bool:
     if direction == ACTION:
         return step.state in {StepState.RUNNING, StepState.WAITING}
-    return step.compensation_state == CompensationState.RUNNING
+    return bool(step.compensation_state == CompensationState.RUNNING)
 
 
 def _backoff(step: StepExecution) -> planning.Backoff:

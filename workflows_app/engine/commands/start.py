@@ -146,6 +146,8 @@ def instance_start(
         if found:
             return _existing(definition_key, idempotency_key, fingerprint, actor)
 
+    # Annotated by the query above; mypy does not follow annotate() through
+    # the custom queryset.
     now = definition.db_now  # type: ignore[attr-defined]
     instance = WorkflowInstance(
         definition=definition,

@@ -149,26 +149,29 @@ class Command(BaseCommand):
             if time.monotonic() > deadline:
                 raise CommandError("workflows did not complete in time")
             time.sleep(0.002 if len(ids) == 1 else 0.2)
-        rows = qs.values_list("accepted_at", "finished_at")
-        return [(f - a).total_seconds() for a, f in rows]
+        latencies = []
+        for accepted, finished in qs.values_list("accepted_at", "finished_at"):
+            assert finished is not None  # every one completed
+            latencies.append((finished - accepted).total_seconds())
+        return latencies
 
     def _engine_single(self, key: str, runs: int) -> float:
         return statistics.median(
             self._wait_engine([self._start(key, f"single-{i}")])[0] for i in range(runs)
         )
 
-    def _engine_throughput(self, key: str, n: int) -> dict[str, float]:
+    def _engine_throughput(self, key: str, n: int) -> dict[str, Any]:
         ids = [self._start(key, f"load-{i}") for i in range(n)]
         latencies = self._wait_engine(ids)
         rows = WorkflowInstance.objects.filter(pk__in=ids)
         first = min(rows.values_list("accepted_at", flat=True))
-        last = max(rows.values_list("finished_at", flat=True))
+        last = max(f for f in rows.values_list("finished_at", flat=True) if f)
         return {"elapsed": (last - first).total_seconds(), "latencies": latencies}
 
     # -- baseline -------------------------------------------------------------
     def _chain(self, workflow: int, steps: int) -> None:
         chain(
-            bench_tasks.baseline_step.si(workflow, step) for step in range(1, steps + 1)
+            *(bench_tasks.baseline_step.si(workflow, s) for s in range(1, steps + 1))
         ).apply_async()
 
     def _baseline_rows(self, first: int, last: int, steps: int) -> dict[int, list[Any]]:
@@ -197,7 +200,7 @@ class Command(BaseCommand):
             return cursor.fetchone()[0]
 
     def _baseline_single(self, steps: int, runs: int) -> float:
-        results = []
+        results: list[float] = []
         for i in range(runs):
             wf = 10_000_000 + i
             started = self._now()
@@ -206,7 +209,7 @@ class Command(BaseCommand):
             results.append((finished - started).total_seconds())
         return statistics.median(results)
 
-    def _baseline_throughput(self, n: int, steps: int) -> dict[str, float]:
+    def _baseline_throughput(self, n: int, steps: int) -> dict[str, Any]:
         started: dict[int, Any] = {}
         for wf in range(1, n + 1):
             started[wf] = self._now()

@@ -364,7 +364,12 @@ class Command(BaseCommand):
 
     def _load_shapes(self, definitions: list[WorkflowDefinition]) -> int:
         """Every definition's shapes into the session tables; returns the count."""
-        defs, picks, shapes, steps, attempts = [], [], [], [], []
+        # Rows of the session tables, one tuple per row.
+        defs: list[tuple[Any, ...]] = []
+        picks: list[tuple[Any, ...]] = []
+        shapes: list[tuple[Any, ...]] = []
+        steps: list[tuple[Any, ...]] = []
+        attempts: list[tuple[Any, ...]] = []
         for d, definition in enumerate(definitions, start=1):
             deadline = definition.deadline
             defs.append(

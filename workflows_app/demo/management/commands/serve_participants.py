@@ -35,6 +35,7 @@ class Command(BaseCommand):
             opts["host"], opts["port"], callback_token=opts["callback_token"]
         )
         host, port = server.server_address[:2]
+        assert isinstance(host, str)  # an IP address, never bytes here
         # Tests and scripts read this line to learn the port of --port 0.
         self.stdout.write(f"participants listening on http://{host}:{port}")
         self.stdout.flush()
