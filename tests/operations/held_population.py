@@ -13,11 +13,10 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from workflows_app.activities.demo import perform_action, perform_compensation
-
 from tests.support import advance_clock, make_definition, start
 from workflows_app.activities import activity
 from workflows_app.activities.base import ActivityContext, Waiting
+from workflows_app.demo.activities import perform_action, perform_compensation
 from workflows_app.engine.locking import db_now
 from workflows_app.engine.sweeps import enforce_deadlines, time_out_attempts
 from workflows_app.models import WorkflowInstance

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from tests.operations.held_population import SCENARIOS, make_definitions, make_held
 from tests.support import user_in
+from workflows_app.demo.models import ParticipantEffect
 from workflows_app.engine.blocking import holding
 from workflows_app.engine.commands.bulk import bulk_job_plan
 from workflows_app.engine.signatures import error_signature
@@ -35,7 +36,6 @@ from workflows_app.filters import InstanceFilter
 from workflows_app.models import (
     BulkJob,
     BulkJobItem,
-    ParticipantEffect,
     StepExecution,
     WorkflowInstance,
 )

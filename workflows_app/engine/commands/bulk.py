@@ -29,6 +29,7 @@ from django.db.models.functions import Now
 from django_fsm import can_proceed
 
 from workflows_app.engine import actions, dispatch
+from workflows_app.engine.blocking import COMPENSATION, holding_steps
 from workflows_app.engine.bulk_plan import plan_item
 from workflows_app.engine.commands import operator
 from workflows_app.engine.errors import (
@@ -44,9 +45,6 @@ from workflows_app.models import (
     ApprovalRequest,
     BulkJob,
     BulkJobItem,
-    CompensationState,
-    StepExecution,
-    StepState,
     WorkflowDefinition,
     WorkflowInstance,
 )
@@ -79,23 +77,21 @@ def may_run(user: Any, action: str) -> bool:
     return any(user.has_perm(p) for p in PERMISSIONS.get(action, ()))
 
 
-def _blocking_steps(ids: list[Any]) -> tuple[dict[Any, str], dict[Any, list[str]]]:
-    """Per instance: the first failed/unknown step, and failed compensations."""
+def _what_holds(ids: list[Any]) -> tuple[dict[Any, str], dict[Any, list[str]]]:
+    """Per held instance, what holds it now (engine.blocking's one rule): the
+    step whose action failed, or the step whose compensation failed."""
     blocked: dict[Any, str] = {}
     compensations: dict[Any, list[str]] = defaultdict(list)
     rows = (
-        StepExecution.objects.filter(instance_id__in=ids)
-        .filter(
-            Q(state__in=[StepState.FAILED, StepState.UNKNOWN])
-            | Q(compensation_state=CompensationState.FAILED)
-        )
-        .order_by("instance_id", "position")
-        .values_list("instance_id", "name", "state", "compensation_state")
+        holding_steps()
+        .filter(instance_id__in=ids)
+        # ``held_by`` is holding_steps()'s annotation.
+        .values_list("instance_id", "name", "held_by")  # type: ignore[misc]
     )
-    for instance_id, name, state, compensation_state in rows:
-        if compensation_state == CompensationState.FAILED:
+    for instance_id, name, held_by in rows:
+        if held_by == COMPENSATION:
             compensations[instance_id].append(name)
-        if state in (StepState.FAILED, StepState.UNKNOWN):
+        else:
             blocked.setdefault(instance_id, name)
     return blocked, compensations
 
@@ -145,7 +141,7 @@ def bulk_job_plan(
             .select_related("definition")
             .only(*INSTANCE_COLUMNS)
         )
-        blocked, compensations = _blocking_steps(chunk)
+        blocked, compensations = _what_holds(chunk)
         items = []
         for instance in found:
             plan = plan_item(
