@@ -50,6 +50,8 @@ def process_env(
         DATABASE_URL=database or database_url(),
         CELERY_BROKER_URL=broker,
         SAGA_ACTIVITY_MODULES="tests.worker_activities",
+        # The demo app: its participants' ledger and activities.
+        SAGA_DEMO="1",
         SAGA_SWEEP_INTERVAL="0.5",
         SAGA_REDISPATCH_AFTER="2",
         PYTHONPATH=str(ROOT),

@@ -76,6 +76,8 @@ def _setup_django(url: str, broker: str, rundir: Path) -> None:
         CELERY_BROKER_URL=broker,
         SAGA_DESK_VAR_DIR=str(rundir / "driver"),
         PROMETHEUS_MULTIPROC_DIR=str(rundir / "driver" / "prometheus"),
+        # The demo participants' ledger and activities (settings SAGA_DEMO).
+        SAGA_DEMO="1",
         SAGA_ACTIVITY_MODULES="tests.worker_activities,tests.chaos.activities",
     )
     (rundir / "driver" / "prometheus").mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from django.db.models import F
 from tests.cluster.sweeper_claims import install, sweeper_work
 from tests.support import make_definition, start
 from workflows_app.engine import sweeps
-from workflows_app.engine.transitions import db_now
+from workflows_app.engine.locking import db_now
 from workflows_app.models import WorkflowInstance
 
 pytestmark = pytest.mark.django_db
