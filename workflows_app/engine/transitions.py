@@ -52,6 +52,9 @@ STEP_FIELDS = [
     "output",
     "succeeded_at",
     "compensated_at",
+    "wake_at",
+    "claimed_by",
+    "claimed_at",
 ]
 INSTANCE_FIELDS = [
     "state",

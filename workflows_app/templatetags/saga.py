@@ -182,3 +182,17 @@ def approval_label(action: str) -> str:
         "bulk_job": "start a bulk job",
     }
     return labels.get(action, action.replace("_", " "))
+
+
+@register.filter
+def get_item(mapping: Any, key: str) -> Any:
+    """``mapping[key]`` in a template (None when absent or not a mapping)."""
+    return mapping.get(key) if isinstance(mapping, dict) else None
+
+
+@register.filter
+def field_label(field: dict[str, Any]) -> str:
+    """The label of a declared form field of a step for a person."""
+    from workflows_app.engine.human_form import label_of
+
+    return label_of(field)

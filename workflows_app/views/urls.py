@@ -12,6 +12,7 @@ from workflows_app.views import (
     dashboard,
     definitions,
     failures,
+    inbox,
     instances,
     saved_views,
 )
@@ -46,6 +47,17 @@ urlpatterns = [
         name="alert_acknowledge",
     ),
     path("alerts/", alerts.alert_list, name="alert_list"),
+    path("inbox/", inbox.inbox, name="inbox"),
+    path(
+        "inbox/<int:step_id>/complete/",
+        inbox.inbox_complete,
+        name="inbox_complete",
+    ),
+    path(
+        "inbox/<int:step_id>/<slug:op>/",
+        inbox.inbox_claim,
+        name="inbox_claim",
+    ),
     path("views/", saved_views.saved_view_create, name="saved_view_create"),
     path(
         "views/<int:pk>/delete/",
