@@ -23,6 +23,12 @@ step ``state`` ``fail`` / ``retry``    ``STEP_FAILED(i, a, for good|retryable)``
 step ``state`` ``time_out``            ``STEP_TIMED_OUT(i, a)``
 step ``state`` ``mark_done``           ``STEP_SKIPPED(i)`` (manual: done by hand)
 step ``state`` ``rerun``               ``STEP_RERUN(i)``: run ``r + 1`` of step ``i``
+step ``state`` ``begin_wait``          ``STEP_WAIT_BEGUN(i)`` (timer / for a person)
+step ``state`` ``wake`` / ``wake_early``  ``TIMER_WOKEN(i)`` (``manual``: an operator)
+step ``state`` ``complete_task``       ``HUMAN_DONE(i, manual)``
+step ``state`` ``refuse_wait`` /       ``STEP_FAILED(i, for good)``
+``reject_task``
+step ``state`` ``stop_waiting``        ``STEP_WAIT_FENCED(i)``
 ``compensation_state`` transitions     ``COMP_SCHEDULED`` / ``COMP_STARTED`` /
                                        ``COMP_SUCCEEDED`` / ``COMP_FAILED`` /
                                        ``COMP_NOT_NEEDED`` / ``COMP_REOPENED``
@@ -109,6 +115,13 @@ the history so far):
   the ledger's word (for completed and compensated only: ``failed`` is
   neither, a person took it over).
 
+Timers and steps for a person (``StepSpec.kind`` ``timer`` / ``human``) are
+done by the engine itself: they never claim an attempt, have no
+compensation and no ledger rows. Their wait begins only as forward work
+(S3), ends only while the instance runs or is held (never after
+``WF_COMPENSATING``), and is fenced (``STEP_WAIT_FENCED``) only when the
+instance stopped moving forward; G's word is taken over the activity steps.
+
 Not checked here: S11 (callbacks; the property test asserts replays itself)
 and the timing bounds of L3 (the property test drives with a round bound).
 
@@ -182,7 +195,17 @@ STEP_KINDS = {
     "skip_compensation": ("COMP_NOT_NEEDED", ""),
     "rerun": ("STEP_RERUN", "restart"),
     "reopen_compensation": ("COMP_REOPENED", "restart"),
+    "begin_wait": ("STEP_WAIT_BEGUN", ""),
+    "refuse_wait": ("STEP_FAILED", "for good"),
+    "wake": ("TIMER_WOKEN", ""),
+    "wake_early": ("TIMER_WOKEN", "manual"),
+    "complete_task": ("HUMAN_DONE", "manual"),
+    "reject_task": ("STEP_FAILED", "for good, manual"),
+    "stop_waiting": ("STEP_WAIT_FENCED", ""),
 }
+# Transitions of the steps the engine does itself (timers, for a person).
+WAIT_ENDS = frozenset({"wake", "wake_early", "complete_task", "reject_task"})
+ENGINE_STEP_TRANSITIONS = WAIT_ENDS | {"begin_wait", "refuse_wait", "stop_waiting"}
 INSTANCE_KINDS = {
     "accept": "WF_CREATED",
     "start": "WF_STARTED",
@@ -207,6 +230,7 @@ class StepSpec:
     has_compensation: bool = True
     is_pivot: bool = False
     restart_point: bool = False
+    kind: str = "activity"  # "timer" / "human": done by the engine, no effect
 
 
 @dataclasses.dataclass(frozen=True)
@@ -696,10 +720,26 @@ class _Checker:
         fold, name = self.fold, row.transition
         key = (position, ACTION)
         attempt = row.data.get("attempt")
+        engine_step = self.specs[position].kind != "activity"
+        if name in ENGINE_STEP_TRANSITIONS and not engine_step:
+            self.fail("S1", f"{name} on an activity step", row)
+        if name == "begin_attempt" and engine_step:
+            self.fail("S12", f"step {position} is done by the engine: no attempt", row)
         if name == "fail":
             fold.permanent[position] = bool(row.data.get("permanent"))
-        elif name in {"begin_attempt", "mark_done"}:
+        elif name in {"refuse_wait", "reject_task"}:
+            fold.permanent[position] = True
+        elif name in {"begin_attempt", "mark_done", "begin_wait"}:
             fold.permanent[position] = False
+        if name in {"begin_wait", "refuse_wait"}:
+            self._forward_allowed(row, position)
+        elif name in WAIT_ENDS and (
+            fold.instance not in {"running", "needs_attention"}
+            or fold.compensating_since is not None
+        ):
+            self.fail("S3", f"a wait ended while the instance is {fold.instance}", row)
+        elif name == "stop_waiting" and fold.instance == "running":
+            self.fail("S3", "a wait fenced while the instance runs forward", row)
         if name == "time_out" and row.data.get("abandoned"):
             fold.abandoned.add((position, attempt))
         if name == "retry" and fold.instance == "compensating":
@@ -969,8 +1009,10 @@ class _Checker:
 
     def check_terminal(self) -> None:
         state = self.fold.instance
+        # Timers and steps for a person apply nothing: G's word is over the
+        # steps that call a participant.
         word = self.word()
-        positions = sorted(self.specs)
+        positions = sorted(p for p, s in self.specs.items() if s.kind == "activity")
         if self.fold.restarted:
             # A restarted step without a compensation was called again under
             # its old key: its one effect keeps the time of the first run, so
@@ -1114,7 +1156,14 @@ def check_history(
 def pinned_steps(definition_id: int) -> list[StepSpec]:
     """The steps of the definition version an instance pinned."""
     return [
-        StepSpec(s.position, s.name, bool(s.compensation), s.is_pivot, s.restart_point)
+        StepSpec(
+            s.position,
+            s.name,
+            bool(s.compensation),
+            s.is_pivot,
+            s.restart_point,
+            s.kind,
+        )
         for s in StepDefinition.objects.filter(definition_id=definition_id).order_by(
             "position"
         )

@@ -130,7 +130,7 @@ def advance_clock(instance: WorkflowInstance, seconds: float) -> None:
 
     delta = timedelta(seconds=seconds)
     cols = ["deadline_at", "next_attempt_at", "redispatch_at"]
-    for col in cols:
+    for col in [*cols, "wake_at"]:
         StepExecution.objects.filter(
             instance=instance, **{f"{col}__isnull": False}
         ).update(**{col: F(col) - delta})

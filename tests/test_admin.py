@@ -159,6 +159,36 @@ class AddDefinitionTests(AdminTestCase):
         self.assertContains(response, '<option value="demo.refund_payment">')
         self.assertContains(response, 'name="steps-TOTAL_FORMS"')
 
+    def test_timer_and_human_steps_are_declared_with_clear_errors(self):
+        wait = {"name": "wait", "kind": "timer", "action": "", "compensation": ""}
+        review = {"name": "review", "kind": "human", "action": "", "compensation": ""}
+        bad = [
+            {"name": "reserve"},
+            {**wait, "wait_until": "ship_by"},
+            {**review, "form_fields": '[{"name": "ok", "type": "date"}'},
+        ]
+        response = self.client.post(ADD_URL, form_data(bad))
+        assert response.status_code == 200
+        text = " ".join(errors(response))
+        assert "input.ship_by" in text
+        assert "Enter a valid JSON" in text
+        bad[2]["form_fields"] = '[{"name": "ok", "type": "date"}]'
+        text = " ".join(errors(self.client.post(ADD_URL, form_data(bad))))
+        assert "type must be one of text, number, boolean, choice" in text
+        good = [
+            {"name": "reserve"},
+            {**wait, "wait_until": "input.ship_by"},
+            {
+                **review,
+                "form_fields": '[{"name": "ok", "type": "boolean", "required": true}]',
+            },
+        ]
+        response = self.client.post(ADD_URL, form_data(good))
+        assert response.status_code == 302, errors(response)
+        stored = StepDefinition.objects.get(name="review")
+        assert stored.kind == "human" and stored.form_fields[0]["name"] == "ok"
+        assert StepDefinition.objects.get(name="reserve").kind == "activity"
+
     def test_valid_definition_with_steps_is_saved(self):
         steps = [
             {"name": "reserve", "action": "demo.reserve_inventory"},

@@ -91,6 +91,14 @@ STEP_TABLE = {
     ("skipped", "rerun"): "pending",
     ("failed", "rerun"): "pending",
     ("unknown", "rerun"): "pending",
+    # Timers and steps for a person: the engine waits itself, calls nothing.
+    ("scheduled", "begin_wait"): "waiting",
+    ("scheduled", "refuse_wait"): "failed",  # a timer whose time is unreadable
+    ("waiting", "wake"): "succeeded",  # the sweeper: the timer's time came
+    ("waiting", "wake_early"): "succeeded",  # operator
+    ("waiting", "complete_task"): "succeeded",  # operator: a person did it
+    ("waiting", "reject_task"): "failed",  # operator: a person said no
+    ("waiting", "stop_waiting"): "pending",  # fenced: the instance stopped
 }
 STEP_INITIAL = "pending"
 STEP_TERMINAL = {"succeeded", "skipped"}
@@ -128,6 +136,9 @@ OPERATOR_PERMISSIONS = {
         "retry_now": f"{APP}.retry_step",
         "mark_done": f"{APP}.mark_step_done",
         "compensation_retry_now": f"{APP}.retry_compensation",
+        "wake_early": f"{APP}.operate_timer",
+        "complete_task": f"{APP}.complete_human_step",
+        "reject_task": f"{APP}.complete_human_step",
     },
 }
 
@@ -170,6 +181,8 @@ SAMPLE_ARGS = {
     "max_attempts": 3,
     "new_keys": True,
     "permanent": False,
+    "wake_at": None,
+    "deadline": None,
 }
 
 RESTART_EDGES = {"rerun", "reopen_compensation"}
@@ -344,7 +357,7 @@ class TransitionsTest(Placing, TestCase):
                         assert getattr(obj, field) == state
                         refused += 1
         # (states x transitions - edges) per field: every pair was tried.
-        assert refused == (8 * 15 - 18) + (9 * 15 - 27) + (7 * 8 - 10)
+        assert refused == (8 * 15 - 18) + (9 * 22 - 34) + (7 * 8 - 10)
 
     def test_transitions_of_one_step_field_leave_the_other_alone(self):
         step = self.make_step(state="running", compensation_state="none")
@@ -460,8 +473,9 @@ class PermissionsTest(Placing, TestCase):
                     assert not has_transition_perm(bound, self.admin)
                     assert has_transition_perm(bound, self.operator)
                     checked += 1
-        # 11 instance edges (cancel has three) and 5 step edges.
-        assert checked == 16
+        # 11 instance edges (cancel has three), 5 step edges, and the 3 of
+        # timers and steps for a person.
+        assert checked == 19
 
     def test_engine_edges_need_no_permission(self):
         for model, field, table, _, _ in MACHINES:

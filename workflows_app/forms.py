@@ -69,6 +69,24 @@ class ActionForm(forms.Form):
     version = forms.IntegerField(min_value=0, widget=forms.HiddenInput)
     step = forms.IntegerField(required=False, widget=forms.HiddenInput)
 
+    def action_data(self) -> dict[str, Any] | None:
+        """The action's ``data`` from the cleaned form (None: none)."""
+        if "output" in self.cleaned_data:
+            return {"output": self.cleaned_data["output"]}
+        return None
+
+
+class ExtendTimerForm(ActionForm):
+    by_minutes = forms.IntegerField(
+        min_value=1,
+        max_value=10 * 366 * 24 * 60,
+        label="Wait this many minutes longer",
+        help_text="Added to the time the timer wakes at now.",
+    )
+
+    def action_data(self) -> dict[str, Any] | None:
+        return {"by_seconds": self.cleaned_data["by_minutes"] * 60}
+
 
 class MarkStepDoneForm(ActionForm):
     output = TextField(

@@ -42,6 +42,9 @@ OPERATE = [
     "edit_instance_data",
     # Restart from an earlier step (compensates the steps it re-runs).
     "restart_instance",
+    # Timers: wake early or extend; steps for a person: claim and complete.
+    "operate_timer",
+    "complete_human_step",
 ]
 EDIT_DEFINITIONS = [
     "add_workflowdefinition",

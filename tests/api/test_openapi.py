@@ -25,6 +25,8 @@ ROUTES = {
     # The operator API (issue 14): scope operate.
     ("get", "/api/v1/instances/{instance_id}/actions"),
     ("post", "/api/v1/instances/{instance_id}/actions/{name}"),
+    # Steps that wait for a person (issue 19).
+    ("post", "/api/v1/instances/{instance_id}/steps/{step}/complete"),
     ("get", "/api/v1/approvals"),
     ("post", "/api/v1/approvals/{approval_id}/approve"),
     ("post", "/api/v1/approvals/{approval_id}/reject"),
@@ -85,6 +87,7 @@ def test_every_documented_route_is_served(document, raw):
         "instance_id": str(uuid.uuid4()),
         "task_token": str(uuid.uuid4()),
         "name": "retry_step",
+        "step": "review",
         "approval_id": "1",
         "job_id": "1",
     }

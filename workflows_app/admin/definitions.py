@@ -48,12 +48,48 @@ def _activity_choices(current: Any) -> list[tuple[str, str]]:
     return choices
 
 
+class StepKindField(forms.TypedChoiceField):
+    """The step's kind; a row that does not send one is an activity step
+    (rows written before kinds existed, scripts posting the old fields)."""
+
+    def has_changed(self, initial: Any, data: Any) -> bool:
+        return super().has_changed(initial, data or StepDefinition.Kind.ACTIVITY)
+
+
+class FormFieldsField(forms.JSONField):
+    """The form of a step for a person; nothing sent means no form."""
+
+    def to_python(self, value: Any) -> Any:
+        if value in (None, ""):
+            return []
+        return super().to_python(value)
+
+    def has_changed(self, initial: Any, data: Any) -> bool:
+        if data in (None, "", "[]") and initial in (None, "", [], "[]"):
+            return False
+        return super().has_changed(initial, data)
+
+
 class StepDefinitionForm(forms.ModelForm[StepDefinition]):
+    kind = StepKindField(
+        choices=StepDefinition.Kind.choices,
+        required=False,
+        empty_value=StepDefinition.Kind.ACTIVITY,
+        initial=StepDefinition.Kind.ACTIVITY,
+        help_text=StepDefinition._meta.get_field("kind").help_text,
+    )
+    form_fields = FormFieldsField(
+        required=False,
+        help_text=StepDefinition._meta.get_field("form_fields").help_text,
+        widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false"}),
+    )
+
     class Meta:
         model = StepDefinition
         fields = [
             "position",
             "name",
+            "kind",
             "action",
             "action_config",
             "compensation",
@@ -69,6 +105,9 @@ class StepDefinitionForm(forms.ModelForm[StepDefinition]):
             "restart_point",
             "awaits_event",
             "failure_event",
+            "wait_for",
+            "wait_until",
+            "form_fields",
         ]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -160,7 +199,7 @@ class StepDefinitionInline(admin.StackedInline[StepDefinition, WorkflowDefinitio
             None,
             {
                 "fields": (
-                    ("position", "name", "is_pivot", "restart_point"),
+                    ("position", "name", "kind", "is_pivot", "restart_point"),
                     ("action", "compensation"),
                     ("awaits_event", "failure_event"),
                 )
@@ -179,6 +218,10 @@ class StepDefinitionInline(admin.StackedInline[StepDefinition, WorkflowDefinitio
                     ),
                 )
             },
+        ),
+        (
+            "Timer and step for a person",
+            {"fields": (("wait_for", "wait_until"), "form_fields")},
         ),
         (
             "Activity configuration",

@@ -24,6 +24,7 @@ from workflows_app.api.schemas import (
     ActionsOut,
     ApprovalOut,
     ApprovalPage,
+    CompleteStepIn,
     DecisionIn,
     InstanceOut,
     Key,
@@ -151,6 +152,44 @@ def instance_act(
         return Status(202, approval_body(outcome.approval, token.user))
     # The same body as GET /instances/{id} (ninja leaves the view callable).
     return Status(200, instances.instance_status(request, instance_id))
+
+
+@router.post(
+    "/instances/{uuid:instance_id}/steps/{step}/complete",
+    auth=OPERATE,
+    response={
+        200: InstanceOut,
+        202: ApprovalOut,
+        **errors(400, 401, 403, 404, 409, 413, 415, 422),
+    },
+    url_name="instance_step_complete",
+    summary="Complete a step that waits for a person",
+    description="Scope `operate`, as the token's user (needs the permission "
+    "to complete steps for a person). `output` holds the values of the "
+    "step's form, checked against the fields its definition declares (422 "
+    "`invalid_input` names each wrong field); they become the step's output. "
+    "`reject: true` fails the step for good instead. 200: done, with the "
+    "instance's status now. 202: the workflow puts this under four eyes; a "
+    "request waits for a second operator. 409 `already_changed`: the step "
+    "was completed meanwhile (a second completion) or the instance changed "
+    "since `expected_version`; 409 `transition_not_allowed`: the instance is "
+    "closed, or another operator claimed the step. 403: not permitted.",
+)
+def instance_step_complete(
+    request: HttpRequest, instance_id: uuid.UUID, step: str, payload: CompleteStepIn
+) -> Status[dict[str, Any]]:
+    if not 0 < len(step) <= 100 or "\x00" in step:
+        raise ApiError(422, "invalid_input", "the step name is not one a step has")
+    data: dict[str, Any] = {"output": payload.output}
+    if payload.reject:
+        data = {"reject": True}
+    body = ActIn(
+        reason=payload.reason,
+        step=step,
+        data=data,
+        expected_version=payload.expected_version,
+    )
+    return instance_act(request, instance_id, "complete_human_step", body)
 
 
 # -- approvals ------------------------------------------------------------------

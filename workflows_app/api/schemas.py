@@ -90,6 +90,31 @@ StateFilter = Literal[
 ]
 
 
+class CompleteStepIn(StrictIn):
+    reason: Reason = Field(
+        description="Why: the timeline shows it with your name.",
+        examples=["order checked with the customer by phone"],
+    )
+    output: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The values of the step's form fields, by name (checked "
+        "against the fields the definition declares: 422 names each wrong one). "
+        "They become the step's output.",
+        examples=[{"approved": True, "note": "called the customer"}],
+    )
+    reject: bool = Field(
+        False,
+        description="Reject instead: the step fails for good and the "
+        "workflow's failure policy applies (no output needed).",
+    )
+    expected_version: int | None = Field(
+        None,
+        ge=0,
+        description="The instance `version` you saw: if it changed since, "
+        "nothing is done and the answer is 409.",
+    )
+
+
 class ActIn(StrictIn):
     reason: Reason = Field(
         description="Why: the timeline shows it with your name.",

@@ -91,6 +91,78 @@ DEMO_DEFINITIONS: list[dict[str, Any]] = [
             },
         ],
     },
+    {
+        # A refund waits out the chargeback window (30 s in the demo, days in
+        # life): a timer kept in the database and woken by the sweeper.
+        "key": "refund-after-window",
+        "title": "Refund after the chargeback window",
+        "description": "Wait out the chargeback window, then refund and tell "
+        "the customer. Operators may wake the timer early or extend it.",
+        "failure_policy": WorkflowDefinition.FailurePolicy.HOLD,
+        "stuck_after": timedelta(minutes=2),
+        "deadline": None,
+        "alert_recipients": "payments-oncall@example.com",
+        "steps": [
+            {"name": "chargeback_window", "kind": "timer", "wait_for": 30 * SECOND},
+            {
+                "name": "refund_payment",
+                "action": "demo.refund_payment",
+                "retry_on_timeout": True,
+            },
+            {
+                "name": "notify_customer",
+                "action": "demo.notify_customer",
+                "retry_on_timeout": True,
+            },
+        ],
+    },
+    {
+        # Orders above the limit (the demo has no conditions: a definition of
+        # their own) wait for a person's review in the inbox before payment.
+        "key": "large-order",
+        "title": "Large order (reviewed)",
+        "description": "Reserve stock, have a person review the order, take "
+        "payment, ship. A rejected review releases the stock.",
+        "failure_policy": WorkflowDefinition.FailurePolicy.COMPENSATE,
+        "stuck_after": timedelta(minutes=2),
+        "deadline": None,
+        "alert_recipients": "orders-oncall@example.com",
+        "steps": [
+            {
+                "name": "reserve_inventory",
+                "action": "demo.reserve_inventory",
+                "compensation": "demo.release_inventory",
+                "retry_on_timeout": True,
+            },
+            {
+                "name": "review_order",
+                "kind": "human",
+                # The review's time rule: waiting longer flags it stuck.
+                "timeout": timedelta(minutes=10),
+                "form_fields": [
+                    {"name": "approved", "type": "boolean", "required": True},
+                    {
+                        "name": "risk",
+                        "type": "choice",
+                        "choices": ["low", "medium", "high"],
+                        "required": True,
+                    },
+                    {"name": "note", "type": "text"},
+                ],
+            },
+            {
+                "name": "charge_payment",
+                "action": "demo.charge_payment",
+                "compensation": "demo.refund_payment",
+            },
+            {
+                "name": "create_shipment",
+                "action": "demo.create_shipment",
+                "is_pivot": True,
+                "retry_on_timeout": True,
+            },
+        ],
+    },
 ]
 
 STEP_DEFAULTS: dict[str, Any] = {

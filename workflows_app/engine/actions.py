@@ -20,9 +20,14 @@ from django_fsm import can_proceed, has_transition_perm
 
 from workflows_app.engine import four_eyes
 from workflows_app.engine.blocking import blocking_step, restart_points
-from workflows_app.engine.commands import operator, repair
+from workflows_app.engine.commands import operator, repair, waits
 from workflows_app.engine.errors import InvalidInput
-from workflows_app.models import AttentionKind, StepExecution, WorkflowInstance
+from workflows_app.models import (
+    AttentionKind,
+    StepExecution,
+    StepState,
+    WorkflowInstance,
+)
 
 APP = "workflows_app"
 
@@ -41,6 +46,10 @@ class OperatorAction:
     danger: bool = False
     # What ``data`` may carry, by key, and the command argument it becomes.
     data_keys: tuple[tuple[str, str], ...] = ()
+    # Acts on a waiting step of this kind ("timer", "human"), not on a hold.
+    step_kind: str = ""
+    # Checked before a second operator is asked (the arguments must be right).
+    precheck: Callable[..., None] | None = None
 
     @functools.cached_property
     def command(self) -> Callable[..., Any]:
@@ -148,6 +157,42 @@ CATALOGUE: dict[str, OperatorAction] = {
             targets_step=True,
             data_keys=(("output", "new_output"),),
         ),
+        OperatorAction(
+            "wake_timer",
+            "Wake the timer now",
+            "End the wait of the timer now; the workflow goes on with the next step.",
+            "",
+            f"{APP}.operate_timer",
+            waits.wake_timer,
+            targets_step=True,
+            step_kind="timer",
+            precheck=waits.precheck_timer,
+        ),
+        OperatorAction(
+            "extend_timer",
+            "Extend the timer",
+            "Let the timer wait longer: until a later time, or some seconds more.",
+            "",
+            f"{APP}.operate_timer",
+            waits.extend_timer,
+            targets_step=True,
+            step_kind="timer",
+            data_keys=(("until", "until"), ("by_seconds", "by_seconds")),
+            precheck=waits.precheck_timer,
+        ),
+        OperatorAction(
+            "complete_human_step",
+            "Complete the step",
+            "Do the step that waits for a person: its form's data becomes the "
+            "step's output (or reject it: the step fails for good).",
+            "",
+            waits.HUMAN_PERMISSION,
+            waits.complete_human_step,
+            targets_step=True,
+            step_kind="human",
+            data_keys=(("output", "output"), ("reject", "reject")),
+            precheck=waits.precheck_completion,
+        ),
     ]
 }
 # The state-changing actions, in the order pages show them.
@@ -179,6 +224,8 @@ def why_not(
     if not action.transition:
         if instance.is_terminal:
             return f"the instance is {instance.state}: its data can no longer change"
+        if action.step_kind:
+            return _waiting_reason(action.step_kind, steps)
         return ""
     bound = getattr(instance, action.transition)
     if not can_proceed(bound):
@@ -191,6 +238,17 @@ def why_not(
     if action.name == "restart_from_step" and not restart_points(steps, blocked):
         return "no step up to the blocked one is a restart point"
     return ""
+
+
+def _waiting_reason(kind: str, steps: Sequence[StepExecution]) -> str:
+    waiting = [
+        s
+        for s in steps
+        if s.step_definition.kind == kind and s.state == StepState.WAITING
+    ]
+    if waiting:
+        return ""
+    return "no timer is waiting" if kind == "timer" else "no step waits for a person"
 
 
 def _state_reason(action: OperatorAction, instance: WorkflowInstance) -> str:

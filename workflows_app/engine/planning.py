@@ -30,6 +30,8 @@ class Move(enum.Enum):
     FINISH_COMPENSATION = "finish_compensation"
     EXPECT = "expect"  # observed workflows: wait for the milestone of `position`
     RESTART = "restart"  # the steps from `position` are undone: run them again
+    BEGIN_WAIT = "begin_wait"  # a timer or a step for a person starts waiting
+    STOP_WAITING = "stop_waiting"  # fence such a wait: no forward any more
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,13 @@ class StepView:
     retry_on_timeout: bool
     # The last answer under the step's current key was a permanent failure.
     failed_permanently: bool = False
+    # "activity" (a participant is called), "timer" or "human": the engine
+    # does those itself, calls nothing and has nothing to undo.
+    kind: str = "activity"
+
+    @property
+    def engine_run(self) -> bool:
+        return self.kind != "activity"
 
     @property
     def started(self) -> bool:
@@ -127,6 +136,8 @@ def _decide_forward(view: InstanceView) -> Decision:
             continue
         if step.state == "pending":
             return Decision(Move.SCHEDULE, step.position)
+        if step.state == "scheduled" and step.engine_run:
+            return Decision(Move.BEGIN_WAIT, step.position)
         if step.state in {"scheduled", "retrying"}:
             return IDLE
         at_pivot = step.position == view.pivot_position
@@ -196,6 +207,13 @@ def _decide_observed(view: InstanceView) -> Decision:
 
 
 def _decide_compensation(view: InstanceView) -> Decision:
+    # A timer or a step for a person applies nothing: its wait is fenced at
+    # once (a late wake or completion then finds nothing waiting).
+    for step in view.steps:
+        if step.engine_run and step.state == "waiting":
+            return Decision(
+                Move.STOP_WAITING, step.position, reason="the instance stopped"
+            )
     # An action still in flight may yet apply its effect: wait for its outcome
     # (or its timeout) so its compensation is never run before it.
     if any(step.state in IN_FLIGHT for step in view.steps):

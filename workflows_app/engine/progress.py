@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from workflows_app.engine import stuck
+from workflows_app.engine import stuck, waits
 from workflows_app.engine.planning import Decision, InstanceView, Move, StepView, decide
 from workflows_app.engine.transitions import Change
 
@@ -33,6 +33,7 @@ def instance_view(instance: Any, steps: Sequence[Any]) -> InstanceView:
                 has_compensation=bool(s.step_definition.compensation),
                 retry_on_timeout=s.step_definition.retry_on_timeout,
                 failed_permanently=s.last_failure_permanent,
+                kind=s.step_definition.kind,
             )
             for s in steps
         ],
@@ -48,6 +49,7 @@ def advance(change: Change) -> None:
     for _ in range(4 * len(change.steps) + 8):
         decision = decide(view_of(change))
         if decision.move is Move.IDLE:
+            waits.settle_stuck_clock(change)
             return
         _apply(change, decision)
     raise RuntimeError(f"planner did not settle for instance {change.instance.id}")
@@ -61,7 +63,10 @@ def _send_parked_work(change: Change) -> None:
         parked = [
             (s, "action")
             for s in change.steps
-            if s.state in {"scheduled", "retrying"} and s.redispatch_at is None
+            if s.state in {"scheduled", "retrying"}
+            and s.redispatch_at is None
+            # Timers and steps for a person are never sent to a worker.
+            and s.step_definition.kind == "activity"
         ]
     elif state == "compensating":
         parked = [
@@ -105,7 +110,8 @@ def _apply(change: Change, decision: Decision) -> None:
     elif move is Move.SCHEDULE:
         assert step is not None
         change.fire(step, "schedule")
-        change.dispatch_step(step, "action")
+        if step.step_definition.kind == "activity":
+            change.dispatch_step(step, "action")
     elif move is Move.COMPLETE:
         change.fire(instance, "complete")
     elif move is Move.BEGIN_COMPENSATION:
@@ -151,6 +157,12 @@ def _apply(change: Change, decision: Decision) -> None:
         step.deadline_at = change.now + step.step_definition.timeout
     elif move is Move.FINISH_COMPENSATION:
         change.fire(instance, "finish_compensation")
+    elif move is Move.BEGIN_WAIT:
+        assert step is not None
+        waits.begin(change, step)
+    elif move is Move.STOP_WAITING:
+        assert step is not None
+        change.fire(step, "stop_waiting", reason=decision.reason)
     elif move is Move.RESTART:
         assert decision.position is not None
         _restart(change, decision.position)

@@ -13,7 +13,9 @@ twice:
 3. ``deadlines``: running instances past the workflow deadline are held.
 4. ``stuck``: instances that made no progress within ``stuck_after`` are
    flagged, with a reason, until they move again.
-5. ``purged``: finished instances past their definition's retention period
+5. ``timers``: timer steps whose ``wake_at`` passed are woken (the database
+   keeps the time; no broker countdown is ever relied on).
+6. ``purged``: finished instances past their definition's retention period
    are archived and deleted (``workflows_app.engine.retention``).
 
 On PostgreSQL every batch is picked with ``FOR UPDATE SKIP LOCKED`` so that
@@ -33,7 +35,7 @@ from django.db.models import Case, F, Q, QuerySet, Value, When
 from workflows_app import activity, alerts
 from workflows_app.engine import commands, dispatch, progress, retention, stuck
 from workflows_app.engine.actors import Actor
-from workflows_app.engine.commands import approvals
+from workflows_app.engine.commands import approvals, waits
 from workflows_app.engine.errors import EngineError
 from workflows_app.engine.locking import db_now
 from workflows_app.engine.transitions import Change
@@ -189,6 +191,22 @@ def time_out_attempts(now: datetime, batch: int) -> int:
     return done
 
 
+def wake_timers(now: datetime, batch: int) -> int:
+    """Wake the timers whose time came, each in its own transaction."""
+    due = StepExecution.objects.filter(wake_at__lte=now).order_by("wake_at")
+    with transaction.atomic():
+        rows = _pick(due, ["id", "instance_id", "wake_at"], batch)
+    woken = 0
+    for row in rows:
+        try:
+            woken += waits.timer_wake(
+                row["instance_id"], row["id"], row["wake_at"], actor=ACTOR
+            )
+        except EngineError:
+            log.exception("could not wake the timer of step %s", row["id"])
+    return woken
+
+
 @transaction.atomic(durable=True)
 def instance_enforce_deadline(instance_id: Any) -> bool:
     change = Change.open(instance_id, ACTOR)
@@ -276,6 +294,7 @@ def sweep_all(batch: int | None = None) -> dict[str, int]:
     now = db_now()
     return {
         "timeouts": time_out_attempts(now, size),
+        "timers": wake_timers(now, size),
         "redispatched_steps": redispatch_steps(now, size),
         "redispatched_instances": redispatch_instances(now, size),
         "redispatched_bulk_jobs": redispatch_bulk_jobs(now, size),

@@ -53,6 +53,9 @@ STEP_FIELDS = [
     "output",
     "succeeded_at",
     "compensated_at",
+    "wake_at",
+    "claimed_by",
+    "claimed_at",
 ]
 INSTANCE_FIELDS = [
     "state",

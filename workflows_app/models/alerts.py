@@ -22,6 +22,7 @@ class Alert(models.Model):
         HELD = "held", "waits on a person"
         COMPENSATION_FAILED = "compensation_failed", "compensation failed"
         MILESTONE_OVERDUE = "milestone_overdue", "expected event missing"
+        HUMAN_STEP_OVERDUE = "human_step_overdue", "a step waits too long for a person"
         # A participant reported an effect after the instance was closed: money
         # may have moved, a person must look. Resolved by acknowledging it.
         LATE_EFFECT = "late_effect", "effect reported after the instance was closed"

@@ -49,7 +49,15 @@ APPROVABLE_ACTIONS = {
     "close_as_failed": "close as failed",
     "repair": "edit input or output",
     "restart_from_step": "restart from an earlier step",
+    "wake_timer": "wake a timer early",
+    "extend_timer": "extend a timer",
+    "complete_human_step": "complete a step that waits for a person",
 }
+# A timer's time from the input: "input." then a dotted path.
+WAIT_UNTIL_VALIDATOR = RegexValidator(
+    r"^input(\.[A-Za-z0-9_-]+)+$",
+    "Write the path in the input, e.g. input.ship_by.",
+)
 
 
 class WorkflowDefinition(models.Model):
@@ -329,11 +337,46 @@ def restart_point_errors(mode: str, steps: list[dict[str, Any]]) -> list[str]:
 
 
 class StepDefinition(models.Model):
+    class Kind(models.TextChoices):
+        ACTIVITY = "activity", "activity (calls a participant)"
+        TIMER = "timer", "timer (waits for a duration or until a time)"
+        HUMAN = "human", "waits for a person (inbox)"
+
     definition = models.ForeignKey(
         WorkflowDefinition, on_delete=models.CASCADE, related_name="steps"
     )
     position = models.PositiveIntegerField(help_text="Steps run in ascending position.")
     name = models.CharField(max_length=100, validators=[STEP_NAME_VALIDATOR])
+    kind = models.CharField(
+        max_length=20,
+        choices=Kind.choices,
+        default=Kind.ACTIVITY,
+        db_default=Kind.ACTIVITY,
+        help_text="Timers and steps for a person call nothing and have no "
+        "compensation.",
+    )
+    wait_for = models.DurationField(
+        null=True,
+        blank=True,
+        help_text="Timer: wait this long from when the step starts (e.g. "
+        "'3 00:00:00' for 3 days).",
+    )
+    wait_until = models.CharField(
+        max_length=200,
+        blank=True,
+        validators=[WAIT_UNTIL_VALIDATOR],
+        help_text="Timer: wait until the time at this path of the input, e.g. "
+        "input.ship_by (ISO 8601; without a zone it is UTC).",
+    )
+    form_fields = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Step for a person: the form, a JSON list of fields, e.g. "
+        '[{"name": "approved", "type": "boolean", "required": true}, '
+        '{"name": "note", "type": "text"}]. Types: text, number, boolean, '
+        'choice (with "choices": [...]). Its time rule is the timeout: '
+        "waiting longer flags the instance stuck and alerts.",
+    )
     action = models.CharField(
         max_length=200,
         blank=True,
@@ -432,8 +475,17 @@ class StepDefinition(models.Model):
             getattr(self, "definition", None) is None
             or self.definition.mode == WorkflowDefinition.Mode.ORCHESTRATED
         )
-        if orchestrated and not self.action:
-            err("action", "An orchestrated step needs an action activity.")
+        if self.kind != self.Kind.ACTIVITY:
+            self._engine_step_errors(orchestrated, err)
+        else:
+            if orchestrated and not self.action:
+                err("action", "An orchestrated step needs an action activity.")
+            if self.wait_for is not None or self.wait_until or self.form_fields:
+                err(
+                    "kind",
+                    "Waits and forms belong to a timer or a step for a person: "
+                    "choose that kind, or leave them empty.",
+                )
         if not orchestrated and not self.awaits_event:
             err("awaits_event", "An observed step needs the event type it expects.")
         for field in ("action", "compensation"):
@@ -473,6 +525,36 @@ class StepDefinition(models.Model):
             err("backoff_jitter", "Jitter must be between 0 and 1.")
         if errors:
             raise ValidationError(errors)
+
+    def _engine_step_errors(self, orchestrated: bool, err: Any) -> None:
+        """Timers and steps for a person: the engine does them itself, so no
+        activity, no compensation (nothing to undo) and not the pivot."""
+        from workflows_app.engine.human_form import spec_errors
+
+        label = self.get_kind_display()
+        if not orchestrated:
+            err("kind", "An observed workflow only has activity steps.")
+        for field in ("action", "compensation", "awaits_event"):
+            if getattr(self, field):
+                err(field, f"A {self.kind} step has no {field.replace('_', ' ')}.")
+        if self.is_pivot:
+            err("is_pivot", f"A {label} step cannot be the pivot: it applies nothing.")
+        if self.kind == self.Kind.TIMER:
+            if bool(self.wait_for) == bool(self.wait_until):
+                err(
+                    "wait_for",
+                    "A timer waits either for a duration (wait for) or until a "
+                    "time from the input (wait until): give exactly one.",
+                )
+            if self.wait_for is not None and self.wait_for <= timedelta(0):
+                err("wait_for", "The wait must be positive.")
+            if self.form_fields:
+                err("form_fields", "Only a step for a person has a form.")
+        else:
+            if self.wait_for is not None or self.wait_until:
+                err("wait_for", "Only a timer waits for a duration or a time.")
+            for message in spec_errors(self.form_fields):
+                err("form_fields", message)
 
     def copy_for(self, definition: WorkflowDefinition) -> StepDefinition:
         data: dict[str, Any] = {

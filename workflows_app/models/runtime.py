@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, cast
 
+from django.conf import settings
 from django.db import models
 from django_fsm import (
     ConcurrentTransition,
@@ -98,6 +99,7 @@ class StuckKind(models.TextChoices):
     HELD = "held", "waits on a person"
     COMPENSATION_FAILED = "compensation_failed", "compensation failed"
     MILESTONE_OVERDUE = "milestone_overdue", "expected event missing"
+    HUMAN_STEP_OVERDUE = "human_step_overdue", "a step waits too long for a person"
 
 
 def _fsm_condition(
@@ -293,6 +295,11 @@ class WorkflowInstance(VersionedFSMMixin, models.Model):
             (
                 "restart_instance",
                 "Can restart a workflow instance from an earlier step",
+            ),
+            ("operate_timer", "Can wake a timer step early or extend it"),
+            (
+                "complete_human_step",
+                "Can claim and complete a step that waits for a person",
             ),
         ]
 
@@ -540,6 +547,17 @@ class StepExecution(ConcurrentTransitionMixin, models.Model):
     output = models.JSONField(null=True, blank=True)
     succeeded_at = models.DateTimeField(null=True, blank=True)
     compensated_at = models.DateTimeField(null=True, blank=True)
+    # A timer step waiting: when the sweeper wakes it (never a broker countdown).
+    wake_at = models.DateTimeField(null=True, blank=True)
+    # A step waiting for a person: who took it from the inbox, and when.
+    claimed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="claimed_steps",
+    )
+    claimed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["instance", "position"]
@@ -560,6 +578,18 @@ class StepExecution(ConcurrentTransitionMixin, models.Model):
                 fields=["redispatch_at"],
                 condition=models.Q(redispatch_at__isnull=False),
                 name="step_exec_redispatch",
+            ),
+            # Sweeper: timers due.
+            models.Index(
+                fields=["wake_at"],
+                condition=models.Q(wake_at__isnull=False),
+                name="step_exec_wake",
+            ),
+            # The inbox: steps waiting for a person.
+            models.Index(
+                fields=["step_definition"],
+                condition=models.Q(state="waiting", wake_at__isnull=True),
+                name="step_exec_waiting",
             ),
             # Failure groups: the few steps that block their instance.
             models.Index(
@@ -681,6 +711,78 @@ class StepExecution(ConcurrentTransitionMixin, models.Model):
         self.last_failure_permanent = False
         self.data_repaired = False
         self.deadline_at = None
+
+    # -- steps the engine runs itself: timers and steps for a person --------
+    @transition(field=state, source=StepState.SCHEDULED, target=StepState.WAITING)
+    def begin_wait(self, wake_at: Any, deadline: Any) -> None:
+        """A timer starts (``wake_at``), or a step opens in the inbox (its
+        time rule ``deadline``). Nothing is called: no attempt, no effect."""
+        self.wake_at = wake_at
+        self.deadline_at = deadline
+        self.redispatch_at = None
+        self.next_attempt_at = None
+        self.last_failure_permanent = False
+        self.claimed_by = None
+        self.claimed_at = None
+
+    @transition(field=state, source=StepState.SCHEDULED, target=StepState.FAILED)
+    def refuse_wait(self, error: str) -> None:
+        """The timer cannot start (its time is missing or not a time): a
+        permanent failure; nothing was done, nothing to undo."""
+        self.last_error = error
+        self.last_failure_permanent = True
+        self.redispatch_at = None
+
+    @transition(field=state, source=StepState.WAITING, target=StepState.SUCCEEDED)
+    def wake(self, output: Any) -> None:
+        """The timer's time came (the sweeper)."""
+        self.output = output
+        self.wake_at = None
+
+    @transition(
+        field=state,
+        source=StepState.WAITING,
+        target=StepState.SUCCEEDED,
+        permission=f"{APP}.operate_timer",
+    )
+    def wake_early(self, output: Any) -> None:
+        """An operator ends the wait now."""
+        self.output = output
+        self.wake_at = None
+
+    @transition(
+        field=state,
+        source=StepState.WAITING,
+        target=StepState.SUCCEEDED,
+        permission=f"{APP}.complete_human_step",
+    )
+    def complete_task(self, output: Any) -> None:
+        """A person did the step; the form's data is its output."""
+        self.output = output
+        self.last_error = ""
+        self.deadline_at = None
+
+    @transition(
+        field=state,
+        source=StepState.WAITING,
+        target=StepState.FAILED,
+        permission=f"{APP}.complete_human_step",
+    )
+    def reject_task(self, error: str) -> None:
+        """A person decided against it (e.g. an order review said no): a
+        permanent failure, so the failure policy applies."""
+        self.last_error = error
+        self.last_failure_permanent = True
+        self.deadline_at = None
+
+    @transition(field=state, source=StepState.WAITING, target=StepState.PENDING)
+    def stop_waiting(self) -> None:
+        """The instance stopped moving forward (cancel, compensate, close):
+        the wait is fenced; a closed instance's timer never wakes."""
+        self.wake_at = None
+        self.deadline_at = None
+        self.claimed_by = None
+        self.claimed_at = None
 
     # -- observed workflows: states follow the events services report -------
     @transition(field=state, source=StepState.PENDING, target=StepState.WAITING)

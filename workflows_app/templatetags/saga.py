@@ -201,3 +201,17 @@ def stuck_rule(instance: Any) -> str:
         return HELD_RULE
     definition = getattr(instance, "definition", None)
     return stalled_rule(getattr(definition, "stuck_after", None))
+
+
+@register.filter
+def get_item(mapping: Any, key: str) -> Any:
+    """``mapping[key]`` in a template (None when absent or not a mapping)."""
+    return mapping.get(key) if isinstance(mapping, dict) else None
+
+
+@register.filter
+def field_label(field: dict[str, Any]) -> str:
+    """The label of a declared form field of a step for a person."""
+    from workflows_app.engine.human_form import label_of
+
+    return label_of(field)

@@ -63,7 +63,7 @@ def _perform(
         return 422, "Not done: please correct the form below."
     data = form.cleaned_data
     step = data.get("step") if action.targets_step else None
-    extra = {"output": data["output"]} if "output" in data else None
+    extra = form.action_data()
     return _run(
         pk,
         action.name,

@@ -16,7 +16,12 @@ from django.urls import reverse
 from django_htmx.middleware import HtmxDetails
 
 from workflows_app import forms
-from workflows_app.engine.actions import TRANSITIONS, OperatorAction, availability
+from workflows_app.engine.actions import (
+    CATALOGUE,
+    TRANSITIONS,
+    OperatorAction,
+    availability,
+)
 from workflows_app.models import StepExecution, WorkflowInstance
 
 VIEW_PERMISSION = "workflows_app.view_workflowinstance"
@@ -68,7 +73,11 @@ def poll_seconds() -> float:
 FORMS: dict[str, type[forms.ActionForm]] = {
     "mark_step_done": forms.MarkStepDoneForm,
     "restart_from_step": forms.RestartForm,
+    "extend_timer": forms.ExtendTimerForm,
 }
+# Besides the state transitions, the page offers the timer's actions (a step
+# for a person is completed from the inbox).
+PAGE_ACTIONS = [*TRANSITIONS, CATALOGUE["wake_timer"], CATALOGUE["extend_timer"]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +94,7 @@ class Action:
 
 ACTIONS = {
     spec.name: Action(spec, FORMS.get(spec.name, forms.ActionForm))
-    for spec in TRANSITIONS
+    for spec in PAGE_ACTIONS
 }
 
 

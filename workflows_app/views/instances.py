@@ -150,6 +150,13 @@ def detail_context(
         form = bound[1] if bound and bound[0] == action.name else None
         if form is None:
             step_id = blocked.id if action.targets_step and blocked else None
+            if action.step_kind:
+                step_id = next(
+                    s.id
+                    for s in steps
+                    if s.state == "waiting"
+                    and s.step_definition.kind == action.step_kind
+                )
             if action.name == "restart_from_step":
                 step_id = points[-1].id  # the nearest one: the least undone
             form = action.form_class(

@@ -12,6 +12,7 @@ from workflows_app.views import (
     dashboard,
     definitions,
     failures,
+    inbox,
     instances,
     saved_views,
     webhooks,
@@ -48,6 +49,17 @@ urlpatterns = [
     ),
     path("alerts/", alerts.alert_list, name="alert_list"),
     path("webhooks/", webhooks.webhook_list, name="webhook_list"),
+    path("inbox/", inbox.inbox, name="inbox"),
+    path(
+        "inbox/<int:step_id>/complete/",
+        inbox.inbox_complete,
+        name="inbox_complete",
+    ),
+    path(
+        "inbox/<int:step_id>/<slug:op>/",
+        inbox.inbox_claim,
+        name="inbox_claim",
+    ),
     path("views/", saved_views.saved_view_create, name="saved_view_create"),
     path(
         "views/<int:pk>/delete/",

@@ -28,11 +28,19 @@ APPROVE_PERMISSION = "workflows_app.approve_request"
 BULK = "bulk_job"
 
 
-def _may_request(change: Change, action: str, user: Any) -> None:
+def _may_request(
+    change: Change, action: str, user: Any, params: dict[str, Any]
+) -> None:
     """The requester must be allowed to do the action now, as if doing it."""
-    if action.startswith("repair_"):
-        if not user.has_perm(repair.PERMISSION):
-            raise NotPermitted("you are not allowed to edit instance data")
+    spec = actions.CATALOGUE[action]
+    if not spec.transition:
+        if not user.has_perm(spec.permission):
+            what = spec.label.lower()
+            if spec.permission == repair.PERMISSION:
+                what = "edit instance data"
+            raise NotPermitted(f"you are not allowed to {what}")
+        if spec.precheck is not None:
+            spec.precheck(change, params)
         return
     bound = getattr(change.instance, action)
     if not can_proceed(bound):
@@ -61,7 +69,7 @@ def approval_request(
         raise InvalidInput("a reason is required")
     change = Change.open(instance_id, Actor.operator(user))
     change.check_version(expected_version)
-    _may_request(change, action, user)
+    _may_request(change, action, user, params or {})
     if ApprovalRequest.objects.filter(
         instance_id=instance_id, action=action, status=ApprovalRequest.Status.PENDING
     ).exists():

@@ -18,6 +18,7 @@ from django.db import transaction
 from workflows_app.activities.base import ActivityContext, Claim, InlineBudget, Outcome
 from workflows_app.engine import planning, progress, stuck
 from workflows_app.engine.actors import Actor
+from workflows_app.engine.commands import waits
 from workflows_app.engine.transitions import Change
 from workflows_app.models import (
     TERMINAL_STATES,
@@ -37,6 +38,8 @@ COMPENSATION = Attempt.Direction.COMPENSATION
 def _claimable(change: Change, step: StepExecution, direction: str) -> str | None:
     """Why the work cannot be claimed now, or None if it can."""
     instance = change.instance
+    if step.step_definition.kind != "activity":
+        return "a timer or a step for a person is never run by a worker"
     if direction == ACTION:
         if instance.state != InstanceState.RUNNING:
             return f"instance is {instance.state}"
@@ -516,6 +519,8 @@ def attempt_time_out(
         return False
     if change.instance.definition.mode == "observed":
         return _milestone_overdue(change, step)
+    if step.step_definition.kind == "human" and step.state == StepState.WAITING:
+        return waits.human_step_overdue(change, step)
     active_comp = step.compensation_state == CompensationState.RUNNING
     direction = COMPENSATION if active_comp else ACTION
     if not _live(step, direction):

@@ -155,6 +155,11 @@ def retry_step(change: Change, *, reason: str, step_id: int | None = None) -> No
         reason=reason,
         check_user=True,
     )
+    if step.step_definition.kind != "activity":
+        # A timer or a step for a person is never sent to a worker: it
+        # starts waiting again (a timer reads its time from the input anew).
+        progress.advance(change)
+        return
     change.dispatch_step(step, "action")
 
 
@@ -263,7 +268,10 @@ CLOSED_IN_FLIGHT = "the instance was closed while this attempt was in flight"
 
 def _fence_open_work(change: Change) -> None:
     for step in change.steps:
-        if step.state in {StepState.RUNNING, StepState.WAITING}:
+        if step.state == StepState.WAITING and step.step_definition.kind != "activity":
+            # A timer or a step for a person: nothing in flight, just a wait.
+            change.fire(step, "stop_waiting", reason="the instance was closed")
+        elif step.state in {StepState.RUNNING, StepState.WAITING}:
             Attempt.objects.filter(
                 step=step, direction=Attempt.Direction.ACTION, number=step.attempt
             ).update(

@@ -356,10 +356,17 @@ class Command(BaseCommand):
         published = list(
             WorkflowDefinition.objects.published()
             .filter(mode=WorkflowDefinition.Mode.ORCHESTRATED)
+            # The shapes model steps that call participants (attempts and
+            # undo); timers and steps for a person have neither.
+            .exclude(steps__kind__in=["timer", "human"])
             .order_by("key", "version")
         )
         if not published:
-            published = load_demo_definitions()
+            published = [
+                d
+                for d in load_demo_definitions()
+                if not d.steps.exclude(kind="activity").exists()
+            ]
         return published
 
     def _load_shapes(self, definitions: list[WorkflowDefinition]) -> int:
