@@ -10,6 +10,7 @@ import pytest
 
 from tests.saga_invariant import check_instance
 from tests.support import advance_clock, make_definition, start, user_in
+from workflows_app.demo.models import ParticipantEffect
 from workflows_app.engine import actions, operate
 from workflows_app.engine.commands import approvals, operator, waits
 from workflows_app.engine.errors import (
@@ -23,7 +24,6 @@ from workflows_app.engine.planning import InstanceView, Move, StepView, decide
 from workflows_app.engine.sweeps import sweep_all
 from workflows_app.models import (
     Alert,
-    ParticipantEffect,
     StepDefinition,
     StepExecution,
     TransitionLog,
