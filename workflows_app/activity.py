@@ -41,6 +41,7 @@ from workflows_app.models import (
     TransitionLog,
     WorkflowInstance,
 )
+from workflows_app.models.runtime import ACTIVE_STEP
 
 HOUR = timedelta(hours=1)
 # An hour is final this long after it ends (a transaction that started in
@@ -48,6 +49,10 @@ HOUR = timedelta(hours=1)
 GRACE = timedelta(minutes=5)
 # How far back the rollup goes (the charts show at most 7 days).
 KEEP = timedelta(days=8)
+# At most this much is counted live on a page: the hours before it come from
+# the rollup, or show as not summarised yet (right after a deployment, until
+# the sweeper has caught up), never as a scan of days of instances.
+LIVE_AT_MOST = 2 * HOUR
 # Upper bounds, in seconds, of the duration buckets; one more bucket above.
 DURATION_BOUNDS: tuple[float, ...] = (
     0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400,
@@ -141,7 +146,7 @@ def count_hours(start: datetime, end: datetime) -> dict[tuple[datetime, str], Co
     return dict(found)
 
 
-def roll_up(now: datetime, max_hours: int = 24) -> int:
+def roll_up(now: datetime, max_hours: int = 6) -> int:
     """Write the hours that are over and not rolled up yet (at most
     ``max_hours`` per call, oldest first); returns how many. Two sweepers
     never do the same hour: the one that cannot lock the state row skips."""
@@ -204,6 +209,9 @@ class Activity:
     totals: list[Counts]  # per interval, every definition together
     per_definition: dict[str, Counts]  # the whole window
     live_from: datetime  # counted live from here (not rolled up yet)
+    # Hours the sweeper has not summarised yet (shown as gaps, not zeros).
+    missing_from: datetime | None = None
+    missing_until: datetime | None = None
 
     def series(self, measure: str) -> list[tuple[datetime, int]]:
         return [
@@ -249,7 +257,9 @@ def activity(window: Window, now: datetime) -> Activity:
         moment += window.interval
     state = ActivityRollup.objects.filter(pk=1).first()
     rolled_until = state.rolled_until if state and state.rolled_until else first
-    live_from = max(rolled_until, first)
+    live_from = max(rolled_until, first, hour_of(now) - LIVE_AT_MOST + HOUR)
+    missing_from = max(rolled_until, first)
+    missing = (missing_from, live_from) if missing_from < live_from else (None, None)
     hours: Iterable[tuple[datetime, str, Counts]] = [
         (
             row.hour,
@@ -269,7 +279,9 @@ def activity(window: Window, now: datetime) -> Activity:
         if 0 <= index < len(totals):
             totals[index].add(counts)
             per_definition[key].add(counts)
-    return Activity(window, intervals, totals, dict(per_definition), live_from)
+    return Activity(
+        window, intervals, totals, dict(per_definition), live_from, *missing
+    )
 
 
 def as_dict(data: Activity) -> dict[str, Any]:
@@ -338,14 +350,8 @@ def step_places(definition_key: str) -> dict[str, dict[str, int]]:
                 InstanceState.COMPENSATING,
             ],
         )
-        .exclude(
-            state__in=[StepState.SUCCEEDED, StepState.PENDING, StepState.SKIPPED],
-            compensation_state__in=[
-                CompensationState.NONE,
-                CompensationState.DONE,
-                CompensationState.NOT_NEEDED,
-            ],
-        )
+        # The partial index step_exec_active: a few thousand rows, not millions.
+        .filter(ACTIVE_STEP)
         .annotate(place=_place())
         .exclude(place="")
         .values_list("name", "place")

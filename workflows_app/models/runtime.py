@@ -487,6 +487,28 @@ class CompensationState(models.TextChoices):
     NOT_NEEDED = "not_needed", "not needed"
 
 
+# Step rows where an unfinished instance is now: at work, waiting, failed, or
+# being undone. Few among millions of finished ones: the step map and its
+# partial index (step_exec_active) read only these.
+ACTIVE_STEP = models.Q(
+    state__in=[
+        StepState.SCHEDULED,
+        StepState.RUNNING,
+        StepState.RETRYING,
+        StepState.WAITING,
+        StepState.FAILED,
+        StepState.UNKNOWN,
+    ]
+) | models.Q(
+    compensation_state__in=[
+        CompensationState.PENDING,
+        CompensationState.RUNNING,
+        CompensationState.RETRYING,
+        CompensationState.FAILED,
+    ]
+)
+
+
 class StepExecution(ConcurrentTransitionMixin, models.Model):
     State = StepState
     CompensationState = CompensationState
@@ -597,6 +619,9 @@ class StepExecution(ConcurrentTransitionMixin, models.Model):
                 condition=models.Q(state__in=["failed", "unknown"])
                 | models.Q(compensation_state="failed"),
                 name="step_exec_blocking",
+            ),
+            models.Index(
+                fields=["instance"], condition=ACTIVE_STEP, name="step_exec_active"
             ),
         ]
 

@@ -61,6 +61,8 @@ def activity_charts(window_name: str) -> dict[str, Any]:
     found = {
         "window": window,
         "measures": measures,
+        "missing_from": data.missing_from,
+        "missing_until": data.missing_until,
         "rows": [
             (label, *[getattr(counts, name) for name in CHART_TITLES])
             for label, counts in zip(labels, data.totals, strict=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.cache import cache
 from django.http import Http404, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
@@ -49,7 +50,12 @@ def step_map(key: str, step_names: list[str]) -> list[dict[str, Any]]:
     """The version's steps in order (then steps only older versions have),
     each with where the unfinished instances are now; ``heat`` (0-3) says
     how much a person is needed there, for the eye: the counts are text."""
-    places = activity.step_places(key)
+    # Several people polling one definition share one count per interval.
+    cache_key = f"saga:step-places:{key}"
+    places = cache.get(cache_key)
+    if places is None:
+        places = activity.step_places(key)
+        cache.set(cache_key, places, poll_seconds())
     names = step_names + sorted(set(places) - set(step_names))
     most_held = max((p["held"] for p in places.values()), default=0)
     cells = []
