@@ -25,6 +25,7 @@ sweepers share the work instead of queueing behind each other or a worker.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -176,35 +177,30 @@ def _send(send: Any) -> None:
         log.exception("sweeper could not reach the broker")
 
 
-def time_out_attempts(now: datetime, batch: int) -> int:
-    due = StepExecution.objects.filter(deadline_at__lte=now).order_by("deadline_at")
+def _each_due(
+    field: str, now: datetime, batch: int, act: Callable[..., int], what: str
+) -> int:
+    """Claim a batch of steps whose ``field`` time came, then act on each in
+    its own transaction (one failing does not stop the others)."""
+    due = StepExecution.objects.filter(**{f"{field}__lte": now}).order_by(field)
     with transaction.atomic():
-        rows = _pick(due, ["id", "instance_id", "deadline_at"], batch)
+        rows = _pick(due, ["id", "instance_id", field], batch)
     done = 0
     for row in rows:
         try:
-            done += commands.attempt_time_out(
-                row["instance_id"], row["id"], row["deadline_at"], actor=ACTOR
-            )
+            done += act(row["instance_id"], row["id"], row[field], actor=ACTOR)
         except EngineError:
-            log.exception("could not time out step %s", row["id"])
+            log.exception("could not %s step %s", what, row["id"])
     return done
+
+
+def time_out_attempts(now: datetime, batch: int) -> int:
+    return _each_due("deadline_at", now, batch, commands.attempt_time_out, "time out")
 
 
 def wake_timers(now: datetime, batch: int) -> int:
     """Wake the timers whose time came, each in its own transaction."""
-    due = StepExecution.objects.filter(wake_at__lte=now).order_by("wake_at")
-    with transaction.atomic():
-        rows = _pick(due, ["id", "instance_id", "wake_at"], batch)
-    woken = 0
-    for row in rows:
-        try:
-            woken += waits.timer_wake(
-                row["instance_id"], row["id"], row["wake_at"], actor=ACTOR
-            )
-        except EngineError:
-            log.exception("could not wake the timer of step %s", row["id"])
-    return woken
+    return _each_due("wake_at", now, batch, waits.timer_wake, "wake the timer of")
 
 
 @transaction.atomic(durable=True)
