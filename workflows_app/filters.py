@@ -48,6 +48,10 @@ IDLE = {
     "1d": timedelta(days=1),
     "7d": timedelta(days=7),
 }
+# The overview's windows of finished instances: its tiles link to the list
+# with the same window, so a tile's count is the size of the list it opens.
+PROGRESS_WITHIN = {"24h": timedelta(hours=24), "7d": timedelta(days=7)}
+PROGRESS_WITHIN_CHOICES = [("24h", "the last 24 h"), ("7d", "the last 7 days")]
 # Sort keys -> (model field, descending). The list pages through them by
 # keyset (value, id), so each must be backed by an index.
 SORTS = {
@@ -152,6 +156,12 @@ class InstanceFilter(django_filters.FilterSet):
         empty_label="any",
         label="No progress for at least",
     )
+    progress_within = django_filters.ChoiceFilter(
+        method="filter_progress_within",
+        choices=PROGRESS_WITHIN_CHOICES,
+        label="Last progress within",
+        widget=forms.HiddenInput,
+    )
     accepted_after = django_filters.DateTimeFilter(
         field_name="accepted_at",
         lookup_expr="gte",
@@ -246,6 +256,11 @@ class InstanceFilter(django_filters.FilterSet):
 
     def filter_idle(self, qs: QuerySet[Any], name: str, value: str) -> QuerySet[Any]:
         return qs.filter(last_progress_at__lte=timezone.now() - IDLE[value])
+
+    def filter_progress_within(
+        self, qs: QuerySet[Any], name: str, value: str
+    ) -> QuerySet[Any]:
+        return qs.filter(last_progress_at__gte=timezone.now() - PROGRESS_WITHIN[value])
 
     def keep(self, qs: QuerySet[Any], name: str, value: str) -> QuerySet[Any]:
         return qs

@@ -4,12 +4,14 @@ instance has finished, after a retry, for a discarded or finished bulk job."""
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from html.parser import HTMLParser
 
 import pytest
 from django.urls import reverse
 
-from tests.views.conftest import held, logged_in
+from tests.support import make_definition, start
+from tests.views.conftest import completed, held, logged_in
 from workflows_app.alerts import sync_alerts
 from workflows_app.engine.commands import bulk
 from workflows_app.engine.locking import db_now
@@ -157,3 +159,181 @@ def test_a_finished_job_does_not_say_it_is_queued(broker, plan, operator):
     page = client.get(reverse("bulk_job_detail", args=[plan.pk])).content.decode()
     assert "queued" not in text_of(page)  # the flash was shown once
     assert "T" not in text_of(page, "job-log")  # no raw ISO timestamps
+
+
+# -- found on a walk through README's tour (issue 15) --------------------------
+
+
+def test_a_hold_older_than_stuck_after_does_not_contradict_the_stuck_rule(
+    broker, wf, operator
+):
+    instance = held(broker)
+    # Held longer than the definition's stuck-after: still not stuck, and the
+    # page must not give a rule by which it would be.
+    WorkflowInstance.objects.filter(pk=instance.pk).update(
+        stuck_since=db_now() - timedelta(hours=2),
+        last_progress_at=db_now() - timedelta(hours=2),
+    )
+    client = logged_in(operator)
+    page = client.get(reverse("instance_detail", args=[instance.pk])).content.decode()
+    held_for = text_of(page, "held-for")
+    assert held_for.startswith("Held for a person for 2 h"), held_for
+    assert "A hold is not counted as stuck, however long it waits" in held_for
+    assert "while the engine itself works on the instance" in held_for
+    assert "which means no progress" not in held_for
+    rules = text_of(client.get("/").content.decode(), "held-stuck-rules")
+    assert "a hold is never counted as stuck, however long it waits" in rules
+
+
+def test_compensating_says_what_can_still_be_done_and_what_will_not_run(
+    broker, wf, operator
+):
+    instance = held(broker)
+    client = logged_in(operator)
+    # The action's answer, before a worker starts the undo: compensating.
+    html = act(client, instance, "compensate")
+    assert WorkflowInstance.objects.get(pk=instance.pk).state == "compensating"
+    no_action = text_of(html, "no-action")
+    assert "No action on its steps is possible while the instance is compensating" in (
+        no_action
+    )
+    assert "Its data can still be corrected under Repair data" in no_action
+    assert 'id="repair"' in html  # the section it points to is there
+    # Step three never ran and, on the way back, never will.
+    three = text_of(html, "step-three")
+    assert "not run" in three and "pending" not in three
+    assert "pending" not in text_of(html, "progress-strip").split("3. three")[1]
+
+
+def test_a_restart_keeps_the_steps_it_will_run_again_pending(broker, operator):
+    make_definition(
+        "rs",
+        steps=[
+            {"name": "one", "restart_point": True},
+            {"name": "two", "max_attempts": 1},
+            {"name": "three"},
+        ],
+        failure_policy="hold",
+    )
+    instance = start("rs", "order-r", simulate={"two": "fail_once"})
+    broker.run()
+    instance.refresh_from_db()
+    assert instance.state == "needs_attention"
+    one = instance.steps.get(name="one")
+    html = act(logged_in(operator), instance, "restart_from_step", step=one.pk)
+    instance.refresh_from_db()
+    assert instance.state == "compensating" and instance.restart_position == 1
+    assert "pending" in text_of(html, "step-three")  # it runs again after the undo
+    assert "not run" not in text_of(html, "step-three")
+
+
+def test_finished_tiles_open_a_list_of_the_same_window(broker, wf, viewer):
+    old = completed(broker, "done-old")
+    completed(broker, "done-new")
+    WorkflowInstance.objects.filter(pk=old.pk).update(
+        last_progress_at=db_now() - timedelta(days=2)
+    )
+    client = logged_in(viewer)
+
+    def tile(html: str, state: str) -> tuple[int, str]:
+        found = re.search(
+            rf'<a class="tile tile--{state}" href="([^"]+)">.*?'
+            r'<span class="tile__count">(\d+)</span>',
+            html,
+            re.S,
+        )
+        assert found, state
+        return int(found.group(2)), found.group(1).replace("&amp;", "&")
+
+    for window, expected in [("24h", 1), ("7d", 2), ("all", 2)]:
+        html = client.get(f"/?window={window}").content.decode()
+        count, href = tile(html, "completed")
+        assert count == expected, window
+        listed = client.get(href)
+        assert listed.context["total"] == expected, (window, href)
+        assert len(listed.context["page"].rows) == expected
+    # The per-definition cell and the definition page's tile, too.
+    html = client.get("/?window=24h").content.decode()
+    cell = re.search(r'href="([^"]*definition=wf&amp;state=completed[^"]*)">1<', html)
+    assert (
+        cell and client.get(cell.group(1).replace("&amp;", "&")).context["total"] == 1
+    )
+    page = client.get(reverse("definition_detail", args=["wf"])).content.decode()
+    count, href = tile(page, "completed")
+    assert count == 1 and client.get(href).context["total"] == 1
+    listed = client.get(href).content.decode()
+    assert "Last progress within the last 24 h" in text_of(listed, "progress-within")
+
+
+def test_the_held_or_stuck_queue_says_when_it_shows_only_some(
+    broker, wf, operator, monkeypatch
+):
+    from workflows_app.views import dashboard
+
+    monkeypatch.setattr(dashboard, "STUCK_SHOWN", 1)
+    for n in range(2):
+        held(broker, f"order-{n}")
+    client = logged_in(operator)
+    html = client.get("/").content.decode()
+    assert text_of(html, "stuck-queue-more") == "The 1 longest waiting of 2."
+    link = re.search(r'href="([^"]+)">All 2 held instances \(needs attention\)', html)
+    assert link, text_of(html, "stuck-queue-links")
+    listed = client.get(link.group(1).replace("&amp;", "&"))
+    assert listed.context["total"] == 2
+
+
+def test_completed_with_a_step_done_by_hand_does_not_claim_every_step_succeeded(
+    broker, wf, operator
+):
+    instance = held(broker)
+    client = logged_in(operator)
+    act(client, instance, "mark_step_done", output="{}")
+    broker.run()
+    assert WorkflowInstance.objects.get(pk=instance.pk).state == "completed"
+    page = client.get(reverse("instance_detail", args=[instance.pk])).content.decode()
+    assert "done by hand" in text_of(page, "step-two")
+    meaning = text_of(page, "state-meaning")
+    assert "every step succeeded (or an operator marked it done by hand)" in meaning
+
+
+def test_the_idempotency_table_lists_only_keys_that_were_sent(broker, wf, operator):
+    instance = held(broker, two="fail")  # two declined for good, three never ran
+    client = logged_in(operator)
+    act(client, instance, "close_as_failed")
+    page = client.get(reverse("instance_detail", args=[instance.pk])).content.decode()
+    pk = instance.pk
+    assert text_of(page, "keys-one") == f"one 1 / 0 {pk}:one:action"
+    # Step two was called, its undo was not (not needed): no undo key.
+    assert text_of(page, "keys-two") == f"two 1 / 0 {pk}:two:action"
+    three = text_of(page, "keys-three")
+    assert three == "three 0 / 0 none: never called"
+
+
+def test_recent_failures_name_the_undo_that_holds_an_instance(broker, operator):
+    make_definition("cf", steps=[{"name": "one"}, {"name": "two"}])
+    instance = start(
+        "cf", "order-c", simulate={"one": "fail_compensation", "two": "fail"}
+    )
+    broker.run()
+    instance.refresh_from_db()
+    assert (instance.state, instance.attention_kind) == (
+        "needs_attention",
+        "compensation_failed",
+    )
+    html = logged_in(operator).get("/").content.decode()
+    row = text_of(html, "recent-failures")
+    # What holds it now is one's undo, as the held queue says; not two's
+    # declined action, which the undo was started for.
+    assert "one (undo):" in row and "two:" not in row
+    assert "one: a compensation exhausted its retries" in text_of(html, "stuck-queue")
+
+
+def test_the_demo_console_counts_stuck_as_the_overview_does(broker, wf):
+    from io import StringIO
+
+    from workflows_app.demo.management.commands.demo import Command
+
+    held(broker)
+    out = StringIO()
+    Command(stdout=out)._traffic(0, 0.01, {}, lambda: False)
+    assert "needs_attention 1; stuck 0" in out.getvalue()

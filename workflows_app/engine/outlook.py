@@ -13,7 +13,12 @@ from typing import Any
 
 from workflows_app.engine import planning
 from workflows_app.engine.progress import instance_view
-from workflows_app.models import TERMINAL_STATES, StepState
+from workflows_app.models import (
+    TERMINAL_STATES,
+    AttentionKind,
+    InstanceState,
+    StepState,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +35,7 @@ class Budget:
 @dataclasses.dataclass(frozen=True)
 class StepOutlook:
     # The step state to show: "not_run" for a step that never ran and never
-    # will (its instance has finished); otherwise the recorded state.
+    # will (see ``_no_more_runs``); otherwise the recorded state.
     state: str
     # Shown while the compensation is "none": "undo ready", or why not.
     undo: str
@@ -55,17 +60,31 @@ def _undo(view: planning.InstanceView, step: planning.StepView, finished: bool) 
     return f"no undo: {planning.why_no_compensation(view, step)}"
 
 
+def _no_more_runs(instance: Any) -> bool:
+    """Whether a step that never ran never will: the instance has finished,
+    or it is on its way back (compensating, or held because an undo failed)
+    with no restart to run the steps again."""
+    if instance.state in TERMINAL_STATES:
+        return True
+    backwards = instance.state == InstanceState.COMPENSATING or (
+        instance.state == InstanceState.NEEDS_ATTENTION
+        and instance.attention_kind == AttentionKind.COMPENSATION_FAILED
+    )
+    return backwards and instance.restart_position is None
+
+
 def step_outlooks(instance: Any, steps: Sequence[Any]) -> dict[Any, StepOutlook]:
     """Per step id, what the instance page says about it (``steps`` ordered
     by position, with their step definitions loaded)."""
     view = instance_view(instance, steps)
     finished = instance.state in TERMINAL_STATES
+    no_more_runs = _no_more_runs(instance)
     outlooks = {}
     for step, step_view in zip(steps, view.steps, strict=True):
         size = step.step_definition.max_attempts
         never_ran = step.state == StepState.PENDING and not step_view.started
         outlooks[step.id] = StepOutlook(
-            state="not_run" if finished and never_ran else step.state,
+            state="not_run" if no_more_runs and never_ran else step.state,
             undo=_undo(view, step_view, finished),
             action_budget=_budget(step.attempt, step.attempts_allowed, size),
             compensation_budget=_budget(

@@ -69,7 +69,10 @@ STATE_MEANING = {
     "then choose an action.",
     "compensating": "Did not go through: the steps that took effect are being "
     "undone, newest first.",
-    "completed": "Finished: every step succeeded and the business outcome happened.",
+    "completed": (
+        "Finished: every step succeeded (or an operator marked it done by hand) "
+        "and the business outcome happened."
+    ),
     "compensated": "Did not go through: every step that had taken effect was undone.",
     "cancelled": "Cancelled before any step ran: nothing happened.",
     "failed": "Closed as failed by an operator: a person handles it from here; "

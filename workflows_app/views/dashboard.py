@@ -13,7 +13,11 @@ from django.views.decorators.http import require_GET
 from workflows_app import activity, charts
 from workflows_app.engine.locking import db_now
 from workflows_app.engine.stuck import span_in_words
-from workflows_app.models import ApprovalRequest, WorkflowDefinition
+from workflows_app.models import (
+    ApprovalRequest,
+    WorkflowDefinition,
+    WorkflowInstance,
+)
 from workflows_app.views import queries
 from workflows_app.views.common import (
     HtmxHttpRequest,
@@ -24,6 +28,9 @@ from workflows_app.views.common import (
 from workflows_app.views.saved_views import saved_views_for
 
 APPROVALS_SHOWN = 20
+# The held-or-stuck queue shows the longest waiting; the page says how many
+# there are in all and links to the full lists.
+STUCK_SHOWN = 25
 # The charts change by the hour; a page polled every few seconds by several
 # people reads them from the cache.
 CHARTS_CACHE_SECONDS = 30
@@ -128,11 +135,13 @@ def overview(request: HtmxHttpRequest) -> HttpResponse:
         "counts": counts,
         "states": states,
         "active_cells": [(s, counts.by_state.get(s, 0)) for s in queries.ACTIVE_ORDER],
+        "finished_states": queries.TERMINAL_ORDER,
         "finished_cells": [
             (s, counts.by_state.get(s, 0)) for s in queries.TERMINAL_ORDER
         ],
         "per_definition": per_definition,
-        "stuck_queue": queries.stuck_queue(),
+        "stuck_queue": queries.stuck_queue(STUCK_SHOWN),
+        "stuck_total": WorkflowInstance.objects.filter(stuck=True).count(),
         "failures": queries.recent_failures(),
         "poll_seconds": poll_seconds(),
         "approvals": list(

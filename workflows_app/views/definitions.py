@@ -115,6 +115,7 @@ def definition_detail(request: HtmxHttpRequest, key: str) -> HttpResponse:
         "poll_seconds": poll_seconds(),
         "versions": versions,
         "health": health,
+        "finished_states": queries.TERMINAL_ORDER,
         "health_cells": [
             (s, health.counts.by_state.get(s, 0))
             for s in queries.ACTIVE_ORDER + queries.TERMINAL_ORDER

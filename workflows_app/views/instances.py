@@ -20,6 +20,7 @@ from workflows_app.models import (
     Alert,
     ApprovalRequest,
     InboundMessage,
+    StepExecution,
     TransitionLog,
     WorkflowInstance,
 )
@@ -142,6 +143,7 @@ def detail_context(
     outlooks = step_outlooks(instance, steps)
     for step in steps:
         step.outlook = outlooks[step.id]
+        step.keys_sent = _keys_sent(step)
     blocked = blocking_step(steps)
     needs_approval = set(approvals.approval_policy(instance).approval_actions or [])
     points = restart_points(steps, blocked)
@@ -186,6 +188,24 @@ def detail_context(
         "token": change_token(instance),
         "poll_seconds": poll_seconds(),
     }
+
+
+# Compensation states in which the undo has been called (its key was sent).
+UNDO_CALLED = {"running", "retrying", "done", "failed"}
+
+
+def _keys_sent(step: StepExecution) -> list[tuple[int, str, str]]:
+    """The idempotency keys each run has sent: the current run's action key
+    once an attempt was claimed, its undo key once the undo was called;
+    "" for a key not sent (earlier runs were run and undone by a restart)."""
+    rows = step.keys_by_run()
+    run, action_key, undo_key = rows[-1]
+    rows[-1] = (
+        run,
+        action_key if step.started else "",
+        undo_key if step.compensation_state in UNDO_CALLED else "",
+    )
+    return rows
 
 
 # Timeline notes of messages the engine recognised as duplicates or stale and

@@ -22,6 +22,7 @@ from django.db import connection
 from django.db.models import Aggregate, Count, DurationField, F, QuerySet
 from django.utils import timezone
 
+from workflows_app.engine.blocking import holding_steps
 from workflows_app.engine.stuck import STALLED
 from workflows_app.models import (
     ACTIVE_STATES,
@@ -143,6 +144,22 @@ def recent_failures(limit: int = 10) -> list[WorkflowInstance]:
         "position",
     ):
         failed_steps.setdefault(step.instance_id, step)
+    # A held instance: the step that holds it now (its action, or its undo
+    # that failed), as on the failure groups and the held queue.
+    held_ids = [i.id for i in instances if i.state == InstanceState.NEEDS_ATTENTION]
+    for step in (
+        holding_steps()
+        .filter(instance_id__in=held_ids)
+        .only(
+            "instance_id",
+            "name",
+            "state",
+            "compensation_state",
+            "last_error",
+            "position",
+        )
+    ):
+        failed_steps[step.instance_id] = step
     for instance in instances:
         # Read by the list template; not a model field.
         instance.failed_step = failed_steps.get(instance.id)  # type: ignore[attr-defined]

@@ -27,6 +27,7 @@ from django.core.management.base import BaseCommand, CommandParser
 
 from workflows_app.demo.definitions import load_demo_definitions
 from workflows_app.demo.traffic import start_one
+from workflows_app.engine.stuck import STALLED
 from workflows_app.models import WorkflowInstance
 
 DEMO_USERS = [
@@ -181,7 +182,8 @@ class Command(BaseCommand):
                 counts = Counter(
                     WorkflowInstance.objects.values_list("state", flat=True)
                 )
-                stuck = WorkflowInstance.objects.filter(stuck=True).count()
+                # As the overview counts it: a hold is needs_attention, not stuck.
+                stuck = WorkflowInstance.objects.filter(STALLED).count()
                 summary = ", ".join(
                     f"{state} {n}" for state, n in sorted(counts.items())
                 )
