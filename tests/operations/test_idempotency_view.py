@@ -19,6 +19,7 @@ def test_duplicate_start_is_noted(broker, wf, operator):
     first = instance_start(
         "orders", business_key="ORD-1", input={}, idempotency_key="k-1", actor=checkout
     )
+    broker.run()  # its steps are called: their keys are sent
     again = instance_start(
         "orders", business_key="ORD-1", input={}, idempotency_key="k-1", actor=checkout
     )
