@@ -15,7 +15,6 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from django.db import transaction
 from django.db.models import (
@@ -282,11 +281,6 @@ def activity(window: Window, now: datetime) -> Activity:
     return Activity(
         window, intervals, totals, dict(per_definition), live_from, *missing
     )
-
-
-def as_dict(data: Activity) -> dict[str, Any]:
-    """For caching and the API: plain values only."""
-    return dataclasses.asdict(data)
 
 
 # -- where the unfinished instances of a definition are now ----------------------
