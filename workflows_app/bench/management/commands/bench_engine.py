@@ -1,12 +1,30 @@
-"""Benchmark the engine on a real worker: throughput and latency.
+"""Benchmark the engine on a real worker against the strongest bare Celery chain.
 
-    SAGA_DEMO=1 DATABASE_URL=postgres://... CELERY_BROKER_URL=redis://... \\
+    SAGA_DEMO=1 CELERY_BROKER_URL=redis://... \\
         python manage.py bench_engine --workflows 1000 --steps 5 --workers 2
 
-Prints workflows/s, steps/s, p50/p95 start-to-finish latency, the latency of
-one workflow on an idle system (median of several), and the same figures for
-a bare Celery chain of tasks that each write one row (the baseline). All
-times come from the database clock (accepted_at -> finished_at).
+By default it starts a private PostgreSQL (initdb into a temporary folder,
+``pg_stat_statements`` preloaded), migrates it and runs there, so the
+server's counters are the benchmark's alone; ``--current-database`` runs on
+``DATABASE_URL`` instead (statements are then counted only if that server
+preloads ``pg_stat_statements``).
+
+One worker (``--workers`` prefork processes, the configured broker) runs
+both systems:
+
+- Saga Desk: ``--workflows`` workflows of ``--steps`` ``demo.noop`` steps;
+- the bare chain (``workflows_app.bench.tasks``): one row per workflow, then
+  a chain of ``--steps`` tasks, each one ``UPDATE`` plus one ``INSERT`` in one
+  transaction on a persistent connection, ``acks_late`` like the engine's.
+
+``--rounds`` interleaved rounds (engine, chain, engine, chain, ...) each print
+workflows/s, steps/s, p50/p95 start-to-finish latency under load, one
+workflow alone (median of ``--single-runs``), and per workflow the
+transactions (``pg_stat_database`` xact_commit + xact_rollback), statements
+by kind (``pg_stat_statements`` calls) and new database sessions. Then the
+ratio to the chain, median over the rounds, and the compensating path: 5
+steps of which the third fails permanently and the two before it are undone
+(no baseline). Times come from the database clock.
 """
 
 from __future__ import annotations
@@ -18,22 +36,32 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 from celery import chain
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection
 
 from workflows_app.bench import tasks as bench_tasks
+from workflows_app.bench.private_postgres import PrivatePostgres
 from workflows_app.bench.support import child_env
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands import instance_start
 from workflows_app.models import StepDefinition, WorkflowDefinition, WorkflowInstance
+from workflows_app.models.runtime import TERMINAL_STATES
 
 ROOT = Path(settings.BASE_DIR)
+INSTANCES = WorkflowInstance._meta.db_table
+TERMINAL = sorted(str(s) for s in TERMINAL_STATES)
+STATEMENT_KINDS = ("SELECT", "INSERT", "UPDATE", "DELETE")
+TRANSACTION_CONTROL = {"BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE"}
+# A compensating workflow: s3 fails for good, s2 and s1 are undone.
+FAILING_STEP = 3
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -42,81 +70,289 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[index]
 
 
+class Observer:
+    """The benchmark's own reads of the benchmark database (waiting for
+    completion), kept out of the counters: its statements are not tracked
+    and its transactions (one per read, autocommit) are counted here and
+    subtracted."""
+
+    def __init__(self, track_statements: bool) -> None:
+        db = connection.settings_dict
+        self.conn = psycopg2.connect(
+            dbname=db["NAME"],
+            user=db.get("USER") or "postgres",
+            password=db.get("PASSWORD") or None,
+            host=db.get("HOST") or "127.0.0.1",
+            port=db.get("PORT") or 5432,
+        )
+        self.conn.autocommit = True
+        self.transactions = 0
+        if track_statements:
+            self.fetch("SET pg_stat_statements.track = 'none'")
+
+    def fetch(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        with self.conn.cursor() as cursor:
+            cursor.execute(sql, params)
+            self.transactions += 1
+            return cursor.fetchall() if cursor.description else []
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class ServerCounters:
+    """Snapshots of the server's counters for the benchmark database, read
+    from the maintenance database so the reads themselves do not count."""
+
+    def __init__(self, own_server: bool) -> None:
+        db = connection.settings_dict
+        self.database = db["NAME"]
+        self.own_server = own_server
+        self.conn = psycopg2.connect(
+            dbname="postgres",
+            user=db.get("USER") or "postgres",
+            password=db.get("PASSWORD") or None,
+            host=db.get("HOST") or "127.0.0.1",
+            port=db.get("PORT") or 5432,
+        )
+        self.conn.autocommit = True
+        preloaded = self.row("SHOW shared_preload_libraries")[0]
+        self.statements = "pg_stat_statements" in preloaded
+        if self.statements:
+            self.row("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        self.oid = self.row(
+            "SELECT oid FROM pg_database WHERE datname = %s", [self.database]
+        )[0]
+
+    def row(self, sql: str, params: Any = None) -> tuple[Any, ...]:
+        with self.conn.cursor() as cursor:
+            cursor.execute(sql, params)
+            return (cursor.fetchone() or ()) if cursor.description else ()
+
+    def snapshot(self) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        row = self.row(
+            "SELECT xact_commit + xact_rollback, sessions, tup_inserted, "
+            "tup_updated, tup_deleted FROM pg_stat_database WHERE datid = %s",
+            [self.oid],
+        )
+        for name, value in zip(
+            ("transactions", "sessions", "inserted", "updated", "deleted"),
+            row,
+            strict=True,
+        ):
+            counts[name] = int(value)
+        with self.conn.cursor() as cursor:
+            if self.statements:
+                cursor.execute(
+                    "SELECT upper(split_part(ltrim(query), ' ', 1)), sum(calls) "
+                    "FROM pg_stat_statements WHERE dbid = %s GROUP BY 1",
+                    [self.oid],
+                )
+                for kind, calls in cursor.fetchall():
+                    counts[f"statement {kind}"] = int(calls)
+        return counts
+
+    def settle(self, timeout: float = 60) -> None:
+        """Get every session's statistics into the counters. A backend sends
+        them at exit, or when idle up to 10 s after its last transaction, so
+        on our own server the idle sessions are ended (the chain's task
+        reconnects once); on a shared one we wait the 10 s instead."""
+        connection.close()
+        if not self.own_server:
+            time.sleep(11)
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            self.row(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datid = %s AND pid <> pg_backend_pid() AND state = 'idle'",
+                [self.oid],
+            )
+            left = self.row(
+                "SELECT count(*) FROM pg_stat_activity WHERE datid = %s AND "
+                "pid <> pg_backend_pid()",
+                [self.oid],
+            )[0]
+            if left == 0:
+                break
+            if time.monotonic() > deadline:
+                raise CommandError("sessions on the benchmark database stay busy")
+            time.sleep(0.05)
+        # A backend writes its stats (before_shmem_exit) before it leaves
+        # pg_stat_activity (on_shmem_exit): nothing more to wait for.
+
+
 class Command(BaseCommand):
-    help = "Benchmark workflows/s and latency on a real worker (PostgreSQL + Redis)."
+    help = "Benchmark the engine against a bare Celery chain on a real worker."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--workflows", type=int, default=1000)
         parser.add_argument("--steps", type=int, default=5)
         parser.add_argument("--workers", type=int, default=2)
-        parser.add_argument("--single-runs", type=int, default=9)
-        parser.add_argument("--no-baseline", action="store_true")
+        parser.add_argument("--rounds", type=int, default=3)
+        parser.add_argument("--single-runs", type=int, default=7)
+        parser.add_argument(
+            "--compensating-workflows",
+            type=int,
+            default=None,
+            help="workflows on the compensating path (default: --workflows; 0 skips)",
+        )
+        parser.add_argument(
+            "--current-database",
+            action="store_true",
+            help="run on DATABASE_URL instead of a private PostgreSQL",
+        )
+        # Set by the private-cluster run for its child: the server is ours.
+        parser.add_argument("--own-server", action="store_true", help="(internal)")
 
     def handle(self, *args: Any, **opts: Any) -> None:
-        if connection.vendor != "postgresql":
-            raise CommandError("run the benchmark on PostgreSQL (set DATABASE_URL)")
         if not settings.CELERY_BROKER_URL.startswith(("redis://", "amqp://")):
             raise CommandError(
                 "run the benchmark with Redis or RabbitMQ (CELERY_BROKER_URL)"
             )
-        n, k, w = opts["workflows"], opts["steps"], opts["workers"]
-        self.stdout.write(
-            f"workload: {n} workflows x {k} no-op steps, {w} worker processes, "
-            f"{os.cpu_count()} CPUs, broker {settings.CELERY_BROKER_URL.split('://')[0]}"
-        )
-        bench_tasks.create_table()
-        definition = self._definition(k)
-        worker = self._start_worker(w)
+        if opts["workflows"] < 1 or opts["steps"] < 1 or opts["rounds"] < 1:
+            raise CommandError("--workflows, --steps and --rounds must be at least 1")
+        if opts["current_database"] or opts["own_server"]:
+            if connection.vendor != "postgresql":
+                raise CommandError("run the benchmark on PostgreSQL (DATABASE_URL)")
+            Benchmark(self, opts).run()
+        else:
+            self._on_private_server(opts)
+
+    def _on_private_server(self, opts: dict[str, Any]) -> None:
+        server = PrivatePostgres()
+        python, manage = sys.executable, str(ROOT / "manage.py")
         try:
-            self._warm_up(definition.key, min(20, n))
-            single = self._engine_single(definition.key, opts["single_runs"])
-            engine = self._engine_throughput(definition.key, n)
-            self._report("saga desk", n, k, engine, single)
-            if not opts["no_baseline"]:
-                base_single = self._baseline_single(k, opts["single_runs"])
-                base = self._baseline_throughput(n, k)
-                self._report("bare celery chain", n, k, base, base_single)
+            server.start("saga_bench")
+            env = child_env(DATABASE_URL=server.url("saga_bench"))
+            migrated = subprocess.run(
+                [python, manage, "migrate", "-v0"],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            if migrated.returncode:
+                raise CommandError(f"migrate failed:\n{migrated.stderr[-3000:]}")
+            # Analyzed now, autovacuum has less to do (its transactions
+            # count with the benchmark's) until the tables really grow.
+            server.analyze("saga_bench")
+            forwarded = [
+                f"--{name.replace('_', '-')}={opts[name]}"
+                for name in ("workflows", "steps", "workers", "rounds", "single_runs")
+            ]
+            if opts["compensating_workflows"] is not None:
+                forwarded.append(
+                    f"--compensating-workflows={opts['compensating_workflows']}"
+                )
+            child = subprocess.Popen(
+                [python, manage, "bench_engine", "--own-server", *forwarded],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            assert child.stdout is not None
+            for line in child.stdout:
+                self.stdout.write(line.rstrip("\n"))
+            if child.wait():
+                raise CommandError(f"the benchmark failed (exit {child.returncode})")
+        finally:
+            server.stop()
+
+
+class Benchmark:
+    def __init__(self, command: Command, opts: dict[str, Any]) -> None:
+        self.out = command.stdout
+        self.n, self.k, self.w = opts["workflows"], opts["steps"], opts["workers"]
+        self.rounds, self.single_runs = opts["rounds"], opts["single_runs"]
+        compensating = opts["compensating_workflows"]
+        self.compensating = self.n if compensating is None else compensating
+        self.counters = ServerCounters(own_server=opts["own_server"])
+        self.next_chain = 1
+
+    def run(self) -> None:
+        db = connection.settings_dict
+        self.out.write(
+            f"workload: {self.n} workflows x {self.k} no-op steps, {self.w} worker "
+            f"processes, {os.cpu_count()} CPUs, load average "
+            f"{os.getloadavg()[0]:.1f}, broker "
+            f"{settings.CELERY_BROKER_URL.split('://')[0]}, PostgreSQL "
+            f"{'private' if self.counters.own_server else 'shared'} "
+            f"{db.get('HOST')}:{db.get('PORT')}"
+        )
+        if not self.counters.own_server:
+            self.out.write(
+                "transactions and sessions count every session on this database, "
+                "not only the benchmark's"
+            )
+        if not self.counters.statements:
+            self.out.write(
+                "statements are not counted: the server does not preload "
+                "pg_stat_statements (rows inserted/updated/deleted are shown)"
+            )
+        bench_tasks.create_tables()
+        plain = self._definition("bench", compensating=False)
+        failing = self._definition("bench-undo", compensating=True)
+        worker = self._start_worker()
+        results: dict[str, list[dict[str, Any]]] = {"saga desk": [], "chain": []}
+        try:
+            self._warm_up(plain.key)
+            for r in range(1, self.rounds + 1):
+                self.out.write(f"round {r}/{self.rounds}")
+                engine = self._measure(
+                    "saga desk", lambda: self._engine_round(plain.key, {})
+                )
+                results["saga desk"].append(engine)
+                chain_result = self._measure("bare celery chain", self._chain_round)
+                results["chain"].append(chain_result)
+            self._ratios(results)
+            if self.compensating:
+                self._compensating(failing.key)
         finally:
             worker.send_signal(signal.SIGTERM)
-            worker.wait(timeout=30)
+            worker.wait(timeout=60)
+        self.out.write(f"load average at the end {os.getloadavg()[0]:.1f}")
 
     # -- setup ----------------------------------------------------------------
-    def _definition(self, steps: int) -> WorkflowDefinition:
-        key = f"bench-{int(time.time())}"
-        definition = WorkflowDefinition.objects.create(key=key, title="benchmark")
-        StepDefinition.objects.bulk_create(
-            StepDefinition(
+    def _definition(self, prefix: str, *, compensating: bool) -> WorkflowDefinition:
+        """No-op steps; the compensating one has 5 steps whose first two are
+        undone (a no-op compensation) after the third fails for good."""
+        definition = WorkflowDefinition.objects.create(
+            key=f"{prefix}-{int(time.time())}", title="benchmark"
+        )
+        count = 5 if compensating else self.k
+        steps = []
+        for i in range(1, count + 1):
+            step = StepDefinition(
                 definition=definition,
                 position=i,
                 name=f"s{i}",
                 action="demo.noop",
                 timeout=timedelta(seconds=60),
             )
-            for i in range(1, steps + 1)
-        )
+            if compensating and i < FAILING_STEP:
+                step.compensation = "demo.noop"
+            if compensating and i == FAILING_STEP:
+                # Declines at once (input "simulate"), before any write.
+                step.action = "demo.step"
+            steps.append(step)
+        StepDefinition.objects.bulk_create(steps)
         definition.publish()
         return definition
 
-    def _start_worker(self, workers: int) -> subprocess.Popen[bytes]:
+    def _start_worker(self) -> subprocess.Popen[bytes]:
         log = Path(tempfile.mkdtemp(prefix="saga-bench-")) / "worker.log"
         connection.close()
         proc = subprocess.Popen(
             [
                 str(Path(sys.executable).with_name("celery")),
-                "-A",
-                "workflows_app",
-                "worker",
-                "-P",
-                "prefork",
-                "-c",
-                str(workers),
-                "-l",
-                "warning",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                "-n",
-                f"bench-{os.getpid()}@%h",
+                *("-A", "workflows_app", "worker", "-P", "prefork"),
+                *("-c", str(self.w), "-l", "warning"),
+                *("--without-gossip", "--without-mingle", "--without-heartbeat"),
+                *("-n", f"bench-{os.getpid()}@%h"),
             ],
             cwd=ROOT,
             env=child_env(),
@@ -132,102 +368,231 @@ class Command(BaseCommand):
         proc.kill()
         raise CommandError(f"the worker did not start; see {log}")
 
-    def _warm_up(self, key: str, count: int) -> None:
-        ids = [self._start(key, f"warm-{i}") for i in range(count)]
-        self._wait_engine(ids)
+    def _warm_up(self, key: str) -> None:
+        count = min(20, self.n)
+        observer = Observer(self.counters.statements)
+        try:
+            ids = [self._start(key, f"warm-{i}", {}) for i in range(count)]
+            self._wait_engine(observer, ids, "completed")
+            first = self._start_chains(count)
+            self._wait_chains(observer, first, count)
+        finally:
+            observer.close()
+
+    # -- measuring ------------------------------------------------------------
+    def _measure(self, name: str, run: Any) -> dict[str, Any]:
+        result: dict[str, Any] = run()
+        self._report(name, self.n, self.k, result)
+        return result
+
+    def _counted(self, work: Any) -> tuple[Any, Counter[str]]:
+        """Run ``work(observer)`` between two snapshots of the counters."""
+        self.counters.settle()
+        before = self.counters.snapshot()
+        observer = Observer(self.counters.statements)
+        try:
+            value = work(observer)
+        finally:
+            observer.close()
+        self.counters.settle()
+        delta = self.counters.snapshot()
+        delta.subtract(before)
+        delta["transactions"] -= observer.transactions
+        delta["sessions"] -= 1
+        if self.counters.statements:
+            delta["statement SET"] -= 1  # the observer's, before it was off
+        return value, delta
 
     # -- engine ---------------------------------------------------------------
-    def _start(self, key: str, business_key: str) -> Any:
+    def _start(self, key: str, business_key: str, data: dict[str, Any]) -> Any:
         return instance_start(
-            key, business_key=business_key, actor=Actor.api("bench")
+            key, business_key=business_key, input=data, actor=Actor.api("bench")
         ).instance.id
 
-    def _wait_engine(self, ids: list[Any], timeout: float = 600) -> list[float]:
+    def _wait_engine(
+        self, observer: Observer, ids: list[Any], state: str, timeout: float = 900
+    ) -> list[float]:
         deadline = time.monotonic() + timeout
-        qs = WorkflowInstance.objects.filter(pk__in=ids)
-        while qs.exclude(state="completed").exists():
+        ids = [str(i) for i in ids]
+        while observer.fetch(
+            f"SELECT 1 FROM {INSTANCES} WHERE id = ANY(%s::uuid[]) "
+            "AND NOT state = ANY(%s) LIMIT 1",
+            [ids, TERMINAL],
+        ):
             if time.monotonic() > deadline:
-                raise CommandError("workflows did not complete in time")
+                raise CommandError("workflows did not finish in time")
             time.sleep(0.002 if len(ids) == 1 else 0.2)
-        latencies = []
-        for accepted, finished in qs.values_list("accepted_at", "finished_at"):
-            assert finished is not None  # every one completed
-            latencies.append((finished - accepted).total_seconds())
-        return latencies
-
-    def _engine_single(self, key: str, runs: int) -> float:
-        return statistics.median(
-            self._wait_engine([self._start(key, f"single-{i}")])[0] for i in range(runs)
+        rows = observer.fetch(
+            f"SELECT state, extract(epoch FROM finished_at - accepted_at) "
+            f"FROM {INSTANCES} WHERE id = ANY(%s::uuid[])",
+            [ids],
         )
+        wrong = Counter(s for s, _ in rows if s != state)
+        if wrong:
+            raise CommandError(f"expected every workflow {state}, got {dict(wrong)}")
+        return [float(seconds) for _, seconds in rows]
 
-    def _engine_throughput(self, key: str, n: int) -> dict[str, Any]:
-        ids = [self._start(key, f"load-{i}") for i in range(n)]
-        latencies = self._wait_engine(ids)
-        rows = WorkflowInstance.objects.filter(pk__in=ids)
-        first = min(rows.values_list("accepted_at", flat=True))
-        last = max(f for f in rows.values_list("finished_at", flat=True) if f)
-        return {"elapsed": (last - first).total_seconds(), "latencies": latencies}
+    def _engine_round(self, key: str, data: dict[str, Any]) -> dict[str, Any]:
+        state = "compensated" if data else "completed"
+        observer = Observer(self.counters.statements)
+        try:
+            single = statistics.median(
+                self._wait_engine(
+                    observer, [self._start(key, f"single-{i}", data)], state
+                )[0]
+                for i in range(self.single_runs)
+            )
+        finally:
+            observer.close()
+        count = self.compensating if data else self.n
+
+        def load(observer: Observer) -> dict[str, Any]:
+            stamp = time.time_ns()
+            ids = [self._start(key, f"load-{stamp}-{i}", data) for i in range(count)]
+            latencies = self._wait_engine(observer, ids, state)
+            (elapsed,) = observer.fetch(
+                "SELECT extract(epoch FROM max(finished_at) - min(accepted_at)) "
+                f"FROM {INSTANCES} WHERE id = ANY(%s::uuid[])",
+                [[str(i) for i in ids]],
+            )[0]
+            return {"elapsed": float(elapsed), "latencies": latencies}
+
+        result, counts = self._counted(load)
+        return {**result, "single": single, "counts": counts}
 
     # -- baseline -------------------------------------------------------------
-    def _chain(self, workflow: int, steps: int) -> None:
-        chain(
-            *(bench_tasks.baseline_step.si(workflow, s) for s in range(1, steps + 1))
-        ).apply_async()
+    def _start_chains(self, count: int) -> int:
+        """Record ``count`` workflows and send their chains; the first id."""
+        first = self.next_chain
+        self.next_chain += count
+        for wf in range(first, first + count):
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    f"INSERT INTO {bench_tasks.WORKFLOWS} (id) VALUES (%s)", [wf]
+                )
+            chain(
+                *(bench_tasks.baseline_step.si(wf, s) for s in range(1, self.k + 1))
+            ).apply_async()
+        return first
 
-    def _baseline_rows(self, first: int, last: int, steps: int) -> dict[int, list[Any]]:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"SELECT workflow, count(*), max(at) FROM {bench_tasks.TABLE} "
-                "WHERE workflow BETWEEN %s AND %s GROUP BY workflow",
-                [first, last],
-            )
-            return {wf: [count, at] for wf, count, at in cursor.fetchall()}
-
-    def _wait_baseline(self, first: int, last: int, steps: int) -> dict[int, Any]:
-        deadline = time.monotonic() + 600
-        while True:
-            rows = self._baseline_rows(first, last, steps)
-            done = {wf: at for wf, (count, at) in rows.items() if count == steps}
-            if len(done) == last - first + 1:
-                return done
+    def _wait_chains(
+        self, observer: Observer, first: int, count: int, timeout: float = 900
+    ) -> list[float]:
+        last = first + count - 1
+        deadline = time.monotonic() + timeout
+        while observer.fetch(
+            f"SELECT 1 FROM {bench_tasks.WORKFLOWS} WHERE id BETWEEN %s AND %s "
+            "AND step < %s LIMIT 1",
+            [first, last, self.k],
+        ):
             if time.monotonic() > deadline:
                 raise CommandError("the baseline chains did not finish in time")
-            time.sleep(0.002 if first == last else 0.2)
+            time.sleep(0.002 if count == 1 else 0.2)
+        rows = observer.fetch(
+            "SELECT extract(epoch FROM updated_at - accepted_at) "
+            f"FROM {bench_tasks.WORKFLOWS} WHERE id BETWEEN %s AND %s",
+            [first, last],
+        )
+        return [float(seconds) for (seconds,) in rows]
 
-    def _now(self) -> Any:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT clock_timestamp()")
-            return cursor.fetchone()[0]
+    def _chain_round(self) -> dict[str, Any]:
+        observer = Observer(self.counters.statements)
+        try:
+            single = statistics.median(
+                self._wait_chains(observer, self._start_chains(1), 1)[0]
+                for _ in range(self.single_runs)
+            )
+        finally:
+            observer.close()
 
-    def _baseline_single(self, steps: int, runs: int) -> float:
-        results: list[float] = []
-        for i in range(runs):
-            wf = 10_000_000 + i
-            started = self._now()
-            self._chain(wf, steps)
-            finished = self._wait_baseline(wf, wf, steps)[wf]
-            results.append((finished - started).total_seconds())
-        return statistics.median(results)
+        def load(observer: Observer) -> dict[str, Any]:
+            first = self._start_chains(self.n)
+            latencies = self._wait_chains(observer, first, self.n)
+            (elapsed,) = observer.fetch(
+                "SELECT extract(epoch FROM max(updated_at) - min(accepted_at)) "
+                f"FROM {bench_tasks.WORKFLOWS} WHERE id BETWEEN %s AND %s",
+                [first, first + self.n - 1],
+            )[0]
+            return {"elapsed": float(elapsed), "latencies": latencies}
 
-    def _baseline_throughput(self, n: int, steps: int) -> dict[str, Any]:
-        started: dict[int, Any] = {}
-        for wf in range(1, n + 1):
-            started[wf] = self._now()
-            self._chain(wf, steps)
-        done = self._wait_baseline(1, n, steps)
-        latencies = [(done[wf] - started[wf]).total_seconds() for wf in done]
-        elapsed = (max(done.values()) - min(started.values())).total_seconds()
-        return {"elapsed": elapsed, "latencies": latencies}
+        result, counts = self._counted(load)
+        return {**result, "single": single, "counts": counts}
+
+    # -- compensating path ----------------------------------------------------
+    def _compensating(self, key: str) -> None:
+        data = {"simulate": {f"s{FAILING_STEP}": "fail"}}
+        result = self._engine_round(key, data)
+        self.out.write(
+            f"compensating path: {self.compensating} workflows x 5 steps, s3 fails "
+            "for good, s2 and s1 undone (no baseline)"
+        )
+        self._report("saga desk", self.compensating, 5, result)
 
     # -- output ---------------------------------------------------------------
     def _report(
-        self, name: str, n: int, k: int, result: dict[str, Any], single: float
+        self,
+        name: str,
+        n: int,
+        k: int,
+        result: dict[str, Any],
     ) -> None:
         elapsed, lat = result["elapsed"], result["latencies"]
-        self.stdout.write(
+        self.out.write(
             f"{name:>18}: {n / elapsed:7.1f} workflows/s  "
             f"{n * k / elapsed:8.1f} steps/s  "
             f"p50 {percentile(lat, 50) * 1000:8.1f} ms  "
             f"p95 {percentile(lat, 95) * 1000:8.1f} ms  "
-            f"single workflow (idle, median) {single * 1000:6.1f} ms"
+            f"single workflow (idle, median) {result['single'] * 1000:6.1f} ms"
+        )
+        self.out.write(f"{'':>18}  per workflow: {self._per_workflow(result, n)}")
+
+    def _per_workflow(self, result: dict[str, Any], n: int) -> str:
+        counts: Counter[str] = result["counts"]
+        text = f"{counts['transactions'] / n:.1f} transactions, "
+        if self.counters.statements:
+            kinds: Counter[str] = Counter()
+            for key, calls in counts.items():
+                if key.startswith("statement "):
+                    kind = key.removeprefix("statement ")
+                    if kind in TRANSACTION_CONTROL:
+                        kind = "BEGIN/COMMIT/SAVEPOINT"
+                    elif kind not in STATEMENT_KINDS:
+                        kind = "other"
+                    kinds[kind] += calls
+            total = sum(kinds.values())
+            parts = ", ".join(
+                f"{kind} {kinds[kind] / n:.1f}"
+                for kind in (*STATEMENT_KINDS, "BEGIN/COMMIT/SAVEPOINT", "other")
+            )
+            text += f"{total / n:.1f} statements ({parts}), "
+        else:
+            text += (
+                f"rows inserted {counts['inserted'] / n:.1f}, updated "
+                f"{counts['updated'] / n:.1f}, deleted {counts['deleted'] / n:.1f}, "
+            )
+        return text + f"{counts['sessions'] / n:.2f} new sessions"
+
+    def _ratios(self, results: dict[str, list[dict[str, Any]]]) -> None:
+        throughput = [
+            c["elapsed"] / e["elapsed"]
+            for e, c in zip(results["saga desk"], results["chain"], strict=True)
+        ]
+        latency = [
+            e["single"] / c["single"]
+            for e, c in zip(results["saga desk"], results["chain"], strict=True)
+        ]
+        for name, key in (("saga desk", "saga desk"), ("bare celery chain", "chain")):
+            runs = results[key]
+            self.out.write(
+                f"median of {len(runs)} rounds, {name}: "
+                f"{statistics.median(self.n / r['elapsed'] for r in runs):.1f} "
+                "workflows/s, single workflow "
+                f"{statistics.median(r['single'] for r in runs) * 1000:.1f} ms"
+            )
+        self.out.write(
+            f"ratio to the bare chain (median of {len(throughput)} rounds): "
+            f"throughput {statistics.median(throughput):.2f} "
+            f"({' '.join(f'{x:.2f}' for x in throughput)}), "
+            f"single workflow latency {statistics.median(latency):.2f}x "
+            f"({' '.join(f'{x:.2f}' for x in latency)})"
         )
