@@ -11,7 +11,6 @@ No Django here: the chaos driver starts them before it configures Django.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pwd
 import shutil
@@ -22,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PR_SET_PDEATHSIG = 1
+from workflows_app.bench.processes import die_with_parent
 
 
 def free_port(start: int) -> int:
@@ -35,14 +34,6 @@ def free_port(start: int) -> int:
                 continue
             return port
     raise RuntimeError(f"no free port from {start}")
-
-
-def die_with_parent() -> None:
-    """preexec_fn: the child is killed when the process that started it dies
-    (a killed test leaves no servers behind). Set after any uid change,
-    which would clear it."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _as_postgres() -> None:

@@ -12,7 +12,6 @@ app is installed without the tests, so it cannot import that one.)
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pwd
 import shutil
@@ -23,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PR_SET_PDEATHSIG = 1
+from workflows_app.bench.processes import die_with_parent
 
 
 def _free_port() -> int:
@@ -39,7 +38,7 @@ def _as_postgres() -> None:
         entry = pwd.getpwnam("postgres")
         os.setgid(entry.pw_gid)
         os.setuid(entry.pw_uid)
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent()
 
 
 def postgres_bin(name: str) -> str:

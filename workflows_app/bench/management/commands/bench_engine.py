@@ -30,7 +30,7 @@ steps of which the third fails permanently and the two before it are undone
 from __future__ import annotations
 
 import os
-import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -49,6 +49,7 @@ from django.db import connection
 
 from workflows_app.bench import tasks as bench_tasks
 from workflows_app.bench.private_postgres import PrivatePostgres
+from workflows_app.bench.processes import own_group_dying_with_parent, stop_group
 from workflows_app.bench.support import child_env
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands import instance_start
@@ -213,6 +214,15 @@ class Command(BaseCommand):
             )
         if opts["workflows"] < 1 or opts["steps"] < 1 or opts["rounds"] < 1:
             raise CommandError("--workflows, --steps and --rounds must be at least 1")
+        if not os.environ.get("SAGA_CELERY_QUEUE"):
+            # A queue of its own: no other worker on this broker takes the
+            # benchmark's tasks, and its worker takes nobody else's. Set
+            # before anything is sent (the router reads it on first use).
+            queue = f"saga-bench-{os.getpid()}"
+            os.environ["SAGA_CELERY_QUEUE"] = queue
+            from workflows_app.celery import app
+
+            app.conf.task_default_queue = queue
         if opts["current_database"] or opts["own_server"]:
             if connection.vendor != "postgresql":
                 raise CommandError("run the benchmark on PostgreSQL (DATABASE_URL)")
@@ -253,12 +263,20 @@ class Command(BaseCommand):
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
+                preexec_fn=own_group_dying_with_parent,
             )
-            assert child.stdout is not None
-            for line in child.stdout:
-                self.stdout.write(line.rstrip("\n"))
-            if child.wait():
-                raise CommandError(f"the benchmark failed (exit {child.returncode})")
+            try:
+                assert child.stdout is not None
+                for line in child.stdout:
+                    self.stdout.write(line.rstrip("\n"))
+                if child.wait():
+                    raise CommandError(
+                        f"the benchmark failed (exit {child.returncode})"
+                    )
+            finally:
+                # Whatever happened, nothing of it (the child, its worker and
+                # the pool) stays on the broker.
+                stop_group(child)
         finally:
             server.stop()
 
@@ -312,8 +330,7 @@ class Benchmark:
             if self.compensating:
                 self._compensating(failing.key)
         finally:
-            worker.send_signal(signal.SIGTERM)
-            worker.wait(timeout=60)
+            stop_group(worker, grace=60)
         self.out.write(f"load average at the end {os.getloadavg()[0]:.1f}")
 
     # -- setup ----------------------------------------------------------------
@@ -344,6 +361,7 @@ class Benchmark:
         return definition
 
     def _start_worker(self) -> subprocess.Popen[bytes]:
+        name = f"bench-{os.getpid()}@{socket.gethostname()}"
         log = Path(tempfile.mkdtemp(prefix="saga-bench-")) / "worker.log"
         connection.close()
         proc = subprocess.Popen(
@@ -352,20 +370,21 @@ class Benchmark:
                 *("-A", "workflows_app", "worker", "-P", "prefork"),
                 *("-c", str(self.w), "-l", "warning"),
                 *("--without-gossip", "--without-mingle", "--without-heartbeat"),
-                *("-n", f"bench-{os.getpid()}@%h"),
+                *("-n", name),
             ],
             cwd=ROOT,
             env=child_env(),
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
+            preexec_fn=own_group_dying_with_parent,
         )
         from workflows_app.celery import app
 
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if app.control.ping(timeout=0.5):
+            if app.control.ping(destination=[name], timeout=0.5):
                 return proc
-        proc.kill()
+        stop_group(proc, grace=0)
         raise CommandError(f"the worker did not start; see {log}")
 
     def _warm_up(self, key: str) -> None:
