@@ -319,6 +319,12 @@ CELERY_TASK_ALWAYS_EAGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TIMEZONE = "UTC"
+# Celery's Django fixup closes the database connection before and after every
+# task unless this is set, so each task would open a new PostgreSQL session.
+# Connections are recycled the way Django does it per request instead
+# (workflows_app.celery: CONN_MAX_AGE, CONN_HEALTH_CHECKS); this only keeps
+# the fixup's forced close out of the way.
+CELERY_DB_REUSE_MAX = 2**31
 
 SAGA_SWEEP_INTERVAL = float(os.environ.get("SAGA_SWEEP_INTERVAL", "5"))
 # An attempt dispatched this long ago but never claimed is re-dispatched.

@@ -204,6 +204,12 @@ class Command(BaseCommand):
             action="store_true",
             help="run on DATABASE_URL instead of a private PostgreSQL",
         )
+        parser.add_argument(
+            "--top-statements",
+            type=int,
+            default=0,
+            help="at the end, print the N statements the server ran most often",
+        )
         # Set by the private-cluster run for its child: the server is ours.
         parser.add_argument("--own-server", action="store_true", help="(internal)")
 
@@ -250,7 +256,14 @@ class Command(BaseCommand):
             server.analyze("saga_bench")
             forwarded = [
                 f"--{name.replace('_', '-')}={opts[name]}"
-                for name in ("workflows", "steps", "workers", "rounds", "single_runs")
+                for name in (
+                    "workflows",
+                    "steps",
+                    "workers",
+                    "rounds",
+                    "single_runs",
+                    "top_statements",
+                )
             ]
             if opts["compensating_workflows"] is not None:
                 forwarded.append(
@@ -290,6 +303,7 @@ class Benchmark:
         self.compensating = self.n if compensating is None else compensating
         self.counters = ServerCounters(own_server=opts["own_server"])
         self.next_chain = 1
+        self.top_statements = opts["top_statements"]
 
     def run(self) -> None:
         db = connection.settings_dict
@@ -331,7 +345,20 @@ class Benchmark:
                 self._compensating(failing.key)
         finally:
             stop_group(worker, grace=60)
+        if self.top_statements and self.counters.statements:
+            self._print_top_statements()
         self.out.write(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+    def _print_top_statements(self) -> None:
+        with self.counters.conn.cursor() as cursor:
+            cursor.execute(
+                "SELECT calls, regexp_replace(query, '\\s+', ' ', 'g') "
+                "FROM pg_stat_statements WHERE dbid = %s ORDER BY calls DESC LIMIT %s",
+                [self.counters.oid, self.top_statements],
+            )
+            self.out.write("statements run most often (whole run):")
+            for calls, query in cursor.fetchall():
+                self.out.write(f"{calls:>9}  {query[:300]}")
 
     # -- setup ----------------------------------------------------------------
     def _definition(self, prefix: str, *, compensating: bool) -> WorkflowDefinition:
