@@ -10,6 +10,7 @@ from django.db import connection
 from django.db.models.functions import Now
 from django.utils import timezone
 
+from workflows_app.engine.rows import CompiledSelect
 from workflows_app.models import WorkflowInstance
 
 
@@ -23,14 +24,25 @@ def db_now() -> datetime:
     return timezone.now()
 
 
+_LOCKED_INSTANCE = CompiledSelect(
+    lambda instance_id: (
+        WorkflowInstance.objects.select_for_update(of=("self",))
+        .select_related("definition")
+        .annotate(db_now=Now())
+        .filter(pk=instance_id)
+    ),
+    WorkflowInstance._meta.pk,
+)
+
+
 def lock_instance(instance_id: Any) -> tuple[WorkflowInstance, datetime]:
     """Lock the instance row (always first: one lock order) and read the DB clock.
 
     Raises ``WorkflowInstance.DoesNotExist``."""
-    instance = (
-        WorkflowInstance.objects.select_for_update(of=("self",))
-        .select_related("definition")
-        .annotate(db_now=Now())
-        .get(pk=instance_id)
-    )
+    found = _LOCKED_INSTANCE.rows(instance_id)
+    if not found:
+        raise WorkflowInstance.DoesNotExist(
+            "WorkflowInstance matching query does not exist."
+        )
+    instance = found[0]
     return instance, instance.db_now

@@ -16,7 +16,7 @@ from django.conf import settings
 from django.db import transaction
 from django_fsm import ConcurrentTransition, can_proceed, has_transition_perm
 
-from workflows_app.engine import dispatch, stuck
+from workflows_app.engine import dispatch, rows, stuck
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.errors import AlreadyChanged, NotPermitted, TransitionRejected
 from workflows_app.engine.locking import lock_instance
@@ -79,6 +79,16 @@ INSTANCE_FIELDS = [
 ]
 
 
+# An instance's steps in order, with their definitions (compiled once).
+_STEPS = rows.CompiledSelect(
+    lambda instance_id: (
+        StepExecution.objects.filter(instance_id=instance_id)
+        .select_related("step_definition")
+        .order_by("position")
+    ),
+    StepExecution._meta.get_field("instance"),
+)
+
 CHANGED_MEANWHILE = (
     "This instance changed meanwhile; look at its current state and try again."
 )
@@ -111,11 +121,9 @@ class Change:
     @property
     def steps(self) -> list[StepExecution]:
         if self._steps is None:
-            self._steps = list(
-                self.instance.steps.select_related("step_definition").order_by(
-                    "position"
-                )
-            )
+            self._steps = _STEPS.rows(self.instance.id)
+            for step in self._steps:
+                step._state.fields_cache["instance"] = self.instance
         return self._steps
 
     def step(
@@ -235,15 +243,21 @@ class Change:
     def save(self) -> None:
         """Write everything changed, then queue the follow-ups after commit."""
         instance = self.instance
+        updates = []
+        if self._instance_dirty:
+            fence = instance.fence()
+            instance.version += 1
+            fields = [*INSTANCE_FIELDS, *sorted(self._extra_fields)]
+            updates.append(rows.FencedUpdate(instance, fields, fence))
+        for step in self._dirty_steps.values():
+            step.error_signature = error_signature(step.last_error)
+            updates.append(rows.FencedUpdate(step, STEP_FIELDS, step.fence()))
         try:
-            if self._instance_dirty:
-                instance.version += 1
-                instance.save(update_fields=[*INSTANCE_FIELDS, *self._extra_fields])
-            for step in self._dirty_steps.values():
-                step.error_signature = error_signature(step.last_error)
-                step.save(update_fields=STEP_FIELDS)
+            rows.write(updates)
         except ConcurrentTransition as exc:
             raise AlreadyChanged(CHANGED_MEANWHILE) from exc
+        for update in updates:
+            update.obj.written()  # type: ignore[attr-defined]
         if self._stuck_at_open and not instance.stuck:
             self._end_alert_episode()
         if self._logs:

@@ -27,7 +27,26 @@ from workflows_app.models.definitions import StepDefinition, WorkflowDefinition
 APP = "workflows_app"
 
 
-class VersionedFSMMixin(ConcurrentTransitionMixin):
+class FencedFSMMixin(ConcurrentTransitionMixin):
+    """Remembers the state values the object was loaded (or last written)
+    with: the fence of its next UPDATE, also when the engine writes it with
+    its own compiled statement (``engine/rows.py``) instead of ``save()``."""
+
+    def _update_initial_state(self) -> None:
+        super()._update_initial_state()
+        self._seen_states = {
+            field.attname: field.value_from_object(self) for field in self.state_fields
+        }
+
+    def fence(self) -> dict[str, Any]:
+        return dict(self._seen_states)
+
+    def written(self) -> None:
+        """The row now holds this object's values: fence the next write on them."""
+        self._update_initial_state()
+
+
+class VersionedFSMMixin(FencedFSMMixin):
     """Compare-and-set on ``version`` as well as on the state fields.
 
     Every save that goes through the engine bumps ``version``; the UPDATE only
@@ -41,6 +60,9 @@ class VersionedFSMMixin(ConcurrentTransitionMixin):
     def _update_initial_state(self) -> None:
         super()._update_initial_state()
         self._seen_version = self.version
+
+    def fence(self) -> dict[str, Any]:
+        return {**super().fence(), "version": self._seen_version}
 
     def _do_update(
         self, base_qs: Any, using: Any, pk_val: Any, *args: Any, **kwargs: Any
@@ -509,7 +531,7 @@ ACTIVE_STEP = models.Q(
 )
 
 
-class StepExecution(ConcurrentTransitionMixin, models.Model):
+class StepExecution(FencedFSMMixin, models.Model):
     State = StepState
     CompensationState = CompensationState
 
