@@ -65,6 +65,8 @@ class _Compiled:
     init_list: list[str]
     model_slice: slice
     annotations: dict[str, int]
+    converters: Any
+    populators: Any
 
     @classmethod
     def of(cls, queryset: QuerySet[Any]) -> _Compiled:
@@ -85,6 +87,11 @@ class _Compiled:
             init_list=[c[0].target.attname for c in compiler.select[start:end]],
             model_slice=slice(start, end),
             annotations=dict(compiler.annotation_col_map),
+            converters=compiler.get_converters([c[0] for c in compiler.select]),
+            # As Django's ModelIterable does, for this one queryset shape.
+            populators=get_related_populators(  # type: ignore[call-arg]
+                klass_info, compiler.select, queryset.db
+            ),  # (the stubs follow Django 6, which adds fetch_mode)
         )
 
     def run(self, value: Any) -> list[Any]:
@@ -93,14 +100,9 @@ class _Compiled:
         with connection.cursor() as cursor:
             cursor.execute(self.sql, params)
             rows = cursor.fetchall()
-        compiler = self.compiler
-        converters = compiler.get_converters([c[0] for c in compiler.select])
-        if converters:
-            rows = list(compiler.apply_converters(rows, converters))
-        # As Django's ModelIterable does, for one queryset shape.
-        populators = get_related_populators(  # type: ignore[call-arg]
-            compiler.klass_info, compiler.select, connection.alias
-        )  # (the stubs follow Django 6, which adds fetch_mode)
+        if self.converters:
+            rows = list(self.compiler.apply_converters(rows, self.converters))
+        populators = self.populators
         objects = []
         for row in rows:
             obj = self.model.from_db(

@@ -32,6 +32,17 @@ class FencedFSMMixin(ConcurrentTransitionMixin):
     with: the fence of its next UPDATE, also when the engine writes it with
     its own compiled statement (``engine/rows.py``) instead of ``save()``."""
 
+    @property
+    def state_fields(self) -> tuple[Any, ...]:
+        # django-fsm filters every field of the model on each call, and it is
+        # called on every object load and write: once per class is enough.
+        cls = type(self)
+        fields: tuple[Any, ...] | None = cls.__dict__.get("_state_fields_cache")
+        if fields is None:
+            fields = tuple(super().state_fields)
+            cls._state_fields_cache = fields  # type: ignore[attr-defined]
+        return fields
+
     def _update_initial_state(self) -> None:
         super()._update_initial_state()
         self._seen_states = {
