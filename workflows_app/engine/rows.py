@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from django.db import connection
 from django.db.models import Field, Model, QuerySet
+from django.db.models.expressions import DatabaseDefault
 from django.db.models.query import get_related_populators
 from django_fsm import ConcurrentTransition
 
@@ -116,8 +117,18 @@ class _Compiled:
         return objects
 
 
+class Write:
+    """One statement of a unit of work's writes."""
+
+    def statement(self) -> tuple[str, list[Any]]:
+        raise NotImplementedError
+
+    def check(self, matched: int) -> None:
+        """Called with the number of rows the statement wrote."""
+
+
 @dataclass(frozen=True)
-class FencedUpdate:
+class FencedUpdate(Write):
     """Write ``fields`` of ``obj`` where its row still has the ``fence``
     values it was loaded with."""
 
@@ -125,8 +136,70 @@ class FencedUpdate:
     fields: Sequence[str]
     fence: dict[str, Any]
 
+    def statement(self) -> tuple[str, list[Any]]:
+        model = type(self.obj)
+        key = (model, tuple(self.fields), tuple(self.fence))
+        sql = _update_sql.get(key)
+        if sql is None:
+            sql = _update_sql[key] = _update(model, key[1], ["pk", *key[2]])
+        values = [prepare(self.obj) for prepare in _preparers(model, key[1])]
+        return sql, [*values, self.obj.pk, *self.fence.values()]
+
+    def check(self, matched: int) -> None:
+        if matched != 1:
+            raise ConcurrentTransition(
+                f"{type(self.obj).__name__} {self.obj.pk} changed since it was read"
+            )
+
+
+@dataclass(frozen=True)
+class Update(Write):
+    """``UPDATE model SET values WHERE filters``, however many rows match."""
+
+    model: type[Model]
+    values: dict[str, Any]
+    filters: dict[str, Any]
+
+    def statement(self) -> tuple[str, list[Any]]:
+        key = (self.model, tuple(self.values), tuple(self.filters))
+        sql = _update_sql.get(key)
+        if sql is None:
+            sql = _update_sql[key] = _update(self.model, key[1], key[2])
+        params = [
+            _field(self.model, name).get_db_prep_save(value, connection)
+            for name, value in (*self.values.items(), *self.filters.items())
+        ]
+        return sql, params
+
+
+@dataclass(frozen=True)
+class Insert(Write):
+    """New rows of one model (their primary keys are not read back)."""
+
+    objs: Sequence[Model]
+
+    def statement(self) -> tuple[str, list[Any]]:
+        model = type(self.objs[0])
+        fields = _insert_fields(model)
+        quote = connection.ops.quote_name
+        columns = ", ".join(quote(_column(model, f.name)) for f in fields)
+        rows, params = [], []
+        for obj in self.objs:
+            marks = []
+            for field in fields:
+                value = getattr(obj, field.attname)
+                if isinstance(value, DatabaseDefault):
+                    marks.append("DEFAULT")
+                else:
+                    marks.append("%s")
+                    params.append(field.get_db_prep_save(value, connection))
+            rows.append(f"({', '.join(marks)})")
+        table = quote(model._meta.db_table)
+        return f"INSERT INTO {table} ({columns}) VALUES {', '.join(rows)}", params
+
 
 _update_sql: dict[tuple[type[Model], tuple[str, ...], tuple[str, ...]], str] = {}
+_preparer_cache: dict[tuple[type[Model], tuple[str, ...]], list[Any]] = {}
 
 
 def _field(model: type[Model], name: str) -> Field[Any, Any]:
@@ -141,40 +214,57 @@ def _column(model: type[Model], name: str) -> str:
     return column
 
 
-def _sql(update: FencedUpdate) -> tuple[str, list[Any]]:
-    model = type(update.obj)
-    key = (model, tuple(update.fields), tuple(update.fence))
-    sql = _update_sql.get(key)
-    if sql is None:
-        quote = connection.ops.quote_name
-        sets = ", ".join(f"{quote(_column(model, f))} = %s" for f in key[1])
-        columns = [_column(model, "pk"), *(_column(model, f) for f in key[2])]
-        where = " AND ".join(f"{quote(column)} = %s" for column in columns)
-        table = quote(model._meta.db_table)
-        sql = _update_sql[key] = f"UPDATE {table} SET {sets} WHERE {where}"
-    values = []
-    for name in update.fields:
-        field = _field(model, name)
-        value = field.pre_save(update.obj, False)
+def _update(model: type[Model], sets: Sequence[str], where: Sequence[str]) -> str:
+    quote = connection.ops.quote_name
+    assignments = ", ".join(f"{quote(_column(model, f))} = %s" for f in sets)
+    conditions = " AND ".join(f"{quote(_column(model, f))} = %s" for f in where)
+    table = quote(model._meta.db_table)
+    return f"UPDATE {table} SET {assignments} WHERE {conditions}"
+
+
+def _preparers(model: type[Model], names: tuple[str, ...]) -> list[Any]:
+    """Per field, what turns the object's value into the parameter, as
+    ``Model.save`` would (``pre_save``, then ``get_db_prep_save``)."""
+    key = (model, names)
+    found = _preparer_cache.get(key)
+    if found is None:
+        found = _preparer_cache[key] = [
+            _preparer(_field(model, name)) for name in names
+        ]
+    return found
+
+
+def _preparer(field: Field[Any, Any]) -> Any:
+    def prepare(obj: Model) -> Any:
+        value = field.pre_save(obj, False)
         if hasattr(value, "resolve_expression"):
-            raise TypeError(f"{name}: expressions are saved through the ORM")
-        values.append(field.get_db_prep_save(value, connection))
-    values.append(update.obj.pk)
-    values.extend(update.fence.values())
-    return sql, values
+            raise TypeError(f"{field.name}: expressions are saved through the ORM")
+        return field.get_db_prep_save(value, connection)
+
+    return prepare
 
 
-def write(updates: Sequence[FencedUpdate]) -> None:
-    """Run the updates; raise ConcurrentTransition unless each matched its row."""
-    if not updates:
+def _insert_fields(model: type[Model]) -> list[Field[Any, Any]]:
+    return [
+        f
+        for f in model._meta.concrete_fields
+        if isinstance(f, Field) and not (f.primary_key and f.db_returning)
+    ]
+
+
+def write(writes: Sequence[Write]) -> None:
+    """Run the writes (on PostgreSQL in one statement, one round trip) and
+    check each: a fenced update that matched no row raises
+    ConcurrentTransition, which rolls the caller's transaction back."""
+    if not writes:
         return
-    statements = [_sql(u) for u in updates]
+    statements = [w.statement() for w in writes]
     if connection.vendor == "postgresql" and len(statements) > 1:
         ctes = ", ".join(
-            f"u{i} AS ({sql} RETURNING 1)" for i, (sql, _) in enumerate(statements)
+            f"w{i} AS ({sql} RETURNING 1)" for i, (sql, _) in enumerate(statements)
         )
         counts = ", ".join(
-            f"(SELECT count(*) FROM u{i})" for i in range(len(statements))
+            f"(SELECT count(*) FROM w{i})" for i in range(len(statements))
         )
         params = [p for _, values in statements for p in values]
         with connection.cursor() as cursor:
@@ -186,8 +276,5 @@ def write(updates: Sequence[FencedUpdate]) -> None:
             for sql, values in statements:
                 cursor.execute(sql, values)
                 matched.append(cursor.rowcount)
-    for update, count in zip(updates, matched, strict=True):
-        if count != 1:
-            raise ConcurrentTransition(
-                f"{type(update.obj).__name__} {update.obj.pk} changed since it was read"
-            )
+    for w, count in zip(writes, matched, strict=True):
+        w.check(count)

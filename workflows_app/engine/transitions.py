@@ -104,6 +104,9 @@ class Change:
         self._instance_dirty = False
         self._extra_fields: set[str] = set()
         self._logs: list[TransitionLog] = []
+        # Rows besides the instance, its steps and its history (attempts),
+        # written with them in one batch at save.
+        self._writes: list[rows.Write] = []
         self._after_commit: list[Callable[[], None]] = []
         self._dispatches: list[tuple[StepExecution, str, timedelta]] = []
         # Merged into the data of every history row (e.g. the bulk job that
@@ -214,6 +217,14 @@ class Change:
         self._instance_dirty = True
         self._extra_fields.update(extra_fields)
 
+    def insert(self, obj: Any) -> None:
+        """A new row (its primary key is not read back), written at save."""
+        self._writes.append(rows.Insert([obj]))
+
+    def update(self, model: Any, values: dict[str, Any], **filters: Any) -> None:
+        """``UPDATE model SET values WHERE filters``, written at save."""
+        self._writes.append(rows.Update(model, values, filters))
+
     def after_commit(self, fn: Callable[[], None]) -> None:
         self._after_commit.append(fn)
 
@@ -241,27 +252,31 @@ class Change:
         return None
 
     def save(self) -> None:
-        """Write everything changed, then queue the follow-ups after commit."""
+        """Write everything changed in one batch, then queue the follow-ups
+        after commit."""
         instance = self.instance
-        updates = []
+        writes: list[rows.Write] = []
         if self._instance_dirty:
             fence = instance.fence()
             instance.version += 1
             fields = [*INSTANCE_FIELDS, *sorted(self._extra_fields)]
-            updates.append(rows.FencedUpdate(instance, fields, fence))
+            writes.append(rows.FencedUpdate(instance, fields, fence))
         for step in self._dirty_steps.values():
             step.error_signature = error_signature(step.last_error)
-            updates.append(rows.FencedUpdate(step, STEP_FIELDS, step.fence()))
-        try:
-            rows.write(updates)
-        except ConcurrentTransition as exc:
-            raise AlreadyChanged(CHANGED_MEANWHILE) from exc
-        for update in updates:
-            update.obj.written()  # type: ignore[attr-defined]
+            writes.append(rows.FencedUpdate(step, STEP_FIELDS, step.fence()))
         if self._stuck_at_open and not instance.stuck:
             self._end_alert_episode()
+        writes += self._writes
         if self._logs:
-            TransitionLog.objects.bulk_create(self._logs)
+            writes.append(rows.Insert(self._logs))
+        try:
+            rows.write(writes)
+        except ConcurrentTransition as exc:
+            raise AlreadyChanged(CHANGED_MEANWHILE) from exc
+        for write in writes:
+            if isinstance(write, rows.FencedUpdate):
+                write.obj.written()  # type: ignore[attr-defined]
+        if self._logs:
             transaction.on_commit(metrics.recorder(instance, self._logs), robust=True)
             outbox.queue_state_events(instance, self._logs, self.now)
         for step, direction, wait in self._dispatches:
@@ -277,6 +292,7 @@ class Change:
         for fn in self._after_commit:
             transaction.on_commit(fn, robust=True)
         self._logs, self._after_commit, self._dirty_steps = [], [], {}
+        self._writes = []
         self._dispatches = []
         self._instance_dirty = False
         self._extra_fields = set()

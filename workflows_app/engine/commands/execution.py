@@ -106,7 +106,7 @@ def _claim(change: Change, step: StepExecution, direction: str, task_id: str) ->
         number, activity = step.compensation_attempt, definition.compensation
         config = definition.compensation_config
     step.deadline_at = change.now + definition.timeout
-    attempt = Attempt.objects.create(
+    attempt = Attempt(
         step=step,
         direction=direction,
         number=number,
@@ -115,6 +115,7 @@ def _claim(change: Change, step: StepExecution, direction: str, task_id: str) ->
         worker_host=change.actor.label[:200],
         task_id=task_id[:200],
     )
+    change.insert(attempt)
     instance = change.instance
     return Claim(
         instance_id=str(instance.id),
@@ -259,7 +260,7 @@ def record_outcome(
             error_class="CompensationDeferred",
             error_message="a compensation cannot wait for a callback",
         )
-    _close_attempt(step, direction, number, outcome, change.now)
+    _close_attempt(change, step, direction, number, outcome)
     data = {"attempt": number, "source": source}
     if outcome.error:
         data["error"] = outcome.error[:2000]
@@ -333,7 +334,7 @@ def _late_outcome(
 
 
 def _close_attempt(
-    step: StepExecution, direction: str, number: int, outcome: Outcome, now: datetime
+    change: Change, step: StepExecution, direction: str, number: int, outcome: Outcome
 ) -> None:
     kinds = {
         "succeeded": Attempt.Outcome.SUCCEEDED,
@@ -343,11 +344,17 @@ def _close_attempt(
         if outcome.permanent
         else Attempt.Outcome.FAILED,
     }
-    Attempt.objects.filter(step=step, direction=direction, number=number).update(
-        outcome=kinds[outcome.kind],
-        finished_at=None if outcome.kind == "waiting" else now,
-        error_class=outcome.error_class[:200],
-        error_message=outcome.error_message[:5000],
+    change.update(
+        Attempt,
+        {
+            "outcome": kinds[outcome.kind],
+            "finished_at": None if outcome.kind == "waiting" else change.now,
+            "error_class": outcome.error_class[:200],
+            "error_message": outcome.error_message[:5000],
+        },
+        step=step.id,
+        direction=direction,
+        number=number,
     )
 
 
