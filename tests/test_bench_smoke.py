@@ -154,7 +154,8 @@ def test_benchmarks_with_real_worker_and_server_processes() -> None:
     per_workflow = (
         rf"^\s+per workflow: ({NUMBER}) transactions, ({NUMBER}) statements "
         rf"\(SELECT {NUMBER}, INSERT ({NUMBER}), UPDATE ({NUMBER}), DELETE "
-        rf"{NUMBER}, BEGIN/COMMIT/SAVEPOINT {NUMBER}, other {NUMBER}\), "
+        rf"{NUMBER}, WITH {NUMBER}, BEGIN/COMMIT/SAVEPOINT {NUMBER}, other "
+        rf"{NUMBER}; and the server's own foreign-key checks {NUMBER}\), "
         rf"({NUMBER}) new sessions$"
     )
     saga = figure(rf"^\s*saga desk: +{rates}\n{per_workflow}", out)

@@ -57,6 +57,8 @@ STEP_FIELDS = [
     "claimed_by",
     "claimed_at",
 ]
+# claimed_by is a foreign key: its column (and __dict__ key) is claimed_by_id.
+STEP_ATTNAMES = [f"{name}_id" if name == "claimed_by" else name for name in STEP_FIELDS]
 INSTANCE_FIELDS = [
     "state",
     "version",
@@ -259,11 +261,12 @@ class Change:
         if self._instance_dirty:
             fence = instance.fence()
             instance.version += 1
-            fields = [*INSTANCE_FIELDS, *sorted(self._extra_fields)]
+            fields = instance.changed([*INSTANCE_FIELDS, *sorted(self._extra_fields)])
             writes.append(rows.FencedUpdate(instance, fields, fence))
         for step in self._dirty_steps.values():
             step.error_signature = error_signature(step.last_error)
-            writes.append(rows.FencedUpdate(step, STEP_FIELDS, step.fence()))
+            fields = step.changed(STEP_ATTNAMES) or ["state"]
+            writes.append(rows.FencedUpdate(step, fields, step.fence()))
         if self._stuck_at_open and not instance.stuck:
             self._end_alert_episode()
         writes += self._writes

@@ -48,6 +48,31 @@ class FencedFSMMixin(ConcurrentTransitionMixin):
         self._seen_states = {
             field.attname: field.value_from_object(self) for field in self.state_fields
         }
+        # The loaded values, to write only what changed (engine/rows.py).
+        self._loaded_values = dict(self.__dict__)
+
+    def changed(self, attnames: Any) -> list[str]:
+        """Which of ``attnames`` differ from the loaded (or last written)
+        values. A JSON value may have been changed in place: always listed."""
+        loaded, now = self._loaded_values, self.__dict__
+        mutable = type(self)._json_attnames()
+        return [
+            name
+            for name in attnames
+            if name in mutable or now.get(name) != loaded.get(name)
+        ]
+
+    @classmethod
+    def _json_attnames(cls) -> frozenset[str]:
+        found: frozenset[str] | None = cls.__dict__.get("_json_attnames_cache")
+        if found is None:
+            found = frozenset(
+                f.attname
+                for f in cls._meta.concrete_fields
+                if isinstance(f, models.JSONField)
+            )
+            cls._json_attnames_cache = found  # type: ignore[attr-defined]
+        return found
 
     def fence(self) -> dict[str, Any]:
         return dict(self._seen_states)
