@@ -231,6 +231,13 @@ class StepSpec:
     is_pivot: bool = False
     restart_point: bool = False
     kind: str = "activity"  # "timer" / "human": done by the engine, no effect
+    # Parallel branches: the position of the first step of the step's stage;
+    # None: a stage of its own (a sequential step).
+    stage: int | None = None
+
+    @property
+    def stage_key(self) -> int:
+        return self.position if self.stage is None else self.stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,6 +408,22 @@ class _Checker:
         self.pivot = pivots[0] if pivots else None
         self.fold = _Fold(self.specs)
         self.violations: list[str] = []
+        # Parallel stages: the partial order replaces the total one.
+        self.parallel = any(
+            s.stage is not None and s.stage != s.position for s in recorded.steps
+        )
+
+    def stage(self, position: int) -> int:
+        return self.specs[position].stage_key
+
+    def previous_stage(self, position: int) -> list[int]:
+        """The positions of the stage right before ``position``'s."""
+        mine = self.stage(position)
+        before = [s.stage_key for s in self.specs.values() if s.stage_key < mine]
+        if not before:
+            return []
+        last = max(before)
+        return [p for p, spec in self.specs.items() if spec.stage_key == last]
 
     def fail(self, rule: str, message: str, row: Row | None = None) -> None:
         where = f" at #{row.seq} {event_kind(row, self.manual)}" if row else ""
@@ -617,7 +640,14 @@ class _Checker:
         if row.transition == "retry_repaired_step":
             # A restart from the blocked step itself: it may have applied, so
             # it is undone first (it must have a compensation, before the pivot).
-            if not blocked or spec.position != min(blocked):
+            first = min(blocked) if blocked else None
+            if (
+                first is None
+                or spec.position not in blocked
+                or (self.stage(spec.position) != self.stage(first))
+            ):
+                # Parallel stages: any failed or unknown branch of the
+                # blocking stage may be the blocked step.
                 self.fail("S6", f"step {spec.position} is not the blocked step", row)
             if not self.needs_compensation(spec.position):
                 self.fail(
@@ -712,9 +742,13 @@ class _Checker:
                 f"forward work after WF_COMPENSATING #{fold.compensating_since}",
                 row,
             )
-        previous = fold.state.get(position - 1)
-        if position > 1 and previous not in STEP_DONE:
-            self.fail("S3", f"step {position - 1} is {previous}, not done", row)
+        # Stages: every branch of the stage before is done (sequential: the
+        # step before).
+        for previous in self.previous_stage(position):
+            if fold.state[previous] not in STEP_DONE:
+                self.fail(
+                    "S3", f"step {previous} is {fold.state[previous]}, not done", row
+                )
 
     def _action_event(self, row: Row, position: int) -> None:
         fold, name = self.fold, row.transition
@@ -888,10 +922,13 @@ class _Checker:
             self.fail("S6", f"step {position} is at or after the pivot", row)
         if not self.specs[position].has_compensation:
             self.fail("S6", f"step {position} has no compensation", row)
+        # Compensations of a stage after every later stage's (the branches
+        # of one stage in any order, each after its own action: S12).
         later = {
             p: fold.comp[p]
             for p in self.specs
-            if p > position and fold.comp[p] not in COMP_RESOLVED
+            if self.stage(p) > self.stage(position)
+            and fold.comp[p] not in COMP_RESOLVED
         }
         if later:
             self.fail("S7", f"later compensations unresolved: {later}", row)
@@ -1038,7 +1075,9 @@ class _Checker:
             # Quiescence includes a sweep, which opens the alert of a held
             # instance (L3: escalation is visible).
             self.fail("L3", "waiting for a person without an open alert")
-        if state == "completed":
+        if self.parallel and state in {"completed", "compensated"}:
+            self._check_partial_order(state, word, positions)
+        elif state == "completed":
             expected = [f"T{p}" for p in positions]
             if word != expected:
                 self.fail("G", f"completed with word {word}, expected {expected}")
@@ -1063,6 +1102,39 @@ class _Checker:
                         self.fail("L1", f"compensated with effT-effC != 0 at {p}")
         elif state == "cancelled" and word:
             self.fail("G", f"cancelled with word {word}")
+
+    def _check_partial_order(
+        self, state: str, word: list[str], positions: list[int]
+    ) -> None:
+        """G with parallel stages (the paper's parallel sagas): the forward
+        effects follow the stages (a stage's branches in any order, each
+        stage's after every earlier stage's), all of them before the first
+        undo; a compensated instance applied every branch of the stages
+        before the last one it reached, and undid each applied step, a
+        stage's undos after every later stage's."""
+        forward = [int(w[1:]) for w in word if w[0] == "T"]
+        undo = [int(w[1:]) for w in word if w[0] == "C"]
+        if word[: len(forward)] != [f"T{p}" for p in forward]:
+            self.fail("G", f"{state} with word {word}: an undo before an action")
+        for earlier, later in zip(forward, forward[1:], strict=False):
+            if self.stage(earlier) > self.stage(later):
+                self.fail("G", f"{state} with word {word}: T{later} after T{earlier}")
+        for earlier, later in zip(undo, undo[1:], strict=False):
+            if self.stage(earlier) < self.stage(later):
+                self.fail("G", f"{state} with word {word}: C{later} after C{earlier}")
+        if state == "completed":
+            if sorted(forward) != positions:
+                self.fail("G", f"completed with word {word}, expected {positions}")
+            if undo:
+                self.fail("G", f"completed with undos in {word}")
+            return
+        reached = max((self.stage(p) for p in forward), default=None)
+        for p in positions:
+            if reached is not None and self.stage(p) < reached and p not in forward:
+                self.fail("G", f"compensated with word {word}: T{p} never applied")
+        expected_undo = sorted(p for p in forward if self.specs[p].has_compensation)
+        if sorted(undo) != expected_undo:
+            self.fail("G", f"compensated with word {word}: undos {undo} != applied")
 
     def check_replay(self, persisted: Persisted) -> None:
         fold = self.fold
@@ -1155,6 +1227,13 @@ def check_history(
 
 def pinned_steps(definition_id: int) -> list[StepSpec]:
     """The steps of the definition version an instance pinned."""
+    rows = list(
+        StepDefinition.objects.filter(definition_id=definition_id).order_by("position")
+    )
+    stage: dict[int, int] = {}
+    for s in rows:
+        joins = s.parallel_with_previous and stage
+        stage[s.position] = stage[max(stage)] if joins else s.position
     return [
         StepSpec(
             s.position,
@@ -1163,10 +1242,9 @@ def pinned_steps(definition_id: int) -> list[StepSpec]:
             s.is_pivot,
             s.restart_point,
             s.kind,
+            stage[s.position],
         )
-        for s in StepDefinition.objects.filter(definition_id=definition_id).order_by(
-            "position"
-        )
+        for s in rows
     ]
 
 

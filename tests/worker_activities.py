@@ -50,3 +50,22 @@ def flaky_gateway(ctx: ActivityContext) -> dict[str, object]:
             f"payments returned {outage} for order '{ctx.business_key}'"
         )
     return perform_action(ctx, "gateway")
+
+
+@activity("test.branch")
+def branch(ctx: ActivityContext) -> dict[str, object]:
+    """A branch of a parallel stage that proves it runs alongside the others:
+    it leaves a marker (its process id) and waits until every branch named
+    in ``party`` has left one (declining for good if they never do, so a
+    sequential engine fails the test); then lingers, and applies or declines."""
+    folder = Path(ctx.config["dir"])
+    (folder / ctx.step_name).write_text(str(os.getpid()))
+    deadline = time.monotonic() + 10
+    while not all((folder / name).exists() for name in ctx.config["party"]):
+        if time.monotonic() > deadline:
+            raise ActivityError("the other branches never started", permanent=True)
+        time.sleep(0.02)
+    time.sleep(float(ctx.config.get("linger", 0)))
+    if ctx.config.get("decline"):
+        raise ActivityError("declined for good", permanent=True)
+    return perform_action(ctx, "branch")

@@ -24,7 +24,7 @@ STATUS_FIELDS = {
     "accepted_at",
     "completed_at",
 }
-STEP_FIELDS = {"name", "state", "compensation_state", "attempts", "run"}
+STEP_FIELDS = {"name", "state", "compensation_state", "attempts", "run", "stage"}
 HISTORY_FIELDS = {
     "at",
     "step",

@@ -9,6 +9,7 @@ import signal
 import tempfile
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.test import override_settings
@@ -74,6 +75,14 @@ def word(instance: WorkflowInstance) -> list[str]:
     ]
 
 
+def in_stages(effects: list[str]) -> list[Any]:
+    """An order's word with its parallel stage (reserve and charge, in either
+    order) as a set."""
+    stage = {"T:reserve_inventory", "T:charge_payment"}
+    first = frozenset(e for e in effects[:2] if e in stage)
+    return [first, *effects[len(first) :]]
+
+
 def test_demo_paths_end_where_the_design_promises():
     load_demo_definitions()
     order = "order-fulfilment"
@@ -99,7 +108,7 @@ def test_demo_paths_end_where_the_design_promises():
         "notify_customer",
     ]
     assert happy.state == "completed"
-    assert word(happy) == [f"T:{s}" for s in steps]
+    assert in_stages(word(happy)) == in_stages([f"T:{s}" for s in steps])
 
     # fail -> compensated; the declined charge never applied, so it is not
     # undone at all (not_needed) and only the reservation is released.
@@ -123,7 +132,7 @@ def test_demo_paths_end_where_the_design_promises():
         idempotency_key=f"{lost.id}:charge_payment:action"
     )
     assert (charge.applied, charge.calls) == (True, 2)
-    assert word(lost) == [f"T:{s}" for s in steps]
+    assert in_stages(word(lost)) == in_stages([f"T:{s}" for s in steps])
 
     # timeout -> unknown, then retried (reserve allows it) or held (payments do not).
     assert hung_safe.state == "completed"

@@ -30,6 +30,7 @@ from workflows_app.models import StepDefinition, WorkflowDefinition
 from workflows_app.models.definitions import (
     APPROVABLE_ACTIONS,
     restart_point_errors,
+    stage_errors,
 )
 
 # Keeps the temporary positions used while saving (see park_edited_rows)
@@ -88,6 +89,7 @@ class StepDefinitionForm(forms.ModelForm[StepDefinition]):
         model = StepDefinition
         fields = [
             "position",
+            "parallel_with_previous",
             "name",
             "kind",
             "action",
@@ -157,6 +159,7 @@ class StepDefinitionFormSet(
                 f"these steps are marked as pivot: {', '.join(pivots)}."
             )
         errors += restart_point_errors(self.instance.mode, rows)
+        errors += stage_errors(self.instance.mode, rows)
         if self.instance.mode == WorkflowDefinition.Mode.ORCHESTRATED and not rows:
             errors.append("An orchestrated definition needs at least one step.")
         if errors:
@@ -200,6 +203,7 @@ class StepDefinitionInline(admin.StackedInline[StepDefinition, WorkflowDefinitio
             {
                 "fields": (
                     ("position", "name", "kind", "is_pivot", "restart_point"),
+                    "parallel_with_previous",
                     ("action", "compensation"),
                     ("awaits_event", "failure_event"),
                 )

@@ -27,6 +27,7 @@ from workflows_app.api.schemas import (
 )
 from workflows_app.engine import commands
 from workflows_app.engine.errors import DefinitionNotFound, IdempotencyConflict
+from workflows_app.engine.planning import stage_keys
 from workflows_app.filters import StateConflict, merge_states
 from workflows_app.models import InstanceState
 
@@ -120,6 +121,10 @@ def instance_status(request: HttpRequest, instance_id: uuid.UUID) -> dict[str, A
     instance = queries.instance_detail(instance_id)
     if instance is None:
         raise ApiError(404, "unknown_instance", f"no instance {instance_id}")
+    # Prefetched by queries.instance_detail (to_attr).
+    steps = instance.ordered_steps  # type: ignore[attr-defined]
+    keys = stage_keys(steps)
+    number = {key: n for n, key in enumerate(sorted(set(keys.values())), start=1)}
     return {
         "id": instance.id,
         "definition": instance.definition_key,
@@ -134,9 +139,9 @@ def instance_status(request: HttpRequest, instance_id: uuid.UUID) -> dict[str, A
                 "compensation_state": step.compensation_state,
                 "attempts": step.attempt_count,
                 "run": step.run,
+                "stage": number[keys[step.position]],
             }
-            # Prefetched by queries.instance_detail (to_attr).
-            for step in instance.ordered_steps  # type: ignore[attr-defined]
+            for step in steps
         ],
         "accepted_at": instance.accepted_at,
         "completed_at": queries.completed_at(instance.state, instance.finished_at),

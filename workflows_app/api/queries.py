@@ -27,8 +27,10 @@ from workflows_app.search import apply as apply_search
 def instance_detail(instance_id: uuid.UUID) -> WorkflowInstance | None:
     """The instance with its definition and its steps, each annotated with
     its number of attempts: two queries."""
-    steps = StepExecution.objects.annotate(attempt_count=Count("attempts")).order_by(
-        "position"
+    steps = (
+        StepExecution.objects.select_related("step_definition")
+        .annotate(attempt_count=Count("attempts"))
+        .order_by("position")
     )
     instance: WorkflowInstance | None = (
         WorkflowInstance.objects.select_related("definition")

@@ -203,6 +203,12 @@ class StepOut(Schema):
         description="1, then 2, 3... after an operator restarted the workflow "
         "at or before this step (each run sends its own idempotency keys).",
     )
+    stage: int = Field(
+        1,
+        description="The step's stage, 1, 2, ... in order: the steps of one "
+        "stage are parallel branches that start together; the next stage "
+        "starts when all of them succeeded.",
+    )
 
 
 class InstanceOut(Schema):

@@ -15,8 +15,9 @@ DEMO_DEFINITIONS: list[dict[str, Any]] = [
     {
         "key": "order-fulfilment",
         "title": "Order fulfilment",
-        "description": "Reserve stock, take payment, ship, tell the customer. "
-        "Shipping is the point of no return.",
+        "description": "Reserve stock while the card is charged (a parallel "
+        "stage), then ship and tell the customer. Shipping is the point of no "
+        "return.",
         "failure_policy": WorkflowDefinition.FailurePolicy.COMPENSATE,
         "stuck_after": timedelta(minutes=2),
         "deadline": timedelta(minutes=30),
@@ -29,7 +30,8 @@ DEMO_DEFINITIONS: list[dict[str, Any]] = [
         "search_attributes": {"customer": "customer", "amount": "amount"},
         "steps": [
             # Support may run an order again from the start (e.g. after
-            # correcting the items) or from the payment (e.g. another card).
+            # correcting the items) or from the payment (e.g. another card:
+            # only the payment branch and what follows are undone and re-run).
             {
                 "name": "reserve_inventory",
                 "action": "demo.reserve_inventory",
@@ -37,9 +39,13 @@ DEMO_DEFINITIONS: list[dict[str, Any]] = [
                 "retry_on_timeout": True,
                 "restart_point": True,
             },
-            # Payments must not be charged twice blindly: a timeout waits for a person.
+            # Payments must not be charged twice blindly: a timeout waits for a
+            # person. Charged while the stock is reserved: one stage, two
+            # branches; both are undone if either fails for good (the pivot,
+            # shipping, comes after the stage and stands alone).
             {
                 "name": "charge_payment",
+                "parallel_with_previous": True,
                 "action": "demo.charge_payment",
                 "compensation": "demo.refund_payment",
                 "retry_on_timeout": False,

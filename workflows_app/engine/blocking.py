@@ -15,6 +15,7 @@ from typing import Any
 
 from django.db.models import Case, CharField, Exists, OuterRef, Q, QuerySet, Value, When
 
+from workflows_app.engine.planning import stage_keys
 from workflows_app.models import (
     AttentionKind,
     CompensationState,
@@ -42,6 +43,21 @@ def blocking_step(steps: Sequence[StepExecution]) -> StepExecution | None:
     """The step that stops forward progress: what retry, mark done and a
     restart act on (the first failed or unknown one)."""
     return next((s for s in steps if s.state in BLOCKING), None)
+
+
+def blocking_branches(steps: Sequence[StepExecution]) -> list[StepExecution]:
+    """Every failed or unknown branch of the stage that stops forward
+    progress (the blocking step's stage): retry and mark done act on any of
+    them, one branch at a time; the first is ``blocking_step``."""
+    first = blocking_step(steps)
+    if first is None:
+        return []
+    stage = stage_keys(steps)
+    return [
+        s
+        for s in steps
+        if s.state in BLOCKING and stage[s.position] == stage[first.position]
+    ]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ import enum
 import random
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 
 class Move(enum.Enum):
@@ -49,6 +50,13 @@ class StepView:
     # "activity" (a participant is called), "timer" or "human": the engine
     # does those itself, calls nothing and has nothing to undo.
     kind: str = "activity"
+    # Parallel branches: the position of the first step of the step's stage
+    # (steps of one stage start together). None: a stage of its own.
+    stage: int | None = None
+
+    @property
+    def stage_key(self) -> int:
+        return self.position if self.stage is None else self.stage
 
     @property
     def engine_run(self) -> bool:
@@ -128,50 +136,91 @@ def decide(view: InstanceView) -> Decision:
     return IDLE
 
 
+def stages(steps: Sequence[StepView]) -> list[list[StepView]]:
+    """The steps grouped into their stages, in order (each stage by position)."""
+    groups: dict[int, list[StepView]] = {}
+    for step in sorted(steps, key=lambda s: s.position):
+        groups.setdefault(step.stage_key, []).append(step)
+    return [groups[key] for key in sorted(groups)]
+
+
+def stage_keys(steps: Sequence[Any]) -> dict[int, int]:
+    """Per position, the position of the first step of its stage, for stored
+    steps (with ``position`` and ``step_definition``): a step marked
+    "parallel with previous" joins the stage of the step before it."""
+    keys: dict[int, int] = {}
+    current: int | None = None
+    for s in sorted(steps, key=lambda s: s.position):
+        if current is None or not s.step_definition.parallel_with_previous:
+            current = s.position
+        keys[s.position] = current
+    return keys
+
+
 def _decide_forward(view: InstanceView) -> Decision:
-    if any(step.state in IN_FLIGHT for step in view.steps):
-        return IDLE
-    for step in view.steps:
-        if step.state in DONE:
-            continue
+    """The first stage not yet done is the current one: its branches start
+    together; a branch that failed for good decides at once (the others are
+    fenced by the hold or the compensation, their outcomes still recorded)."""
+    current = next(
+        (
+            stage
+            for stage in stages(view.steps)
+            if any(step.state not in DONE for step in stage)
+        ),
+        None,
+    )
+    if current is None:
+        return Decision(Move.COMPLETE)
+    here = {step.position for step in current}
+    if any(s.state in IN_FLIGHT for s in view.steps if s.position not in here):
+        return IDLE  # defensive: nothing outside the current stage runs
+    for step in current:
+        trouble = _branch_trouble(view, step)
+        if trouble is not None:
+            return trouble
+    for step in current:
         if step.state == "pending":
             return Decision(Move.SCHEDULE, step.position)
         if step.state == "scheduled" and step.engine_run:
             return Decision(Move.BEGIN_WAIT, step.position)
-        if step.state in {"scheduled", "retrying"}:
-            return IDLE
-        at_pivot = step.position == view.pivot_position
-        if step.state == "unknown" and not (
-            step.retry_on_timeout and step.attempt >= step.attempts_allowed
-        ):
-            if at_pivot:
-                return _pivot_uncertain(step, "its outcome is unknown after a timeout")
-            return Decision(
-                Move.HOLD,
-                step.position,
-                "step_unknown",
-                "outcome unknown after a timeout; a person must decide",
-            )
-        # Failed for good: permanent error, or attempts used up.
-        if at_pivot and step.may_have_applied:
-            return _pivot_uncertain(
-                step, "its attempts ran out on errors that may hide a success"
-            )
-        if after_pivot(view, step):
-            return Decision(
-                Move.HOLD,
-                step.position,
-                "after_pivot",
-                "failed after the pivot: only forward retries are possible",
-            )
-        if view.failure_policy == "compensate":
-            return Decision(
-                Move.BEGIN_COMPENSATION, step.position, reason="step failed"
-            )
+    # Branches scheduled, retrying or in flight: wait for all of them.
+    return IDLE
+
+
+def _branch_trouble(view: InstanceView, step: StepView) -> Decision | None:
+    """What a failed or unknown branch means for the instance (None when the
+    branch is fine so far)."""
+    if step.state not in {"unknown", "failed"}:
+        return None
+    at_pivot = step.position == view.pivot_position
+    if step.state == "unknown" and not (
+        step.retry_on_timeout and step.attempt >= step.attempts_allowed
+    ):
+        if at_pivot:
+            return _pivot_uncertain(step, "its outcome is unknown after a timeout")
         return Decision(
-            Move.HOLD, step.position, "step_failed", "step failed; policy is hold"
+            Move.HOLD,
+            step.position,
+            "step_unknown",
+            "outcome unknown after a timeout; a person must decide",
         )
-    return Decision(Move.COMPLETE)
+    # Failed for good: permanent error, or attempts used up.
+    if at_pivot and step.may_have_applied:
+        return _pivot_uncertain(
+            step, "its attempts ran out on errors that may hide a success"
+        )
+    if after_pivot(view, step):
+        return Decision(
+            Move.HOLD,
+            step.position,
+            "after_pivot",
+            "failed after the pivot: only forward retries are possible",
+        )
+    if view.failure_policy == "compensate":
+        return Decision(Move.BEGIN_COMPENSATION, step.position, reason="step failed")
+    return Decision(
+        Move.HOLD, step.position, "step_failed", "step failed; policy is hold"
+    )
 
 
 def _pivot_uncertain(step: StepView, why: str) -> Decision:
@@ -218,14 +267,19 @@ def _decide_compensation(view: InstanceView) -> Decision:
     # (or its timeout) so its compensation is never run before it.
     if any(step.state in IN_FLIGHT for step in view.steps):
         return IDLE
+    # A restart undoes only the steps it will run again; the earlier ones keep
+    # their effects (and may still need compensating later). A restart from a
+    # branch leaves the earlier branches of its stage their scheduled work or
+    # pending retry: it cannot be claimed while compensating and is sent
+    # again when the instance runs forward.
+    first = view.restart_position or 0
     for step in view.steps:
+        if step.position < first:
+            continue
         if step.state == "scheduled":
             return Decision(Move.UNSCHEDULE, step.position)
         if step.state == "retrying":
             return Decision(Move.ABANDON_RETRY, step.position)
-    # A restart undoes only the steps it will run again; the earlier ones keep
-    # their effects (and may still need compensating later).
-    first = view.restart_position or 0
     undone = [step for step in view.steps if step.position >= first]
     for step in undone:
         if step.compensation_state == "none" and not needs_compensation(view, step):
@@ -234,21 +288,26 @@ def _decide_compensation(view: InstanceView) -> Decision:
                 step.position,
                 reason=why_no_compensation(view, step),
             )
-    # Reverse order: the latest step first, one at a time.
-    for step in reversed(undone):
-        if step.compensation_state in {"done", "not_needed"}:
+    # Reverse order, stage by stage: the latest stage first; the branches of
+    # one stage are undone together (each after its own action, which is
+    # over by now), and an earlier stage only once the later one is undone.
+    for stage in reversed(stages(undone)):
+        if all(s.compensation_state in {"done", "not_needed"} for s in stage):
             continue
-        if step.compensation_state == "none":
-            return Decision(Move.COMPENSATE, step.position)
-        if step.compensation_state in COMPENSATION_ACTIVE:
+        for step in stage:
+            if step.compensation_state == "none":
+                return Decision(Move.COMPENSATE, step.position)
+        # A held instance has no compensation under way: a failed branch
+        # holds once its siblings' compensations have finished.
+        if any(s.compensation_state in COMPENSATION_ACTIVE for s in stage):
             return IDLE
-        if step.compensation_state == "failed":
-            return Decision(
-                Move.HOLD,
-                step.position,
-                "compensation_failed",
-                "a compensation exhausted its retries",
-            )
+        failed = next(s for s in stage if s.compensation_state == "failed")
+        return Decision(
+            Move.HOLD,
+            failed.position,
+            "compensation_failed",
+            "a compensation exhausted its retries",
+        )
     if view.restart_position is not None:
         return Decision(Move.RESTART, view.restart_position)
     return Decision(Move.FINISH_COMPENSATION)

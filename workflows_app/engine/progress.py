@@ -6,7 +6,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from workflows_app.engine import stuck, waits
-from workflows_app.engine.planning import Decision, InstanceView, Move, StepView, decide
+from workflows_app.engine.planning import (
+    Decision,
+    InstanceView,
+    Move,
+    StepView,
+    decide,
+    stage_keys,
+)
 from workflows_app.engine.transitions import Change
 
 
@@ -17,6 +24,7 @@ def view_of(change: Change) -> InstanceView:
 def instance_view(instance: Any, steps: Sequence[Any]) -> InstanceView:
     """The planner's snapshot of an instance and its steps (by position)."""
     pivot = next((s.position for s in steps if s.step_definition.is_pivot), None)
+    stage = stage_keys(steps)
     return InstanceView(
         state=instance.state,
         failure_policy=instance.definition.failure_policy,
@@ -34,6 +42,7 @@ def instance_view(instance: Any, steps: Sequence[Any]) -> InstanceView:
                 retry_on_timeout=s.step_definition.retry_on_timeout,
                 failed_permanently=s.last_failure_permanent,
                 kind=s.step_definition.kind,
+                stage=stage[s.position],
             )
             for s in steps
         ],
@@ -195,3 +204,6 @@ def _restart(change: Change, position: int) -> None:
     instance.outputs = outputs
     first = change.step(position=position)
     change.fire(instance, "restart", reason=f"running again from {first.name}")
+    # Earlier branches of the restarted stage kept their scheduled work or
+    # pending retry (parked while held): it goes out again now.
+    _send_parked_work(change)

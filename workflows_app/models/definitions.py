@@ -251,6 +251,9 @@ class WorkflowDefinition(models.Model):
             self.mode,
             [{f: getattr(step, f) for f in RESTART_FIELDS} for step in steps],
         )
+        errors += stage_errors(
+            self.mode, [{f: getattr(step, f) for f in STAGE_FIELDS} for step in steps]
+        )
         if errors:
             raise ValidationError(errors)
         published = WorkflowDefinition.objects.filter(
@@ -336,6 +339,67 @@ def restart_point_errors(mode: str, steps: list[dict[str, Any]]) -> list[str]:
     return errors
 
 
+STAGE_FIELDS = ("name", "position", "kind", "is_pivot", "parallel_with_previous")
+
+
+def stage_of(steps: list[dict[str, Any]]) -> dict[Any, int]:
+    """Per step name, the position of the first step of its stage.
+    ``steps``: dicts with ``STAGE_FIELDS`` (any order)."""
+    stage: dict[Any, int] = {}
+    current: int | None = None
+    for step in sorted(steps, key=lambda s: s.get("position") or 0):
+        position = step.get("position") or 0
+        if current is None or not step.get("parallel_with_previous"):
+            current = position
+        stage[step.get("name")] = current
+    return stage
+
+
+def stage_errors(mode: str, steps: list[dict[str, Any]]) -> list[str]:
+    """Parallel stages must be runnable and keep the saga's guarantees: a
+    stage is consecutive steps, the first of which is not marked "parallel
+    with previous"; the pivot stands alone (a branch beside the point of no
+    return could be neither only retried forward nor undone); timers and
+    steps for a person stand alone too (they wait, they do not branch)."""
+    ordered = sorted(steps, key=lambda s: s.get("position") or 0)
+    if not any(s.get("parallel_with_previous") for s in ordered):
+        return []
+    if mode != WorkflowDefinition.Mode.ORCHESTRATED:
+        return [
+            "Only orchestrated workflows have parallel stages: an observed "
+            "workflow's milestones arrive in any order anyway."
+        ]
+    errors = []
+    if ordered[0].get("parallel_with_previous"):
+        errors.append(
+            f"Step {ordered[0].get('name')!r} is the first step: there is no "
+            "previous step to run alongside."
+        )
+    members: dict[int, list[dict[str, Any]]] = {}
+    stage = stage_of(ordered)
+    for step in ordered:
+        members.setdefault(stage[step.get("name")], []).append(step)
+    for group in members.values():
+        if len(group) < 2:
+            continue
+        names = ", ".join(repr(s.get("name")) for s in group)
+        for step in group:
+            if step.get("is_pivot"):
+                errors.append(
+                    f"Step {step.get('name')!r} is the pivot: it must be alone in "
+                    f"its stage, but runs alongside {names}. A branch beside the "
+                    "point of no return could be neither undone nor only "
+                    "retried forward."
+                )
+            kind = step.get("kind") or StepDefinition.Kind.ACTIVITY
+            if kind != StepDefinition.Kind.ACTIVITY:
+                errors.append(
+                    f"Step {step.get('name')!r} is a {kind} step: timers and steps "
+                    f"for a person run alone in their stage, not alongside {names}."
+                )
+    return errors
+
+
 class StepDefinition(models.Model):
     class Kind(models.TextChoices):
         ACTIVITY = "activity", "activity (calls a participant)"
@@ -346,6 +410,14 @@ class StepDefinition(models.Model):
         WorkflowDefinition, on_delete=models.CASCADE, related_name="steps"
     )
     position = models.PositiveIntegerField(help_text="Steps run in ascending position.")
+    parallel_with_previous = models.BooleanField(
+        default=False,
+        db_default=False,
+        help_text="Runs alongside the previous step: consecutive steps marked "
+        "so form one stage with the step before them, whose branches start "
+        "together; the next stage starts when all of them succeeded. Not for "
+        "the pivot, a timer or a step for a person.",
+    )
     name = models.CharField(max_length=100, validators=[STEP_NAME_VALIDATOR])
     kind = models.CharField(
         max_length=20,

@@ -11,9 +11,14 @@ from django.shortcuts import get_object_or_404, render
 from django.views.decorators.http import require_GET
 from django_htmx.http import HttpResponseStopPolling
 
-from workflows_app.engine.blocking import blocking_step, restart_points
+from workflows_app.engine.blocking import (
+    blocking_branches,
+    blocking_step,
+    restart_points,
+)
 from workflows_app.engine.commands import approvals, repair
 from workflows_app.engine.outlook import step_outlooks
+from workflows_app.engine.planning import stage_keys
 from workflows_app.filters import SORTS, InstanceFilter
 from workflows_app.forms import ActionForm, BulkActionForm, RepairForm
 from workflows_app.models import (
@@ -144,6 +149,7 @@ def detail_context(
     for step in steps:
         step.outlook = outlooks[step.id]
         step.keys_sent = _keys_sent(step)
+    stages = _stages(steps)
     blocked = blocking_step(steps)
     needs_approval = set(approvals.approval_policy(instance).approval_actions or [])
     points = restart_points(steps, blocked)
@@ -172,7 +178,11 @@ def detail_context(
         "instance": instance,
         "definition": instance.definition,
         "steps": steps,
+        "stages": stages,
+        "has_parallel": any(stage["parallel"] for stage in stages),
         "blocked": blocked,
+        # Parallel stages: every failed or unknown branch of the blocked stage.
+        "blocked_branches": blocking_branches(steps),
         "restart_points": points,
         "restart_step": next(
             (s for s in steps if s.position == instance.restart_position), None
@@ -188,6 +198,25 @@ def detail_context(
         "token": change_token(instance),
         "poll_seconds": poll_seconds(),
     }
+
+
+def _stages(steps: list[StepExecution]) -> list[dict[str, Any]]:
+    """The steps grouped into their stages (parallel branches together),
+    each step told its stage and branch number for the page."""
+    keys = stage_keys(steps)
+    stages: list[dict[str, Any]] = []
+    for step in steps:
+        if not stages or stages[-1]["key"] != keys[step.position]:
+            stages.append({"key": keys[step.position], "steps": []})
+        stages[-1]["steps"].append(step)
+    for number, stage in enumerate(stages, start=1):
+        stage["number"] = number
+        stage["parallel"] = len(stage["steps"]) > 1
+        for branch, step in enumerate(stage["steps"], start=1):
+            step.stage_number = number
+            step.branch_number = branch
+            step.branch_of = len(stage["steps"]) if stage["parallel"] else 0
+    return stages
 
 
 # Compensation states in which the undo has been called (its key was sent).

@@ -12,7 +12,10 @@ from django_fsm import can_proceed, has_transition_perm
 from workflows_app import validation
 from workflows_app.engine import four_eyes, progress
 from workflows_app.engine.actors import Actor
-from workflows_app.engine.blocking import blocking_step, restart_points
+from workflows_app.engine.blocking import (
+    blocking_branches,
+    restart_points,
+)
 from workflows_app.engine.errors import (
     AlreadyChanged,
     InvalidInput,
@@ -118,7 +121,8 @@ def checked_json(value: Any, where: str) -> None:
 def _blocked_step(
     change: Change, step_id: int | None, transition: str
 ) -> StepExecution:
-    """The step that stops forward progress (the first failed or unknown one).
+    """The step that stops forward progress: the first failed or unknown one,
+    or with ``step_id`` any failed or unknown branch of its stage.
 
     The instance's state is checked first: when it moved on meanwhile (another
     operator, a worker) the refusal says so instead of blaming a step."""
@@ -128,8 +132,11 @@ def _blocked_step(
             f"{transition.replace('_', ' ')} is not allowed while the instance "
             f"is {instance.state}"
         )
-    blocked = blocking_step(change.steps)
-    if blocked is None or (step_id is not None and blocked.id != step_id):
+    branches = blocking_branches(change.steps)
+    if step_id is None and branches:
+        return branches[0]
+    blocked = next((s for s in branches if s.id == step_id), None)
+    if blocked is None:
         raise TransitionRejected("no failed or unknown step blocks this instance there")
     return blocked
 
