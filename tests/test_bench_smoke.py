@@ -96,13 +96,19 @@ def test_generate_load_then_the_in_process_benchmarks() -> None:
         assert int(row[4]) > 0  # queries
 
     out = run("bench_sweeps", runs=2)
-    figure(r"^300 instances, postgresql$", out)
+    figure(
+        rf"^300 instances, postgresql; batches of 500, {NUMBER} s for "
+        "one-at-a-time work$",
+        out,
+    )
     first = figure(
-        r"^sweep 1: +" + NUMBER + r" ms, (\d+) queries, (\{.*\}), "
+        r"^sweep 1: +" + NUMBER + r" ms, (\d+) queries; (.*); "
         r"messages dropped (\d+)$",
         out,
     )
-    assert "'stuck': " in first[2] and "'alerts_opened': " in first[2]
+    assert int(first[1]) > 0
+    for part in ("deadlines", "stuck", "alerts_opened", "left_for_next_sweep"):
+        assert re.search(rf"\b{part} \d+", first[2]), (part, first[2])
     figure(rf"^median {NUMBER} ms, max {NUMBER} ms, median queries \d+$", out)
 
     out = run("bench_bulk", instances=12)

@@ -23,7 +23,8 @@ from typing import Any
 from django.conf import settings
 from django.core.mail import EmailMultiAlternatives, get_connection
 from django.db import connection, transaction
-from django.db.models import Prefetch, QuerySet
+from django.db.models import F, Prefetch, Q, QuerySet, Value
+from django.db.models.functions import Coalesce, NullIf
 from django.template.loader import render_to_string
 from django.urls import reverse
 
@@ -79,24 +80,25 @@ def sync_alerts(now: datetime, batch: int) -> dict[str, int]:
 
 def _resolve(now: datetime, batch: int) -> int:
     """Close open alerts whose instance moved on (or into another episode)."""
-    resolved = []
     # A late-effect alert is not an episode the instance can end by moving
-    # (it is closed): a person acknowledging it ends it.
-    open_alerts = (
+    # (it is closed): a person acknowledging it ends it. The episode is over
+    # when the instance is no longer stuck, is closed, or is stuck in another
+    # kind (alert_kind, in SQL): the database finds those among every open
+    # alert (index alert_open), not only among the oldest few thousand.
+    episode = Coalesce(
+        NullIf(F("instance__stuck_kind"), Value("")), Value(Alert.Kind.NO_PROGRESS)
+    )
+    resolved = list(
         Alert.objects.filter(resolved_at__isnull=True)
         .exclude(kind=Alert.Kind.LATE_EFFECT)
+        .filter(
+            Q(instance__stuck=False)
+            | Q(instance__state__in=TERMINAL_STATES)
+            | ~Q(kind=episode)
+        )
         .select_related("instance")
-        .order_by("id")[: batch * 4]
+        .order_by("id")[:batch]
     )
-    for alert in open_alerts:
-        instance = alert.instance
-        if (
-            instance.stuck
-            and instance.state not in TERMINAL_STATES
-            and (alert_kind(instance) == alert.kind)
-        ):
-            continue
-        resolved.append(alert)
     with transaction.atomic():
         for alert in resolved:
             Alert.objects.filter(pk=alert.pk, resolved_at__isnull=True).update(

@@ -33,6 +33,7 @@ from tests.operations.conftest import STEPS, finished, held
 from tests.support import make_definition, start, user_in
 from workflows_app.engine import retention
 from workflows_app.engine.actors import Actor
+from workflows_app.engine.commands.inbound import callback_report
 from workflows_app.engine.sweeps import sweep_all
 from workflows_app.engine.transitions import Change
 from workflows_app.models import (
@@ -388,6 +389,66 @@ def test_operator_and_purge_on_the_same_instance_wait_for_each_other(
     assert [line["instance"]["id"] for line in retention.read_archive(
         archive_dir / "a.jsonl.gz"
     )] == [str(target.pk)]  # fmt: skip
+
+
+@pytest.mark.django_db(transaction=True)
+def test_lines_are_built_before_the_lock_and_a_changed_instance_gets_a_fresh_one(
+    broker, wf, archive_dir, monkeypatch
+):
+    """The archive member is built with no transaction open (so no row lock);
+    an instance that changes between its build and the lock (here a late
+    callback on a completed instance: a timeline note) is left out of that
+    batch and archived again, as it is when deleted: one line each."""
+    first, late, last = (age(finished(broker, f"o-{n}"), 40) for n in range(3))
+    token = str(
+        Attempt.objects.filter(step__instance=late, direction="action")
+        .order_by("id")
+        .first()
+        .task_token
+    )
+    job = retention.command_targets(timezone.now() - 30 * DAY, "orders")[0]
+    real_build = retention.build
+    builds: list[list[str]] = []
+    timeline_after_the_note: list[int] = []
+
+    def build_then_a_late_callback(ids: list[Any]) -> retention.Built:
+        assert not connection.in_atomic_block  # nothing is locked while building
+        built = real_build(ids)
+        builds.append([str(i) for i in ids])
+        if len(builds) == 1:
+            answer = callback_report(
+                token,
+                message_id="late-1",
+                succeeded=True,
+                output={"charge": "again"},
+                actor=Actor.api("payments"),
+            )
+            assert not answer.response["accepted"]
+            timeline_after_the_note.append(
+                TransitionLog.objects.filter(instance=late).count()
+            )
+        return built
+
+    monkeypatch.setattr(retention, "build", build_then_a_late_callback)
+    outcome = retention.run(
+        job,
+        actor=(PurgeRun.Actor.COMMAND, "test"),
+        archive_file=archive_dir / "a.jsonl.gz",
+    )
+    assert outcome.instances == 3 and outcome.changed == 1 and outcome.finished
+    # The first batch took the two unchanged ones; the changed one was built
+    # again (the rest of that batch was already gone) and then purged.
+    assert builds == [[str(i.pk) for i in (first, late, last)], [str(late.pk)]]
+    lines = list(retention.read_archive(archive_dir / "a.jsonl.gz"))
+    assert [line["instance"]["id"] for line in lines] == [
+        str(first.pk), str(last.pk), str(late.pk)
+    ]  # fmt: skip
+    assert len(lines[-1]["timeline"]) == timeline_after_the_note[0]
+    assert len(lines[-1]["timeline"]) > len(lines[0]["timeline"])
+    assert [m["message_id"] for m in lines[-1]["inbound_messages"]] == ["late-1"]
+    for instance in (first, late, last):
+        assert set(rows_of(instance).values()) == {0}
+    assert PurgeRun.objects.get().instances == 3
 
 
 @pytest.mark.django_db(transaction=True)

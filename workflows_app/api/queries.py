@@ -91,7 +91,7 @@ def history(instance_id: uuid.UUID) -> list[dict[str, Any]] | None:
 # -- listing with keyset pagination --------------------------------------------
 #
 # Ordered by (last_progress_at, id) descending, the order of the indexes
-# instance_progress, instance_state_progress and instance_def_state_progress:
+# instance_progress, instance_state_progress and instance_def_state_times:
 # a page is an index range scan plus LIMIT, never an OFFSET or a COUNT. The
 # key moves when an instance progresses, so an instance that moves while a
 # client pages may be skipped by that walk (it reappears on the first page);

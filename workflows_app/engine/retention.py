@@ -3,20 +3,28 @@ period are archived (optionally) and purged, one short transaction per batch.
 
 A batch, for one definition version, oldest finished first:
 
-1. picks up to ``size`` finished instances due, ``FOR UPDATE SKIP LOCKED``:
-   an instance an operator or a worker holds right now is left for later,
-   and an operator action that comes after the pick waits for the batch and
+1. picks up to ``size`` finished instances due, *without* locks, and builds
+   their archive lines (one per instance) and the compressed gzip member,
+   with a fingerprint per line (an MD5 of the line without its
+   ``archived_at``): reading, encoding and compressing hold no lock at all;
+2. opens the transaction and locks the candidates still due,
+   ``FOR UPDATE SKIP LOCKED``, computing their fingerprints again under the
+   lock: an instance an operator or a worker holds right now is left for
+   later, one that changed since step 1 (a late note in its timeline, an
+   alert acknowledged) is left too and picked up again with a fresh line,
+   and an operator action that comes after the lock waits for the batch and
    then finds no instance (a "no such instance" answer, not an error);
-2. reads everything that belongs to them and appends it to the archive file
-   as one gzip member, flushed and fsynced;
-3. deletes their rows, children first, and updates the run's audit row;
-4. commits.
+3. appends the member of the instances that stayed unchanged to the archive
+   file, flushed and fsynced (the prebuilt one when none changed);
+4. deletes their rows, children first, and updates the run's audit row;
+5. commits.
 
 A crash before the commit rolls the delete back, so the instances stay and
 the next run archives them again: an instance may be in two archive files,
-never in none. Batches shrink while one takes longer than
-``SAGA_RETENTION_BATCH_SECONDS``, which bounds how long any row lock is held;
-``lock_timeout`` bounds how long a batch waits for someone else's.
+never in none. Only steps 2-5 hold row locks. Batches shrink while that
+transaction takes longer than ``SAGA_RETENTION_BATCH_SECONDS``, which bounds
+how long any row lock is held; ``lock_timeout`` bounds how long a batch waits
+for someone else's.
 
 What refers to an instance is found from the models, so a new table is
 covered without changes here: rows of tables with a cascading foreign key
@@ -32,6 +40,8 @@ from __future__ import annotations
 
 import fcntl
 import gzip
+import hashlib
+import io
 import json
 import logging
 import os
@@ -94,11 +104,15 @@ class Outcome:
     key: str
     instances: int = 0
     batches: int = 0
-    # Seconds from BEGIN to COMMIT of each batch: the longest any row lock
-    # taken by the purge was held.
+    # Seconds from BEGIN to COMMIT of each batch (lock, re-verify, write and
+    # fsync, delete): the longest any row lock taken by the purge was held.
+    # The archive lines are built before, without locks.
     batch_seconds: list[float] = field(default_factory=list)
     archive_file: str = ""
     run_id: int | None = None
+    # Instances left because they changed between their archive line's build
+    # and the lock (picked again with a fresh line).
+    changed: int = 0
     # False when the time budget ran out with instances still due.
     finished: bool = True
 
@@ -187,8 +201,19 @@ def archive_path(directory: str | Path, key: str, *, per_run: bool) -> Path:
     return Path(directory) / key / f"{key}-{stamp}-{host}-{token}.jsonl.gz"
 
 
-def append_member(path: Path, data: bytes) -> None:
-    """Append ``data`` as one complete gzip member and fsync it.
+def compress(lines: bytes) -> bytes:
+    """``lines`` as one complete gzip member (built before any lock is taken)."""
+    out = io.BytesIO()
+    with gzip.GzipFile(
+        filename="", mode="wb", fileobj=out, mtime=0, compresslevel=6
+    ) as gz:
+        gz.write(lines)
+    return out.getvalue()
+
+
+def append_member(path: Path, member: bytes) -> None:
+    """Append ``member`` (one complete gzip member, see ``compress``) and
+    fsync it.
 
     A multi-member gzip file reads as one stream (``gzip.open``, ``zcat``).
     A failed write is cut off again, so the file never ends in half a member
@@ -199,10 +224,7 @@ def append_member(path: Path, data: bytes) -> None:
         fcntl.flock(raw.fileno(), fcntl.LOCK_EX)
         start = raw.seek(0, os.SEEK_END)
         try:
-            with gzip.GzipFile(
-                filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6
-            ) as gz:
-                gz.write(data)
+            raw.write(member)
             raw.flush()
             os.fsync(raw.fileno())
         except BaseException:
@@ -217,18 +239,70 @@ def append_member(path: Path, data: bytes) -> None:
             os.close(fd)
 
 
+@dataclass
+class Built:
+    """Archive lines of some instances, keyed by ``str(id)``: the line (with
+    its newline) and its fingerprint, an MD5 of the line's content without
+    ``archived_at``. Equal fingerprints mean nothing archived has changed."""
+
+    lines: dict[str, bytes]
+    fingerprints: dict[str, str]
+
+    def member(self, ids: Iterable[str]) -> bytes:
+        return compress(b"".join(self.lines[i] for i in ids if i in self.lines))
+
+
 def _values(qs: models.QuerySet[Any]) -> list[dict[str, Any]]:
     return list(qs.values())
 
 
-def archive_lines(ids: list[Any]) -> bytes:
+def build(ids: list[Any]) -> Built:
     """One JSON line per instance: the row, its steps with their attempts and
     HTTP exchanges, the full timeline, the inbound messages and every other
     row that is deleted with it. On PostgreSQL the lines are built by the
     database (several times faster than decoding and encoding in Python)."""
     if connection.vendor == "postgresql":
-        return _archive_lines_sql(ids)
-    return _archive_lines_python(ids)
+        return _build_sql(ids)
+    return _build_python(ids)
+
+
+def fingerprints_locked(
+    ids: list[Any], definition_id: int, cutoff: datetime
+) -> dict[str, str]:
+    """Lock those of ``ids`` still due that nobody else holds (``SKIP
+    LOCKED``; SQLite locks the whole database) and return their fingerprints
+    as they are now, under the lock. Call inside the batch's transaction."""
+    if connection.vendor == "postgresql":
+        sql = (
+            f"SELECT i.id::text, md5(({_line_sql()})::text) {_from_sql()} "
+            f"WHERE i.id = ANY(%s::uuid[]) AND i.definition_id = %s "
+            "AND i.finished_at < %s AND i.state = ANY(%s) "
+            "FOR UPDATE OF i SKIP LOCKED"
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(
+                sql,
+                [
+                    ARCHIVE_FORMAT,
+                    [str(i) for i in ids],
+                    definition_id,
+                    cutoff,
+                    sorted(TERMINAL_STATES),
+                ],
+            )
+            return dict(cursor.fetchall())
+    still_due = list(
+        due(definition_id, cutoff).filter(pk__in=ids).values_list("pk", flat=True)
+    )
+    return _build_python(still_due).fingerprints
+
+
+def locked_ids(ids: list[Any], definition_id: int, cutoff: datetime) -> set[str]:
+    """Lock those of ``ids`` still due that nobody else holds; no archive."""
+    qs = due(definition_id, cutoff).filter(pk__in=ids)
+    if connection.features.has_select_for_update_skip_locked:
+        qs = qs.select_for_update(skip_locked=True, of=("self",))
+    return {str(pk) for pk in qs.values_list("pk", flat=True)}
 
 
 def _table(model: Any) -> str:
@@ -244,7 +318,9 @@ def _rows_json(model: Any, where: str, order: str, extra: str = "") -> str:
     )
 
 
-def _archive_sql() -> str:
+def _line_sql() -> str:
+    """The archive line of instance ``i`` (definition ``d``) as a jsonb
+    expression, without ``archived_at``; its one parameter is the format."""
     exchanges = _rows_json(
         AttemptExchange, "x.attempt_id = a.task_token", "x.hop, x.id"
     )
@@ -265,7 +341,6 @@ def _archive_sql() -> str:
     )
     parts = [
         "'format', %s",
-        "'archived_at', now()",
         "'definition', jsonb_build_object('key', i.definition_key, "
         "'version', d.version)",
         "'instance', to_jsonb(i)",
@@ -281,22 +356,36 @@ def _archive_sql() -> str:
         name = RELATED_NAMES.get(model._meta.label_lower, model._meta.label_lower)
         where = f"x.{qn(rel.field.column)} = i.id"
         parts.append(f"'{name}', " + _rows_json(model, where, "x.id"))
+    return f"jsonb_build_object({', '.join(parts)})"
+
+
+def _from_sql() -> str:
+    """``FROM`` of the archive queries: instance ``i``, its definition ``d``."""
     return (
-        f"SELECT jsonb_build_object({', '.join(parts)})::text "
         f"FROM {_table(WorkflowInstance)} i "
-        f"JOIN {_table(WorkflowDefinition)} d ON d.id = i.definition_id "
-        # No ORDER BY: sorting the built lines would spill to disk.
-        "WHERE i.id = ANY(%s)"
+        f"JOIN {_table(WorkflowDefinition)} d ON d.id = i.definition_id"
     )
 
 
-def _archive_lines_sql(ids: list[Any]) -> bytes:
+def _build_sql(ids: list[Any]) -> Built:
+    # OFFSET 0 keeps the subquery: the line is built once, not per use.
+    sql = (
+        "SELECT id::text, (line || jsonb_build_object('archived_at', now()))::text, "
+        f"md5(line::text) FROM (SELECT i.id, {_line_sql()} AS line {_from_sql()} "
+        # No ORDER BY: sorting the built lines would spill to disk.
+        "WHERE i.id = ANY(%s::uuid[]) OFFSET 0) AS built"
+    )
+    lines: dict[str, bytes] = {}
+    prints: dict[str, str] = {}
     with connection.cursor() as cursor:
-        cursor.execute(_archive_sql(), [ARCHIVE_FORMAT, ids])
-        return "".join(row[0] + "\n" for row in cursor.fetchall()).encode()
+        cursor.execute(sql, [ARCHIVE_FORMAT, [str(i) for i in ids]])
+        for pk, line, fingerprint in cursor.fetchall():
+            lines[pk] = line.encode() + b"\n"
+            prints[pk] = fingerprint
+    return Built(lines, prints)
 
 
-def _archive_lines_python(ids: list[Any]) -> bytes:
+def _build_python(ids: list[Any]) -> Built:
     archived_at = datetime.now(UTC).isoformat()
     instances = _values(
         WorkflowInstance.objects.filter(pk__in=ids)
@@ -350,12 +439,12 @@ def _archive_lines_python(ids: list[Any]) -> bytes:
         ):
             rows[row[rel.field.attname]].append(row)
         others[name] = rows
-    out = []
+    lines: dict[str, bytes] = {}
+    prints: dict[str, str] = {}
     for instance in instances:
         pk = instance["id"]
         line = {
             "format": ARCHIVE_FORMAT,
-            "archived_at": archived_at,
             "definition": {
                 "key": instance["definition_key"],
                 "version": instance.pop("definition_version"),
@@ -366,10 +455,13 @@ def _archive_lines_python(ids: list[Any]) -> bytes:
             "inbound_messages": inbound.get(pk, []),
             **{name: rows.get(pk, []) for name, rows in others.items()},
         }
-        out.append(
+        content = json.dumps(line, cls=DjangoJSONEncoder, sort_keys=True)
+        prints[str(pk)] = hashlib.md5(content.encode()).hexdigest()
+        line["archived_at"] = archived_at
+        lines[str(pk)] = (
             json.dumps(line, cls=DjangoJSONEncoder, separators=(",", ":")) + "\n"
-        )
-    return "".join(out).encode()
+        ).encode()
+    return Built(lines, prints)
 
 
 # -- the delete ----------------------------------------------------------------
@@ -513,7 +605,8 @@ def run(
     """Archive (when ``archive_file`` is given) and purge (when ``purge``)
     ``target``'s due instances, a batch at a time, until none is left, the
     monotonic ``deadline`` passes or ``limit`` instances are done.
-    ``actor``: (PurgeRun.Actor, label)."""
+    ``actor``: (PurgeRun.Actor, label). ``on_batch`` gets each batch's count
+    and the seconds its transaction (the only part holding row locks) took."""
     if archive_file is None and not purge:
         raise ValueError("nothing to do: no archive and no purge")
     configured = batch or settings.SAGA_RETENTION_BATCH
@@ -523,9 +616,11 @@ def run(
     outcome = Outcome(target.key, archive_file=str(archive_file or ""))
     record: PurgeRun | None = None
     started_at = db_now()
-    lock_rows = purge and connection.features.has_select_for_update_skip_locked
     for definition_id in target.definition_ids:
-        after: tuple[datetime | None, Any] | None = None
+        after: tuple[datetime, Any] | None = None
+        # Instances that changed between their line's build and the lock are
+        # picked again once in this run, with a fresh line.
+        retried: set[str] = set()
         while True:
             if deadline is not None and time.monotonic() > deadline:
                 outcome.finished = False
@@ -534,6 +629,25 @@ def run(
                 outcome.finished = False
                 return outcome
             take = size if limit is None else min(size, limit - outcome.instances)
+            # 1. Candidates and their archive member, without any lock.
+            qs = due(definition_id, target.cutoff)
+            if after is not None:
+                # Keyset: rows skipped as locked are not picked again.
+                qs = qs.filter(finished_at__gte=after[0]).filter(
+                    Q(finished_at__gt=after[0]) | Q(id__gt=after[1])
+                )
+            candidates: list[dict[str, Any]] = [
+                dict(row)
+                for row in qs.order_by("finished_at", "id").values("id", "finished_at")[
+                    :take
+                ]
+            ]
+            if not candidates:
+                break
+            ids = [row["id"] for row in candidates]
+            built = build(ids) if archive_file is not None else None
+            member = built.member(str(i) for i in ids) if built else b""
+            # 2-5. Lock, re-verify, write, delete: the only locking part.
             began = time.perf_counter()
             with transaction.atomic():
                 if connection.vendor == "postgresql":
@@ -544,39 +658,62 @@ def run(
                         cursor.execute(
                             "SET LOCAL lock_timeout = '1s'; SET LOCAL jit = off"
                         )
-                qs = due(definition_id, target.cutoff)
-                if after is not None:
-                    # Keyset: rows skipped as locked are not picked again.
-                    qs = qs.filter(finished_at__gte=after[0]).filter(
-                        Q(finished_at__gt=after[0]) | Q(id__gt=after[1])
+                changed: list[str] = []
+                if not purge:
+                    keep = [str(i) for i in ids]
+                elif built is None:
+                    locked = locked_ids(ids, definition_id, target.cutoff)
+                    keep = [str(i) for i in ids if str(i) in locked]
+                else:
+                    current = fingerprints_locked(ids, definition_id, target.cutoff)
+                    keep, changed = [], []
+                    for pk in map(str, ids):
+                        if pk not in current:
+                            continue  # held by someone, or no longer due
+                        if current[pk] == built.fingerprints.get(pk):
+                            keep.append(pk)
+                        else:
+                            changed.append(pk)
+                kept = set(keep)
+                rows = [row for row in candidates if str(row["id"]) in kept]
+                if rows:
+                    if built is not None and archive_file is not None:
+                        if len(keep) < len(ids):
+                            member = built.member(keep)
+                        append_member(archive_file, member)
+                    if purge:
+                        _delete([row["id"] for row in rows])
+                    record = _record(
+                        record,
+                        rows,
+                        target=target,
+                        actor=actor,
+                        purged=purge,
+                        archive_file=outcome.archive_file,
+                        started_at=started_at,
                     )
-                qs = qs.order_by("finished_at", "id")
-                if lock_rows:
-                    qs = qs.select_for_update(skip_locked=True, of=("self",))
-                rows: list[dict[str, Any]] = [
-                    dict(row) for row in qs.values("id", "finished_at")[:take]
-                ]
-                if not rows:
-                    break
-                ids = [row["id"] for row in rows]
-                if archive_file is not None:
-                    append_member(archive_file, archive_lines(ids))
-                if purge:
-                    _delete(ids)
-                record = _record(
-                    record,
-                    rows,
-                    target=target,
-                    actor=actor,
-                    purged=purge,
-                    archive_file=outcome.archive_file,
-                    started_at=started_at,
-                )
             took = time.perf_counter() - began
-            after = (rows[-1]["finished_at"], rows[-1]["id"])
+            fresh = [pk for pk in changed if pk not in retried]
+            retried.update(fresh)
+            outcome.changed += len(changed)
+            if fresh:
+                # Resume just before the first changed instance.
+                first = next(
+                    n for n, row in enumerate(candidates) if str(row["id"]) == fresh[0]
+                )
+                if first:
+                    after = (
+                        candidates[first - 1]["finished_at"],
+                        candidates[first - 1]["id"],
+                    )
+            else:
+                after = (candidates[-1]["finished_at"], candidates[-1]["id"])
+            if not rows:
+                continue
             outcome.instances += len(rows)
             outcome.batches += 1
             outcome.batch_seconds.append(took)
+            assert record is not None
             outcome.run_id = record.pk
             if on_batch is not None:
                 on_batch(len(rows), took)

@@ -289,9 +289,13 @@ class WorkflowInstance(VersionedFSMMixin, models.Model):
             models.Index(
                 fields=["state", "-last_progress_at"], name="instance_state_progress"
             ),
+            # Counts per definition and state (index-only), and a definition
+            # page's median accept-to-finish time, which reads the two times
+            # from the index instead of visiting ~15,000 rows a day.
             models.Index(
                 fields=["definition_key", "state", "-last_progress_at"],
-                name="instance_def_state_progress",
+                include=["accepted_at", "finished_at"],
+                name="instance_def_state_times",
             ),
             models.Index(fields=["-last_progress_at"], name="instance_progress"),
             # The overview's activity charts (workflows_app/activity.py); they
@@ -300,6 +304,20 @@ class WorkflowInstance(VersionedFSMMixin, models.Model):
                 fields=["finished_at"],
                 condition=models.Q(finished_at__isnull=False),
                 name="instance_finished_at",
+            ),
+            # Stuck in the pages' sense (engine.stuck.STALLED: no progress
+            # past the rule, holds apart): its counts per definition
+            # (index-only) and the stuck list in progress order. A hold is
+            # stuck too for the sweeper, so instance_stuck holds ten times as
+            # many rows, which the counts would have to visit.
+            models.Index(
+                fields=["last_progress_at", "id"],
+                include=["definition_key"],
+                condition=models.Q(
+                    stuck=True,
+                    stuck_kind__in=["milestone_overdue", "no_progress"],
+                ),
+                name="instance_stalled",
             ),
             # The stuck queue on the dashboard, oldest first.
             models.Index(
