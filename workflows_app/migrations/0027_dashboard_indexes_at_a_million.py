@@ -43,7 +43,7 @@ class Migration(migrations.Migration):
     atomic = False
 
     dependencies = [
-        ('workflows_app', '0025_step_map_index'),
+        ('workflows_app', '0026_step_parallel_with_previous'),
     ]
 
     operations = [
