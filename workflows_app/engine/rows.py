@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from django.db import connection
-from django.db.models import Field, Model, QuerySet
+from django.db.models import Field, IntegerField, Model, QuerySet
 from django.db.models.expressions import DatabaseDefault
 from django.db.models.query import get_related_populators
 from django_fsm import ConcurrentTransition
@@ -32,6 +32,7 @@ M = TypeVar("M", bound=Model)
 
 # Stands for the one parameter of a compiled query while it is compiled.
 _PARAMETER = uuid.UUID("5a9a0000-0000-4000-8000-00000000c0de")
+_INTEGER_PARAMETER = -7_041_979_123
 
 
 class CompiledSelect:
@@ -49,8 +50,12 @@ class CompiledSelect:
     def rows(self, value: Any) -> list[Any]:
         compiled = self._compiled.get(connection.vendor)
         if compiled is None:
+            target = getattr(self._field, "target_field", self._field)
+            sentinel = (
+                _INTEGER_PARAMETER if isinstance(target, IntegerField) else _PARAMETER
+            )
             compiled = self._compiled[connection.vendor] = _Compiled.of(
-                self._make(_PARAMETER)
+                self._make(sentinel), sentinel
             )
         prepared = self._field.get_db_prep_value(value, connection, prepared=False)
         return compiled.run(prepared)
@@ -70,10 +75,11 @@ class _Compiled:
     populators: Any
 
     @classmethod
-    def of(cls, queryset: QuerySet[Any]) -> _Compiled:
+    def of(cls, queryset: QuerySet[Any], sentinel: Any) -> _Compiled:
         compiler = queryset.query.get_compiler(using=queryset.db)
         sql, params = compiler.as_sql()
-        slots = [i for i, p in enumerate(params) if p == _PARAMETER]
+        # The sentinel as the field prepared it (a UUID may become text).
+        slots = [i for i, p in enumerate(params) if str(p) == str(sentinel)]
         if len(slots) != 1:
             raise ValueError("a compiled query takes exactly one parameter")
         klass_info = compiler.klass_info

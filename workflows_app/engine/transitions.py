@@ -223,6 +223,11 @@ class Change:
         """A new row (its primary key is not read back), written at save."""
         self._writes.append(rows.Insert([obj]))
 
+    def insert_all(self, objs: list[Any]) -> None:
+        """New rows of one model, as :meth:`insert`."""
+        if objs:
+            self._writes.append(rows.Insert(objs))
+
     def update(self, model: Any, values: dict[str, Any], **filters: Any) -> None:
         """``UPDATE model SET values WHERE filters``, written at save."""
         self._writes.append(rows.Update(model, values, filters))

@@ -12,7 +12,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models.functions import Now
 
-from workflows_app.engine import dispatch
+from workflows_app.engine import dispatch, rows
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.errors import (
     DefinitionNotFound,
@@ -20,7 +20,12 @@ from workflows_app.engine.errors import (
     InvalidInput,
 )
 from workflows_app.engine.transitions import Change
-from workflows_app.models import StepExecution, WorkflowDefinition, WorkflowInstance
+from workflows_app.models import (
+    StepDefinition,
+    StepExecution,
+    WorkflowDefinition,
+    WorkflowInstance,
+)
 from workflows_app.search_attributes import extract
 
 MAX_KEY_LENGTH = 200
@@ -84,20 +89,44 @@ def _existing(
     return StartResult(instance, created=False)
 
 
+# Compiled once (engine/rows.py): every start runs them.
+_NEWEST_PUBLISHED = rows.CompiledSelect(
+    lambda key: (
+        WorkflowDefinition.objects.published()
+        .filter(key=key)
+        .annotate(db_now=Now())
+        .order_by("-version")[:1]
+    ),
+    WorkflowDefinition._meta.get_field("key"),
+)
+_STEP_DEFINITIONS = rows.CompiledSelect(
+    lambda definition_id: StepDefinition.objects.filter(
+        definition_id=definition_id
+    ).order_by("position"),
+    StepDefinition._meta.get_field("definition"),
+)
+
+
+def new_steps(
+    instance: WorkflowInstance, definition: WorkflowDefinition
+) -> list[StepExecution]:
+    """The instance's step rows, one per step of its (published, so
+    frozen) definition, not yet saved."""
+    return [
+        StepExecution(
+            instance=instance,
+            step_definition=step,
+            position=step.position,
+            name=step.name,
+            attempts_allowed=step.max_attempts,
+            compensation_attempts_allowed=step.max_attempts,
+        )
+        for step in _STEP_DEFINITIONS.rows(definition.pk)
+    ]
+
+
 def create_steps(instance: WorkflowInstance, definition: WorkflowDefinition) -> None:
-    StepExecution.objects.bulk_create(
-        [
-            StepExecution(
-                instance=instance,
-                step_definition=step,
-                position=step.position,
-                name=step.name,
-                attempts_allowed=step.max_attempts,
-                compensation_attempts_allowed=step.max_attempts,
-            )
-            for step in definition.ordered_steps()
-        ]
-    )
+    StepExecution.objects.bulk_create(new_steps(instance, definition))
 
 
 @transaction.atomic(durable=True)
@@ -125,13 +154,8 @@ def instance_start(
     # another order is a conflict, not a replay.
     fingerprint = input_fingerprint({"business_key": business_key, "input": data})
     # The same query reads the database clock: one clock for every deadline.
-    definition = (
-        WorkflowDefinition.objects.published()
-        .filter(key=definition_key)
-        .annotate(db_now=Now())
-        .order_by("-version")
-        .first()
-    )
+    newest = _NEWEST_PUBLISHED.rows(definition_key)
+    definition: WorkflowDefinition | None = newest[0] if newest else None
     if definition is None:
         raise DefinitionNotFound(f"no published workflow definition {definition_key!r}")
     if definition.mode != WorkflowDefinition.Mode.ORCHESTRATED:
@@ -146,8 +170,7 @@ def instance_start(
         if found:
             return _existing(definition_key, idempotency_key, fingerprint, actor)
 
-    # Annotated by the query above; mypy does not follow annotate() through
-    # the custom queryset.
+    # Annotated by the query above.
     now = definition.db_now  # type: ignore[attr-defined]
     instance = WorkflowInstance(
         definition=definition,
@@ -163,16 +186,19 @@ def instance_start(
         deadline_at=now + definition.deadline if definition.deadline else None,
         redispatch_at=now + timedelta(seconds=settings.SAGA_REDISPATCH_AFTER),
     )
-    try:
-        with transaction.atomic():
-            instance.save(force_insert=True)
-    except IntegrityError:
-        if idempotency_key is None:
-            raise
-        return _existing(definition_key, idempotency_key, fingerprint, actor)
+    if idempotency_key is None:
+        instance.save(force_insert=True)
+    else:
+        try:
+            # A savepoint: a concurrent start with the same key may win.
+            with transaction.atomic():
+                instance.save(force_insert=True)
+        except IntegrityError:
+            return _existing(definition_key, idempotency_key, fingerprint, actor)
 
-    create_steps(instance, definition)
     change = Change(instance, now, actor)
+    # Written with the history row, in one statement.
+    change.insert_all(new_steps(instance, definition))
     change.record_creation(
         reason=f"accepted for {business_key}",
         data={
