@@ -261,3 +261,39 @@ def test_an_alert_is_resolved_however_many_older_ones_stay_open(broker):
         i.pk for i in instances if i.pk != newest.instance_id
     }
     assert sync_alerts(db_now(), 1)["alerts_resolved"] == 0
+
+
+def test_a_resolved_alert_says_when_and_why_escaped(broker, client):
+    """Each way an episode ends leaves its reason on the alert, and the
+    resolved list shows it (escaped: an operator's name is data)."""
+    from workflows_app.engine.commands import instance_cancel
+
+    moved, closed, backstop = stuck_instances(broker, count=3)
+    run_alerting()  # opens the alerts; the sweeper re-sends the lost starts
+    assert Alert.objects.filter(resolved_at=None).count() == 3
+    operator = user_in("operator", "<b>olga</b>")
+    instance_cancel(closed.pk, user=operator, reason="customer withdrew")
+    by_cancel = Alert.objects.get(instance=closed)
+    assert by_cancel.resolved_at is not None
+    assert by_cancel.resolved_reason == "the instance moved on: cancel by <b>olga</b>"
+    note = TransitionLog.objects.get(instance=closed, transition="alert_resolved")
+    assert note.reason.endswith("is over: the instance moved on: cancel by <b>olga</b>")
+    # The sweeper's backstop: an open alert whose instance is not stuck any
+    # more (set by hand here: every engine path ends the episode itself).
+    type(backstop).objects.filter(pk=backstop.pk).update(
+        stuck=False, stuck_check_at=None
+    )
+    sweep_all()
+    by_sweeper = Alert.objects.get(instance=backstop)
+    assert by_sweeper.resolved_reason == "the instance moved on (it is accepted)"
+    # A worker runs the re-sent start: the instance moves on by itself.
+    broker.queue[:] = [m for m in broker.queue if m.args[0] == str(moved.pk)]
+    broker.run()
+    by_worker = Alert.objects.get(instance=moved)
+    assert by_worker.resolved_reason.startswith("the instance moved on: start by ")
+    client.force_login(user_in("viewer"))
+    page = client.get("/alerts/?status=resolved").content.decode()
+    assert "cancel by &lt;b&gt;olga&lt;/b&gt;" in page and "<b>olga" not in page
+    assert by_worker.resolved_reason in page
+    assert '<th scope="col">Resolved</th>' in page
+    assert "Resolved</th>" not in client.get("/alerts/").content.decode()

@@ -99,10 +99,14 @@ def _resolve(now: datetime, batch: int) -> int:
         .select_related("instance")
         .order_by("id")[:batch]
     )
+    why = {alert.pk: _why_over(alert) for alert in resolved}
     with transaction.atomic():
         for alert in resolved:
             Alert.objects.filter(pk=alert.pk, resolved_at__isnull=True).update(
-                resolved_at=now, next_send_at=None, escalate_at=None
+                resolved_at=now,
+                resolved_reason=why[alert.pk][:300],
+                next_send_at=None,
+                escalate_at=None,
             )
         # Still stuck, but in another episode (e.g. no progress -> held): its
         # new alert is opened right after.
@@ -114,12 +118,24 @@ def _resolve(now: datetime, batch: int) -> int:
             _note(
                 a.instance_id,
                 "alert_resolved",
-                f"{a.get_kind_display()} is over",
+                f"{a.get_kind_display()} is over: {why[a.pk]}",
                 {"alert": a.pk},
             )
             for a in resolved
         )
     return len(resolved)
+
+
+def _why_over(alert: Alert) -> str:
+    """Why the sweeper ends an alert's episode, as the alert says it."""
+    instance = alert.instance
+    if instance.state in TERMINAL_STATES:
+        return f"the instance is {instance.state}"
+    if instance.stuck:
+        kind = alert_kind(instance)
+        new = dict(Alert.Kind.choices).get(kind, kind)
+        return f"the instance is in another episode: {new}"
+    return f"the instance moved on (it is {instance.state})"
 
 
 def _open(now: datetime, batch: int) -> int:

@@ -128,12 +128,9 @@ class InstanceFilter(django_filters.FilterSet):
         method="search",
         label="Search",
         help_text="Business key or id prefix, any case; name:value for a "
-        "search attribute (e.g. customer:c-349).",
+        "search attribute.",
         widget=forms.TextInput(
-            attrs={
-                "type": "search",
-                "placeholder": "e.g. ORD-5402, 7a79e74c or customer:c-349",
-            }
+            attrs={"type": "search", "placeholder": "business key, id or name:value"}
         ),
     )
     definition = django_filters.ChoiceFilter(
@@ -264,6 +261,19 @@ class InstanceFilter(django_filters.FilterSet):
 
     def keep(self, qs: QuerySet[Any], name: str, value: str) -> QuerySet[Any]:
         return qs
+
+    def show_examples(self) -> None:
+        """Put search terms that find something in this database into the
+        search box's hint (see ``search.examples``)."""
+        terms = instance_search.examples()
+        if not terms:
+            return
+        field = self.form.fields["q"]
+        field.help_text = (
+            "Business key or id prefix, any case; name:value for a search "
+            f"attribute (e.g. {', '.join(terms)})."
+        )
+        field.widget.attrs["placeholder"] = "e.g. " + " or ".join(terms)
 
     @property
     def sort_key(self) -> str:

@@ -26,7 +26,7 @@ from django.db.models import Q, QuerySet, TextField
 from django.db.models.fields.json import KT
 from django.db.models.functions import Cast, Upper
 
-from workflows_app.models import WorkflowDefinition
+from workflows_app.models import WorkflowDefinition, WorkflowInstance
 from workflows_app.search_attributes import text_of
 
 TERM = re.compile(
@@ -153,3 +153,34 @@ def conditions(qs: QuerySet[Any], search: Search) -> QuerySet[Any]:
                 alias = f"attr_{name}"
                 qs = qs.alias(**{alias: text}).filter(**{alias: value})
     return qs
+
+
+def examples() -> list[str]:
+    """Search terms that find something now, for the search box's hint:
+    the newest instance's business-key prefix, its short id and one of its
+    search attributes (none on an empty database). A fixed example would
+    find nothing in most databases (``customer:c-349`` in the demo)."""
+    newest = (
+        WorkflowInstance.objects.order_by("-accepted_at")
+        .values("id", "business_key", "search_attributes")
+        .first()
+    )
+    if newest is None:
+        return []
+    key = newest["business_key"]
+    terms = [key[:8].lower() if len(key) > 8 else key]
+    if re.search(r'[\s":]', terms[0]):
+        terms[0] = f'"{terms[0]}"' if '"' not in terms[0] else ""
+    terms.append(str(newest["id"])[:8])
+    attributes = newest["search_attributes"]
+    pairs = attributes.items() if isinstance(attributes, dict) else []
+    # A word (a customer) says more than a number (an amount).
+    for name, value in sorted(pairs, key=lambda p: (_numeric(p[1]), p[0])):
+        if isinstance(value, str) and value and '"' not in value:
+            terms.append(f'{name}:"{value}"' if " " in value else f"{name}:{value}")
+            break
+    return [term for term in terms if term]
+
+
+def _numeric(value: Any) -> bool:
+    return not isinstance(value, str) or bool(re.fullmatch(r"-?[0-9.e+]+", value))

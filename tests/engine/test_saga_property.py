@@ -17,7 +17,12 @@ direction (action, compensation), each kind with the same chance, and the
 next calls of that direction take them in order; a rule plans more. No
 targeting: it made whole fault kinds disappear for 500 examples. Definitions
 are drawn with pivots and with short workflow deadlines (the sweeper holds
-the instance while attempts are in flight). Operators try every action:
+the instance while attempts are in flight), and with timers and steps for a
+person among their steps (``saga_waits.py``): the sweeper wakes timers as
+time passes, operators wake them early or extend them, people claim,
+release, complete (with a right or a wrong form) or reject their steps, and
+in the teardown complete what waits for them, at once or once it went
+overdue. Operators try every action:
 retry step, mark step done, compensate, cancel, resume, retry compensation,
 close as failed, restart from a step, repair the input then retry (a new
 run), acknowledge an alert; two of them on the same version. After the
@@ -37,7 +42,8 @@ sweeper at once) are in ``test_prop_threads.py``.
 Every run prints what it exercised (fault kinds, operator actions applied
 and refused, holds by kind, deadlines, late messages, terminal states) and
 writes it to ``$SAGA_DESK_VAR_DIR/saga_property_<test>.txt``; with 200
-examples or more a run fails if a fault kind or an operator action never
+examples or more a run fails if a fault kind, an operator action or a
+transition of a timer or a person's step (``saga_waits.COUNTED``) never
 fired, so coverage cannot silently rot.
 
 Environment: ``SAGA_PROPERTY_EXAMPLES`` (default 800: the fault machine runs
@@ -77,6 +83,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from tests.engine import saga_waits
 from tests.saga_invariant import (
     StepSpec,
     check_history,
@@ -317,25 +324,28 @@ def definitions(draw: Any) -> dict[str, Any]:
     pivot = draw(st.none() | st.integers(1, n))
     steps = []
     for position in range(1, n + 1):
-        steps.append(
-            {
-                "max_attempts": draw(st.integers(1, 3)),
-                # Operators may restart from here (where the definition
-                # rules allow it: see _valid_restart_points).
-                "restart_point": (pivot is None or position < pivot)
-                and draw(st.booleans()),
-                "retry_on_timeout": draw(st.booleans()),
-                # Done when the participant's event arrives, not on the reply.
-                "awaits_event": draw(st.sampled_from(RARELY)),
-                # A step with nothing to undo (a notification, a lookup).
-                "no_undo": draw(st.sampled_from(RARELY)),
-                "faults": {
-                    "action": [],
-                    "compensation": [],
-                    "compensation broken": draw(st.sampled_from(RARELY)),
-                },
-            }
-        )
+        step = {
+            "max_attempts": draw(st.integers(1, 3)),
+            # Operators may restart from here (where the definition
+            # rules allow it: see _valid_restart_points).
+            "restart_point": (pivot is None or position < pivot)
+            and draw(st.booleans()),
+            "retry_on_timeout": draw(st.booleans()),
+            # Done when the participant's event arrives, not on the reply.
+            "awaits_event": draw(st.sampled_from(RARELY)),
+            # A step with nothing to undo (a notification, a lookup).
+            "no_undo": draw(st.sampled_from(RARELY)),
+            "faults": {
+                "action": [],
+                "compensation": [],
+                "compensation broken": draw(st.sampled_from(RARELY)),
+            },
+        }
+        # A timer or a step for a person (never the pivot: it applies nothing).
+        kind = draw(st.sampled_from(saga_waits.KINDS))
+        if kind != "activity" and position != pivot:
+            saga_waits.draw_wait(draw, step, kind)
+        steps.append(step)
     _valid_restart_points(steps, pivot)
     return {
         "failure_policy": draw(st.sampled_from(["compensate", "hold"])),
@@ -349,6 +359,9 @@ def definitions(draw: Any) -> dict[str, Any]:
         # Taken in order by the next calls of each direction, any step.
         "action_faults": draw(st.lists(FAULT, min_size=1, max_size=3)),
         "compensation_faults": draw(st.lists(FAULT, max_size=3)),
+        # What the teardown's people do with a step that waits for them.
+        "person": draw(st.sampled_from(saga_waits.PEOPLE)),
+        "timer_op": draw(st.sampled_from(saga_waits.TIMER_PEOPLE)),
         "steps": steps,
     }
 
@@ -368,6 +381,18 @@ def restartable_definitions(draw: Any) -> dict[str, Any]:
             step["restart_point"] and (pivot is None or position < pivot)
         )
     declined = draw(st.integers(2, len(steps)))
+    for position in (pivot, declined):
+        # The pivot and the step declined at first call a participant.
+        if position is not None and steps[position - 1].get("kind", "activity") != (
+            "activity"
+        ):
+            steps[position - 1] = draw(definitions())["steps"][0]
+            steps[position - 1].update(
+                kind="activity",
+                awaits_event=False,
+                no_undo=False,
+                restart_point=position == 1,
+            )
     steps[declined - 1]["faults"]["action"].insert(0, "permanent")
     return {
         **spec,
@@ -395,9 +420,10 @@ def always_fits(timeout: timedelta) -> bool:
     return True
 
 
-class SagaMachine(RuleBasedStateMachine):
+class SagaMachine(saga_waits.WaitActions, RuleBasedStateMachine):
     broker: ClassVar[LocalBroker]
     operators: ClassVar[tuple[Any, Any]]
+    stats = STATS
 
     def __init__(self) -> None:
         super().__init__()
@@ -418,10 +444,19 @@ class SagaMachine(RuleBasedStateMachine):
         self.rescue = "retry"
         self.has_deadline = False
         self.holds: set[str] = set()  # attention kinds this example went through
+        self.has_waits = False  # a timer or a step for a person
+        self.wait_kinds: set[str] = set()
+        self.people = "complete"  # what the teardown's people do
+        self.timer_op = "sweeper"  # ... and its operator with a timer
+        self.overdue_seen: set[int] = set()
+        self.waiting: set[str] = set()  # kinds of wait open now (the rules')
 
     # -- the instance and its transport ---------------------------------------------
     def instance(self) -> WorkflowInstance:
         return WorkflowInstance.objects.get(pk=self.instance_id)
+
+    def _instance_version(self) -> int:
+        return self.instance().version
 
     def _deliver(self, message: Message) -> None:
         """A worker runs the message's task (and maybe more attempts inline)."""
@@ -470,6 +505,7 @@ class SagaMachine(RuleBasedStateMachine):
             deadline_at=F("deadline_at") - delta,
             next_attempt_at=F("next_attempt_at") - delta,
             redispatch_at=F("redispatch_at") - delta,
+            wake_at=F("wake_at") - delta,
         )
 
     def _sweep(self) -> None:
@@ -489,6 +525,7 @@ class SagaMachine(RuleBasedStateMachine):
             StepExecution.objects.filter(
                 instance_id=self.instance_id, state__in=["failed", "unknown"]
             )
+            .select_related("step_definition")
             .order_by("position")
             .first()
         )
@@ -515,7 +552,12 @@ class SagaMachine(RuleBasedStateMachine):
                 # An operator marks a step done by hand only after checking at
                 # the participant that its effect did happen.
                 blocked = self._blocked()
-                if blocked is None or not _applied(blocked.idempotency_key("action")):
+                if blocked is None or not (
+                    # A timer or a person's step applies nothing: marking it
+                    # done is the operator's call alone.
+                    blocked.step_definition.kind != "activity"
+                    or _applied(blocked.idempotency_key("action"))
+                ):
                     STATS["operator did not ask: mark_step_done (no effect)"] += 1
                     return False
                 commands.instance_mark_step_done(
@@ -548,10 +590,14 @@ class SagaMachine(RuleBasedStateMachine):
                 )
             elif action == "repair_and_retry":
                 # The input is corrected, then the blocked step retried: a new
-                # run (undone first where it may have applied).
+                # run (undone first where it may have applied); a timer's
+                # time is among what was corrected.
                 instance_repair_input(
                     self.instance_id,
-                    new_input={"repaired": self.instance().version},
+                    new_input={
+                        "repaired": self.instance().version,
+                        **saga_waits.wake_at_input(),
+                    },
                     **kwargs,
                 )
                 STATS["operator applied: repair input"] += 1
@@ -601,6 +647,12 @@ class SagaMachine(RuleBasedStateMachine):
                 "retry_on_timeout": step["retry_on_timeout"],
                 "restart_point": step.get("restart_point", False),
                 "awaits_event": f"prop.{name}.done" if step["awaits_event"] else "",
+                # A timer or a step for a person: no action, nothing to undo.
+                **(
+                    saga_waits.declared(step)
+                    if step.get("kind", "activity") != "activity"
+                    else {}
+                ),
             }
             for position, (name, step) in enumerate(
                 zip(self.names, spec["steps"], strict=True), start=1
@@ -626,7 +678,10 @@ class SagaMachine(RuleBasedStateMachine):
         deadline = spec.get("deadline")
         definition_key = self._definition(spec)
         instance = commands.instance_start(
-            definition_key, business_key=key, input={}, actor=Actor.api("prop")
+            definition_key,
+            business_key=key,
+            input=saga_waits.starting_input(spec["steps"]),
+            actor=Actor.api("prop"),
         ).instance
         self.instance_id = str(instance.id)
         self.step_ids = {
@@ -659,6 +714,13 @@ class SagaMachine(RuleBasedStateMachine):
             else "definition: no deadline"
         ] += 1
         STATS[f"definition: pivot {'yes' if spec['pivot'] else 'no'}"] += 1
+        kinds = {step.get("kind", "activity") for step in spec["steps"]}
+        for kind in sorted(kinds - {"activity"}):
+            STATS[f"definition: has a {kind} step"] += 1
+        self.has_waits = kinds != {"activity"}
+        self.wait_kinds = kinds - {"activity"}
+        self.people = spec.get("person", "complete")
+        self.timer_op = spec.get("timer_op", "sweeper")
 
     @precondition(lambda self: self.queue)
     @rule()
@@ -783,6 +845,39 @@ class SagaMachine(RuleBasedStateMachine):
         """The awaited event of a step (if it awaits one and its effect applied),
         possibly early, late or again (``replay``: the same event id)."""
         self._emit(self.names[(position - 1) % len(self.names)], replay=replay)
+
+    def _until_waiting(self, kind: str) -> None:
+        """Work goes on (queued messages delivered, a few at most) until a
+        step of ``kind`` waits: a person acts when their step arrives."""
+        for _ in range(4):
+            if kind in self.waiting or not self.queue:
+                return
+            self._deliver(self.queue.pop(0))
+            self.saga_is_safe()
+
+    @precondition(lambda self: "human" in self.wait_kinds)
+    @rule(
+        op=st.sampled_from(saga_waits.PERSON_OPS),
+        who=st.integers(0, 1),
+        stale=st.sampled_from(RARELY),
+    )
+    def person(self, op: str, who: int, stale: bool) -> None:
+        """A person claims, releases, completes (with a right or a wrong
+        form) or rejects a step that waits for them."""
+        self._until_waiting("human")
+        self.person_acts(op, who, stale)
+
+    @precondition(lambda self: "timer" in self.wait_kinds)
+    @rule(
+        op=st.sampled_from(saga_waits.TIMER_OPS),
+        who=st.integers(0, 1),
+        stale=st.sampled_from(RARELY),
+    )
+    def timer(self, op: str, who: int, stale: bool) -> None:
+        """An operator wakes a waiting timer now or extends it (to an
+        earlier time: refused)."""
+        self._until_waiting("timer")
+        self.timer_acts(op, who, stale)
 
     @rule()
     def heal(self) -> None:
@@ -946,6 +1041,12 @@ class SagaMachine(RuleBasedStateMachine):
         if state != self.state:
             self._entered(state)
         self.state = state
+        self.waiting = {
+            spec.kind
+            for spec in self.specs
+            if spec.kind != "activity"
+            and recorded.persisted.steps[spec.position].state == "waiting"
+        }
         # Every command has committed between two rules and nothing runs
         # concurrently, so the persisted columns must equal the replayed
         # history at every point, not only at the end.
@@ -998,6 +1099,10 @@ class SagaMachine(RuleBasedStateMachine):
         """Deliver, advance the clock and sweep until the instance finished or
         waits for a person with nothing left to do (L3: within a bound)."""
         for _ in range(MAX_ROUNDS):
+            if self.has_waits:
+                # People do what waits for them (the sweeper wakes the timers).
+                self.people = self.people_finish(self.people, self.overdue_seen)
+                self.timer_op = self.timers_finish(self.timer_op)
             self._resume_all()
             self._deliver_all()
             # Participants announce what they did (the awaited events).
@@ -1114,6 +1219,8 @@ class SagaMachine(RuleBasedStateMachine):
         self._time_passes()
         self._deliver_all()
         assert self._state_rows() == before, "S2: a late message changed a state"
+        if self.has_waits:
+            self.nothing_after_the_end({spec.kind for spec in self.specs})
         assert self.instance().state == state, "S2: the outcome changed"
         # A person takes a late-effect alert: that, and only that, ends it.
         self._operate("acknowledge_alert", self.operators[1], None)
@@ -1126,6 +1233,9 @@ class SagaMachine(RuleBasedStateMachine):
                 return
             if self.rescue == "close":
                 self._close_first()
+            if self.has_waits:
+                # Before the hour passes: an operator wakes or extends a timer.
+                self.timer_op = self.timers_finish(self.timer_op)
             # An "eventually healed" schedule: finitely many faults, then none.
             self._play_out()
             self.faults.heal()
@@ -1165,6 +1275,8 @@ class SagaMachine(RuleBasedStateMachine):
         STATS["late-effect alerts opened"] += notes.filter(
             transition="alert_opened", data__kind="late_effect"
         ).count()
+        if self.has_waits:
+            saga_waits.count_waits(self.instance_id, STATS)
         if not SHOW_STATS:
             return
         for transition in notes.values_list("transition", flat=True):
@@ -1193,7 +1305,18 @@ def machine_session() -> Iterator[None]:
     )
     DEFINITIONS.clear()  # a new test: a new (flushed) database
     budget = mock.patch.object(tasks, "_budget", lambda task: INLINE[0])
-    with LocalBroker() as broker, budget:
+    # The sweeper's parts that serve nothing of this machine's (no bulk job,
+    # no approval, hourly roll-ups and purges change no state) are left out:
+    # about a tenth of its time.
+    unrelated = [
+        mock.patch.object(sweeps, "redispatch_bulk_jobs", lambda now, size: 0),
+        mock.patch.object(sweeps.approvals, "expire_approvals", lambda n, s: 0),
+        mock.patch.object(sweeps.activity, "roll_up", lambda now: 0),
+        mock.patch.object(sweeps.retention, "sweep", lambda now: 0),
+    ]
+    with LocalBroker() as broker, budget, contextlib.ExitStack() as stack:
+        for patch in unrelated:
+            stack.enter_context(patch)
         SagaMachine.broker = broker
         yield
 
@@ -1234,6 +1357,7 @@ def coverage_gaps(
         return gaps
     if not stats["held: deadline"]:
         gaps.append("held: deadline")
+    gaps += saga_waits.coverage_gaps(stats)
     gaps += [
         f"noted after the end: {note}"
         for note in ("late_outcome_ignored", "stale_outcome_ignored")

@@ -52,6 +52,8 @@ def test_inbox_lists_filters_claims_and_completes(broker):
     html = page.content.decode()
     assert "ORD-&lt;b&gt;1&lt;/b&gt;" in html and "<b>1</b>" not in html
     assert "ORD-2" in html and "Limit (EUR)" in html
+    # No template source leaks into the page (a multi-line {# #} did).
+    assert "{#" not in html and "{%" not in html and "Not polled" not in html
     step_a = StepExecution.objects.get(instance=a, name="review")
     step_b = StepExecution.objects.get(instance=b, name="review")
 
@@ -172,6 +174,37 @@ def test_the_instance_page_shows_when_a_timer_wakes_and_extends_it(broker):
         {"reason": "x", "version": fresh(instance).version, "by_minutes": "-5"},
     )
     assert reply.status_code == 422
+
+
+def test_the_instance_page_does_not_give_waits_attempts_or_keys(broker):
+    """A timer and a step for a person call no participant: the page shows
+    no attempt budget and no key "to be sent" for them, and a person's step
+    shows when it is due by its time rule, then that it is overdue."""
+    from tests.support import advance_clock
+    from workflows_app.engine.sweeps import sweep_all
+
+    [order] = _review_flow(broker, "ORD-1")
+    [refund] = [start("refunds", "R-1")]
+    broker.run()
+    client = logged_in(user_in("viewer"))
+    for instance, name in ((order, "review"), (refund, "window")):
+        html = client.get(f"/instances/{instance.pk}/").content.decode()
+        row = html.split(f'id="step-{name}"')[1].split("</tr>")[0]
+        assert "none: done by the engine" in row and " of 3" not in row
+        keys = html.split(f'id="keys-{name}"')[1].split("</tr>")[0]
+        assert "none: the engine does this step itself" in keys
+        assert "none sent yet" not in keys
+    row = client.get(f"/instances/{order.pk}/").content.decode()
+    assert (
+        'in 3 h 59 min</time> <span class="muted small">(its time rule)'
+        in row.split('id="step-review"')[1].split("</tr>")[0]
+    )
+    advance_clock(order, 5 * 3600)
+    sweep_all()
+    row = client.get(f"/instances/{order.pk}/").content.decode()
+    assert (
+        "<strong>overdue</strong>" in row.split('id="step-review"')[1].split("</tr>")[0]
+    )
 
 
 @pytest.mark.expected_http_errors("422")

@@ -265,3 +265,27 @@ def test_search_plans_use_the_indexes(orders):
     short_id = plan(str(orders["TRIP-11-1"].pk)[:8])
     assert "workflows_app_workflowinstance_pkey" in short_id, short_id
     assert "instance_business_key_upper" in short_id, short_id  # OR of both
+
+
+def test_the_search_hint_shows_terms_that_find_something(viewer):
+    """The hint's examples come from the data: each one, searched, finds
+    the newest instance; an empty database shows no example at all."""
+    client = logged_in(viewer)
+    page = client.get("/instances/").content.decode()
+    assert "e.g." not in page and "c-349" not in page
+    make_definition("orders", search_attributes=ATTRIBUTES)
+    newest = start("orders", "ORD-77123-5", customer={"id": "C-88"}, amount=4)
+    terms = search.examples()
+    assert terms == ["ord-7712", str(newest.pk)[:8], "customer:c-88"]
+    response = client.get("/instances/")
+    field = response.context["filter"].form.fields["q"]
+    assert field.widget.attrs["placeholder"] == "e.g. " + " or ".join(terms)
+    for term in terms:
+        assert term in field.help_text
+        assert keys(client.get("/instances/", {"q": term})) == ["ORD-77123-5"]
+    # A key with spaces and colons is quoted; so is a value with spaces.
+    start("orders", "order 7: rush", customer={"id": "Jane Doe"})
+    terms = search.examples()
+    assert terms[0] == '"order 7:"' and terms[2] == 'customer:"jane doe"'
+    for term in terms:
+        assert keys(client.get("/instances/", {"q": term})) == ["order 7: rush"]

@@ -337,3 +337,36 @@ def test_the_demo_console_counts_stuck_as_the_overview_does(broker, wf):
     out = StringIO()
     Command(stdout=out)._traffic(0, 0.01, {}, lambda: False)
     assert "needs_attention 1; stuck 0" in out.getvalue()
+
+
+def test_a_held_instance_past_its_deadline_says_what_that_means(broker, operator):
+    """The page's hint on a passed deadline is what the engine does: a hold
+    is not escalated by it, running on is held for it at the next sweep, and
+    Resume goes on without it."""
+    from tests.support import advance_clock
+    from tests.views.conftest import HOLD_STEPS
+    from workflows_app.engine.sweeps import sweep_all
+
+    make_definition(
+        "wf", steps=HOLD_STEPS, failure_policy="hold", deadline=timedelta(hours=1)
+    )
+    instance = held(broker)
+    client = logged_in(operator)
+    url = reverse("instance_detail", args=[instance.pk])
+    assert "deadline-outlook" not in client.get(url).content.decode()
+    advance_clock(instance, 3601)
+    sweep_all()
+    instance.refresh_from_db()
+    assert instance.attention_kind == "step_failed"  # not held again
+    hint = text_of(client.get(url).content.decode(), "deadline-outlook")
+    assert hint.startswith("passed while it is held: nothing enforces it")
+    act(client, instance, "retry_step")
+    sweep_all()  # before any worker ran the retry
+    instance.refresh_from_db()
+    assert (instance.state, instance.attention_kind) == ("needs_attention", "deadline")
+    hint = text_of(client.get(url).content.decode(), "deadline-outlook")
+    assert hint.startswith("passed: that is why it is held. Resume accepts it")
+    act(client, instance, "resume")
+    broker.run()
+    instance.refresh_from_db()
+    assert instance.state == "completed" and instance.deadline_at is None

@@ -108,6 +108,7 @@ DEMO_DEFINITIONS: list[dict[str, Any]] = [
         "stuck_after": timedelta(minutes=2),
         "deadline": None,
         "alert_recipients": "payments-oncall@example.com",
+        "search_attributes": {"customer": "customer", "amount": "amount"},
         "steps": [
             {"name": "chargeback_window", "kind": "timer", "wait_for": 30 * SECOND},
             {
@@ -133,6 +134,7 @@ DEMO_DEFINITIONS: list[dict[str, Any]] = [
         "stuck_after": timedelta(minutes=2),
         "deadline": None,
         "alert_recipients": "orders-oncall@example.com",
+        "search_attributes": {"customer": "customer", "amount": "amount"},
         "steps": [
             {
                 "name": "reserve_inventory",

@@ -92,3 +92,30 @@ def step_outlooks(instance: Any, steps: Sequence[Any]) -> dict[Any, StepOutlook]
             ),
         )
     return outlooks
+
+
+def deadline_outlook(instance: Any, now: Any) -> str:
+    """What a passed workflow deadline means for a held instance, or "".
+
+    The sweeper enforces a deadline only while the instance runs, so a hold
+    is not escalated again by it; but an action that lets it run on with
+    the deadline still set (retry, mark done) is held for it at the next
+    sweep. *Resume* (of a deadline hold) and *Restart from a step* accept
+    the passed deadline and clear it; compensating is not held by it."""
+    if (
+        instance.state != InstanceState.NEEDS_ATTENTION
+        or instance.deadline_at is None
+        or instance.deadline_at > now
+    ):
+        return ""
+    if instance.attention_kind == AttentionKind.DEADLINE:
+        return (
+            "passed: that is why it is held. Resume accepts it and goes on "
+            "without a deadline."
+        )
+    return (
+        "passed while it is held: nothing enforces it while a person decides. "
+        "If it runs on (retry, mark done), the sweeper holds it for the "
+        "deadline at once; Resume then goes on without one. Restart from a "
+        "step accepts it; compensating is not held by it."
+    )

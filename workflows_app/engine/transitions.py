@@ -318,8 +318,12 @@ class Change:
         )
         if not ended:
             return
+        why = self._moved_on()
         Alert.objects.filter(pk__in=[pk for pk, _ in ended]).update(
-            resolved_at=self.now, next_send_at=None, escalate_at=None
+            resolved_at=self.now,
+            resolved_reason=why[:300],
+            next_send_at=None,
+            escalate_at=None,
         )
         for pk, kind in ended:
             self._log(
@@ -328,9 +332,19 @@ class Change:
                 field="",
                 source="",
                 target="",
-                reason=f"{Alert.Kind(kind).label} is over: the instance moved on",
+                reason=f"{Alert.Kind(kind).label} is over: {why}",
                 data={"alert": pk},
             )
+
+    def _moved_on(self) -> str:
+        """What moved the instance on in this unit of work, and who did it
+        (its first state change), as an alert's resolution says it."""
+        moved = next((log for log in self._logs if log.field), None)
+        if moved is None:
+            return "the instance moved on"
+        step = f" of {moved.step.name}" if moved.step is not None else ""
+        who = moved.actor_label or moved.actor_kind
+        return f"the instance moved on: {moved.transition}{step} by {who}"
 
     def _log(
         self,

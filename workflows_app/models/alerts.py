@@ -36,6 +36,8 @@ class Alert(models.Model):
     reason = models.CharField(max_length=300)
     opened_at = models.DateTimeField()
     resolved_at = models.DateTimeField(null=True, blank=True)
+    # Why it ended: what moved the instance on (and who), or who took it.
+    resolved_reason = models.CharField(max_length=300, blank=True, default="")
     acknowledged_at = models.DateTimeField(null=True, blank=True)
     acknowledged_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True

@@ -8,6 +8,7 @@ from typing import Any
 from django.db.models import OuterRef, Prefetch, Subquery, prefetch_related_objects
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, render
+from django.utils import timezone
 from django.views.decorators.http import require_GET
 from django_htmx.http import HttpResponseStopPolling
 
@@ -17,7 +18,7 @@ from workflows_app.engine.blocking import (
     restart_points,
 )
 from workflows_app.engine.commands import approvals, repair
-from workflows_app.engine.outlook import step_outlooks
+from workflows_app.engine.outlook import deadline_outlook, step_outlooks
 from workflows_app.engine.planning import stage_keys
 from workflows_app.filters import SORTS, InstanceFilter
 from workflows_app.forms import ActionForm, BulkActionForm, RepairForm
@@ -61,6 +62,9 @@ def _page_size(request: HtmxHttpRequest) -> int:
 def instance_list(request: HtmxHttpRequest) -> HttpResponse:
     base = WorkflowInstance.objects.select_related("definition").defer(*queries.HEAVY)
     filterset = InstanceFilter(request.GET or None, queryset=base)
+    results_only = wants_partial(request) and request.htmx.target == "instance-results"
+    if not results_only:
+        filterset.show_examples()  # the search box is not in the results part
     qs = filterset.qs if filterset.is_bound else base
     # A filter the list cannot apply shows its error and no rows: a list that
     # quietly dropped it would look like the answer.
@@ -86,7 +90,7 @@ def instance_list(request: HtmxHttpRequest) -> HttpResponse:
         "bulk_form": BulkActionForm() if can_bulk else None,
     }
     template = "workflows/instance_list.html"
-    if wants_partial(request) and request.htmx.target == "instance-results":
+    if results_only:
         template += "#results"
     return render(request, template, context)
 
@@ -197,6 +201,7 @@ def detail_context(
         "message": message,
         "token": change_token(instance),
         "poll_seconds": poll_seconds(),
+        "deadline_outlook": deadline_outlook(instance, timezone.now()),
     }
 
 

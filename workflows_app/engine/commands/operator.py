@@ -411,7 +411,15 @@ def alert_acknowledge(alert_id: int, *, user: Any, reason: str = "") -> None:
         acknowledged_at=change.now,
         acknowledged_by=user,
         escalate_at=None,
-        **({"resolved_at": change.now, "next_send_at": None} if late else {}),
+        **(
+            {
+                "resolved_at": change.now,
+                "resolved_reason": f"acknowledged by {user.get_username()}"[:300],
+                "next_send_at": None,
+            }
+            if late
+            else {}
+        ),
     )
     change.note(
         "alert_acknowledged",
