@@ -8,6 +8,7 @@ import uuid
 import pytest
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
+from django.db.transaction import TransactionManagementError
 from django.test.utils import CaptureQueriesContext
 from django_fsm import ConcurrentTransition
 
@@ -17,7 +18,7 @@ from workflows_app.engine.actors import Actor
 from workflows_app.engine.errors import AlreadyChanged
 from workflows_app.engine.locking import lock_instance
 from workflows_app.engine.transitions import Change
-from workflows_app.models import StepExecution, WorkflowInstance
+from workflows_app.models import Attempt, StepExecution, WorkflowInstance
 
 pytestmark = pytest.mark.django_db
 
@@ -99,3 +100,42 @@ def test_a_unit_of_work_writes_what_it_changed_and_fences_the_next_write() -> No
         .values_list("attempts_allowed", flat=True)[:2]
     ) == [9, 8]
     assert WorkflowInstance.objects.get(pk=instance.pk).version == instance.version + 2
+
+
+def test_an_update_of_a_row_inserted_in_the_same_change_is_not_lost() -> None:
+    """The parts of one statement share a snapshot: an update of a model
+    inserted earlier in the batch goes to a statement of its own."""
+    make_definition()
+    instance = start()
+    with transaction.atomic():
+        change = Change.open(instance.id, Actor.system("test"))
+        step = change.steps[0]
+        change.insert(
+            Attempt(step=step, direction="action", number=7, started_at=change.now)
+        )
+        change.update(
+            Attempt,
+            {"outcome": Attempt.Outcome.SUCCEEDED, "finished_at": change.now},
+            step=step.id,
+            direction="action",
+            number=7,
+        )
+        change.mark_step(step)  # two writes at least: the CTE path
+        change.note("test", step=step)
+        change.save()
+    attempt = Attempt.objects.get(step=step, number=7)
+    assert attempt.outcome == Attempt.Outcome.SUCCEEDED, attempt.outcome
+
+
+@pytest.mark.django_db(transaction=True)
+def test_locking_outside_a_transaction_is_refused_as_by_the_orm() -> None:
+    """Once compiled, the lock would otherwise run in autocommit and end at
+    once, while the caller believes it holds it."""
+    make_definition()
+    instance = start()
+    with transaction.atomic():
+        lock_instance(instance.id)  # compiles it (if not yet)
+    with pytest.raises(TransactionManagementError):
+        WorkflowInstance.objects.select_for_update().get(pk=instance.id)
+    with pytest.raises(TransactionManagementError):
+        lock_instance(instance.id)

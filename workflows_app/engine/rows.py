@@ -26,6 +26,7 @@ from django.db import connection
 from django.db.models import Field, IntegerField, Model, QuerySet
 from django.db.models.expressions import DatabaseDefault
 from django.db.models.query import get_related_populators
+from django.db.transaction import TransactionManagementError
 from django_fsm import ConcurrentTransition
 
 M = TypeVar("M", bound=Model)
@@ -54,8 +55,16 @@ class CompiledSelect:
             sentinel = (
                 _INTEGER_PARAMETER if isinstance(target, IntegerField) else _PARAMETER
             )
+            # As the field hands it to the driver (SQLite: a UUID as hex).
+            marker = self._field.get_db_prep_value(sentinel, connection, prepared=False)
             compiled = self._compiled[connection.vendor] = _Compiled.of(
-                self._make(sentinel), sentinel
+                self._make(sentinel), marker
+            )
+        if compiled.locks and not connection.in_atomic_block:
+            # The ORM refuses this too: a lock outside a transaction is let
+            # go at once, and the caller would believe it holds it.
+            raise TransactionManagementError(
+                "select_for_update cannot be used outside of a transaction."
             )
         prepared = self._field.get_db_prep_value(value, connection, prepared=False)
         return compiled.run(prepared)
@@ -66,6 +75,7 @@ class _Compiled:
     sql: str
     params: tuple[Any, ...]
     slot: int
+    locks: bool
     compiler: Any
     model: type[Model]
     init_list: list[str]
@@ -75,11 +85,10 @@ class _Compiled:
     populators: Any
 
     @classmethod
-    def of(cls, queryset: QuerySet[Any], sentinel: Any) -> _Compiled:
+    def of(cls, queryset: QuerySet[Any], marker: Any) -> _Compiled:
         compiler = queryset.query.get_compiler(using=queryset.db)
         sql, params = compiler.as_sql()
-        # The sentinel as the field prepared it (a UUID may become text).
-        slots = [i for i, p in enumerate(params) if str(p) == str(sentinel)]
+        slots = [i for i, p in enumerate(params) if p == marker]
         if len(slots) != 1:
             raise ValueError("a compiled query takes exactly one parameter")
         klass_info = compiler.klass_info
@@ -89,6 +98,7 @@ class _Compiled:
             sql=sql,
             params=tuple(params),
             slot=slots[0],
+            locks=bool(queryset.query.select_for_update),
             compiler=compiler,
             model=klass_info["model"],
             init_list=[c[0].target.attname for c in compiler.select[start:end]],
@@ -149,7 +159,11 @@ class FencedUpdate(Write):
         if sql is None:
             sql = _update_sql[key] = _update(model, key[1], ["pk", *key[2]])
         values = [prepare(self.obj) for prepare in _preparers(model, key[1])]
-        return sql, [*values, self.obj.pk, *self.fence.values()]
+        fenced = [
+            _field(model, name).get_db_prep_value(value, connection)
+            for name, value in (("pk", self.obj.pk), *self.fence.items())
+        ]
+        return sql, [*values, *fenced]
 
     def check(self, matched: int) -> None:
         if matched != 1:
@@ -193,7 +207,7 @@ class Insert(Write):
         for obj in self.objs:
             marks = []
             for field in fields:
-                value = getattr(obj, field.attname)
+                value = field.pre_save(obj, True)
                 if isinstance(value, DatabaseDefault):
                     marks.append("DEFAULT")
                 else:
@@ -259,13 +273,18 @@ def _insert_fields(model: type[Model]) -> list[Field[Any, Any]]:
 
 
 def write(writes: Sequence[Write]) -> None:
-    """Run the writes (on PostgreSQL in one statement, one round trip) and
-    check each: a fenced update that matched no row raises
-    ConcurrentTransition, which rolls the caller's transaction back."""
-    if not writes:
+    """Run the writes (on PostgreSQL as few statements as possible, usually
+    one round trip) and check each: a fenced update that matched no row
+    raises ConcurrentTransition, which rolls the caller's transaction back."""
+    if connection.vendor != "postgresql":
+        for w in writes:
+            _write_alone(w)
         return
-    statements = [w.statement() for w in writes]
-    if connection.vendor == "postgresql" and len(statements) > 1:
+    for segment in _segments(writes):
+        if len(segment) == 1:
+            _write_alone(segment[0])
+            continue
+        statements = [w.statement() for w in segment]
         ctes = ", ".join(
             f"w{i} AS ({sql} RETURNING 1)" for i, (sql, _) in enumerate(statements)
         )
@@ -276,11 +295,64 @@ def write(writes: Sequence[Write]) -> None:
         with connection.cursor() as cursor:
             cursor.execute(f"WITH {ctes} SELECT {counts}", params)
             matched = list(cursor.fetchone())
-    else:
-        matched = []
-        with connection.cursor() as cursor:
-            for sql, values in statements:
-                cursor.execute(sql, values)
-                matched.append(cursor.rowcount)
-    for w, count in zip(writes, matched, strict=True):
-        w.check(count)
+        for w, count in zip(segment, matched, strict=True):
+            w.check(count)
+
+
+def _write_alone(w: Write) -> None:
+    if isinstance(w, Insert) and connection.vendor != "postgresql":
+        # The ORM knows how each backend spells a column's database default.
+        type(w.objs[0])._default_manager.bulk_create(w.objs)
+        return
+    sql, values = w.statement()
+    with connection.cursor() as cursor:
+        cursor.execute(sql, values)
+        w.check(cursor.rowcount)
+
+
+# PostgreSQL takes at most 65,535 parameters in one statement.
+_MAX_PARAMETERS = 30_000
+
+
+def _segments(writes: Sequence[Write]) -> list[list[Write]]:
+    """Consecutive runs of writes that may share one statement. The parts of
+    one statement see the same snapshot: an update cannot see a row inserted
+    by an earlier part, so it starts a new statement."""
+    segments: list[list[Write]] = []
+    inserted: set[type[Model]] = set()
+    size = 0
+    for w in writes:
+        model = _model_of(w)
+        weight = _weight(w)
+        if segments and (
+            (not isinstance(w, Insert) and model in inserted)
+            or size + weight > _MAX_PARAMETERS
+        ):
+            segments.append([])
+            inserted, size = set(), 0
+        if not segments:
+            segments.append([])
+        segments[-1].append(w)
+        size += weight
+        if isinstance(w, Insert):
+            inserted.add(model)
+    return segments
+
+
+def _model_of(w: Write) -> type[Model]:
+    if isinstance(w, Insert):
+        return type(w.objs[0])
+    if isinstance(w, FencedUpdate):
+        return type(w.obj)
+    assert isinstance(w, Update)
+    return w.model
+
+
+def _weight(w: Write) -> int:
+    """About how many parameters the write takes."""
+    if isinstance(w, Insert):
+        return len(w.objs) * len(_insert_fields(type(w.objs[0])))
+    if isinstance(w, FencedUpdate):
+        return len(w.fields) + len(w.fence) + 1
+    assert isinstance(w, Update)
+    return len(w.values) + len(w.filters)
