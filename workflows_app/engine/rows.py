@@ -23,11 +23,24 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from django.db import connection
-from django.db.models import Field, IntegerField, Model, QuerySet
+from django.db.models import (
+    AutoField,
+    BigAutoField,
+    BigIntegerField,
+    BooleanField,
+    CharField,
+    Field,
+    ForeignKey,
+    IntegerField,
+    Model,
+    PositiveIntegerField,
+    QuerySet,
+    TextField,
+)
 from django.db.models.expressions import DatabaseDefault
 from django.db.models.query import get_related_populators
 from django.db.transaction import TransactionManagementError
-from django_fsm import ConcurrentTransition
+from django_fsm import ConcurrentTransition, FSMField
 
 M = TypeVar("M", bound=Model)
 
@@ -200,22 +213,19 @@ class Insert(Write):
 
     def statement(self) -> tuple[str, list[Any]]:
         model = type(self.objs[0])
-        fields = _insert_fields(model)
-        quote = connection.ops.quote_name
-        columns = ", ".join(quote(_column(model, f.name)) for f in fields)
         rows, params = [], []
+        preparers = _insert_preparers(model)
         for obj in self.objs:
             marks = []
-            for field in fields:
-                value = field.pre_save(obj, True)
+            for prepare in preparers:
+                value = prepare(obj)
                 if isinstance(value, DatabaseDefault):
                     marks.append("DEFAULT")
                 else:
                     marks.append("%s")
-                    params.append(field.get_db_prep_save(value, connection))
+                    params.append(value)
             rows.append(f"({', '.join(marks)})")
-        table = quote(model._meta.db_table)
-        return f"INSERT INTO {table} ({columns}) VALUES {', '.join(rows)}", params
+        return f"{_insert_into(model)} VALUES {', '.join(rows)}", params
 
 
 _update_sql: dict[tuple[type[Model], tuple[str, ...], tuple[str, ...]], str] = {}
@@ -254,14 +264,72 @@ def _preparers(model: type[Model], names: tuple[str, ...]) -> list[Any]:
     return found
 
 
-def _preparer(field: Field[Any, Any]) -> Any:
+def _preparer(field: Field[Any, Any], *, add: bool = False) -> Any:
+    plain = _plain_types(field)
+    attname = field.attname
+
     def prepare(obj: Model) -> Any:
-        value = field.pre_save(obj, False)
+        if plain:
+            # Text, numbers and flags of the right type (and NULL) go to the
+            # driver as they are: Django's preparation would return them
+            # unchanged, after a few calls each.
+            value = obj.__dict__.get(attname, _MISSING)
+            if value is None or type(value) in plain:
+                return value
+            if plain == (str,) and isinstance(value, str):
+                return str(value)  # a TextChoices member: its value
+        value = field.pre_save(obj, add)
+        if isinstance(value, DatabaseDefault):
+            return value
         if hasattr(value, "resolve_expression"):
             raise TypeError(f"{field.name}: expressions are saved through the ORM")
         return field.get_db_prep_save(value, connection)
 
     return prepare
+
+
+_MISSING = object()
+
+
+def _plain_types(field: Field[Any, Any]) -> tuple[type, ...]:
+    """The Python types a field stores without conversion; none for fields
+    whose saving does more (dates, JSON, UUIDs, subclasses with their own
+    preparation)."""
+    kind = type(field)
+    if kind is ForeignKey:
+        target = field.target_field  # type: ignore[attr-defined]
+        return (int,) if type(target) in {AutoField, BigAutoField} else ()
+    if kind in {CharField, TextField, FSMField}:
+        return (str,)
+    if kind in {IntegerField, PositiveIntegerField, BigIntegerField}:
+        return (int,)
+    if kind is BooleanField:
+        return (bool,)
+    return ()
+
+
+_insert_preparer_cache: dict[type[Model], list[Any]] = {}
+_insert_sql: dict[type[Model], str] = {}
+
+
+def _insert_into(model: type[Model]) -> str:
+    found = _insert_sql.get(model)
+    if found is None:
+        quote = connection.ops.quote_name
+        fields = _insert_fields(model)
+        columns = ", ".join(quote(_column(model, f.name)) for f in fields)
+        table = quote(model._meta.db_table)
+        found = _insert_sql[model] = f"INSERT INTO {table} ({columns})"
+    return found
+
+
+def _insert_preparers(model: type[Model]) -> list[Any]:
+    found = _insert_preparer_cache.get(model)
+    if found is None:
+        found = _insert_preparer_cache[model] = [
+            _preparer(f, add=True) for f in _insert_fields(model)
+        ]
+    return found
 
 
 def _insert_fields(model: type[Model]) -> list[Field[Any, Any]]:
