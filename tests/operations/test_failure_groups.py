@@ -59,8 +59,9 @@ def test_group_link_lists_its_instances(broker, wf, operator):
     client = Client()
     client.force_login(operator)
     page = client.get(f"/instances/?{group.query}").content.decode()
-    assert "ORD-1" in page and "ORD-2" in page
-    assert "ORD-3" not in page
+    rows = results(page)
+    assert "ORD-1" in rows and "ORD-2" in rows
+    assert "ORD-3" not in rows
     assert "Failure group: held at" in page
 
 
@@ -126,6 +127,12 @@ def group_rows(page: str) -> dict[tuple[str, str], str]:
         re.S,
     )
     return {(step, held_by): html for step, held_by, html in rows}
+
+
+def results(page: str) -> str:
+    """The page without its forms: the search form's hint names an example
+    key from the data too."""
+    return re.sub(r"<form\b.*?</form>", "", page, flags=re.DOTALL)
 
 
 @pytest.fixture
@@ -201,7 +208,7 @@ def test_each_held_instance_in_its_one_group_with_what_it_allows(population, ope
     # Each group's link lists exactly its instances.
     for group in groups:
         page = client.get(f"/instances/?{group.query}").content.decode()
-        listed = set(re.findall(r"\bORD-\d\b", page))
+        listed = set(re.findall(r"\bORD-\d\b", results(page)))
         expected = set(
             InstanceFilter(
                 QueryDict(group.query), queryset=WorkflowInstance.objects.all()
@@ -213,7 +220,7 @@ def test_each_held_instance_in_its_one_group_with_what_it_allows(population, ope
     # Odd group filters: never a 500; a deadline hold has no step.
     assert client.get("/instances/?held_by=bogus").status_code in (200, 400)
     page = client.get("/instances/?held_by=deadline&failed_step=ship")
-    assert not re.findall(r"\bORD-\d\b", page.content.decode())
+    assert not re.findall(r"\bORD-\d\b", results(page.content.decode()))
 
     # The deadline group (no step) can be marked as known like any other.
     deadline = next(g for g in groups if g.held_by == "deadline")

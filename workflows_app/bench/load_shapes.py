@@ -110,6 +110,19 @@ def _endings(sd: StepDefinition, pivot: int | None) -> list[StepShape]:
     return endings
 
 
+def _stages(sds: Sequence[StepDefinition]) -> dict[int, int]:
+    """Per position, the first position of its stage (as the engine's
+    ``planning.stage_keys`` reads them from stored steps)."""
+    keys: dict[int, int] = {}
+    for sd in sds:
+        keys[sd.position] = (
+            keys[sd.position - 1]
+            if sd.parallel_with_previous and sd.position - 1 in keys
+            else sd.position
+        )
+    return keys
+
+
 def _view(
     state: str,
     policy: str,
@@ -117,6 +130,7 @@ def _view(
     sds: Sequence[StepDefinition],
     steps: Sequence[StepShape],
 ) -> InstanceView:
+    stage = _stages(sds)
     return InstanceView(
         state=state,
         failure_policy=policy,
@@ -131,6 +145,8 @@ def _view(
                 has_compensation=bool(sd.compensation),
                 retry_on_timeout=sd.retry_on_timeout,
                 failed_permanently=step.permanent,
+                kind=sd.kind,
+                stage=stage[sd.position],
             )
             for sd, step in zip(sds, steps, strict=True)
         ],
@@ -144,28 +160,41 @@ def _compensate(
     steps: list[StepShape],
 ) -> tuple[list[StepShape] | None, list[StepShape]]:
     """Run the planner's compensation to its end. Returns the steps once the
-    first compensation is sent (None if nothing needed undoing) and at the end."""
+    first compensations are sent (every branch of a parallel stage that the
+    planner sends together; None if nothing needed undoing) and at the end."""
     in_flight: list[StepShape] | None = None
     steps = list(steps)
+    done = AttemptShape("compensation", "succeeded")
     while True:
         decision = decide(_view("compensating", policy, pivot, sds, steps))
         if decision.move is Move.FINISH_COMPENSATION:
             return in_flight, steps
+        if decision.move is Move.IDLE:
+            # Waiting on what was sent: at rest, as a snapshot may show it.
+            sent = [s.compensation_state == "pending" for s in steps]
+            if not any(sent):
+                raise AssertionError("the planner waits on nothing")
+            if in_flight is None:
+                in_flight = list(steps)
+            steps = [
+                dataclasses.replace(
+                    s,
+                    compensation_state="done",
+                    dispatched=False,
+                    attempts=s.attempts + (done,),
+                )
+                if pending
+                else s
+                for s, pending in zip(steps, sent, strict=True)
+            ]
+            continue
         assert decision.position is not None, decision
         i = decision.position - 1
         if decision.move is Move.SKIP_COMPENSATION:
             steps[i] = dataclasses.replace(steps[i], compensation_state="not_needed")
         elif decision.move is Move.COMPENSATE:
-            if in_flight is None:
-                in_flight = list(steps)
-                in_flight[i] = dataclasses.replace(
-                    steps[i], compensation_state="pending", dispatched=True
-                )
-            done = AttemptShape("compensation", "succeeded")
             steps[i] = dataclasses.replace(
-                steps[i],
-                compensation_state="done",
-                attempts=steps[i].attempts + (done,),
+                steps[i], compensation_state="pending", dispatched=True
             )
         else:
             raise AssertionError(f"unexpected compensation move {decision}")
@@ -192,25 +221,46 @@ def definition_shapes(definition: WorkflowDefinition) -> list[Shape]:
             "cancelled", "cancelled", 1, (pending,) * n, (None, "accepted", "cancel")
         ),
     ]
+    stage = _stages(sds)
     for sd in sds:
         cur = sd.position
-        before = [_succeeded() for _ in range(cur - 1)]
-        after = [pending] * (n - cur)
+        first = stage[cur]
+        # A parallel stage: its branches are sent together; a branch that
+        # ends for good does so after its siblings succeeded.
+        branches = [p for p in range(first, n + 1) if stage[p] == first]
+        before = [_succeeded() for _ in range(first - 1)]
+        after = [pending] * (n - branches[-1])
         # Sent to the workers, not claimed yet: the snapshot is of a site
         # whose workers are behind (how instances turn stuck).
         scheduled = StepShape("scheduled", dispatched=True)
-        shapes.append(
-            Shape(
-                "running",
-                "running",
-                cur,
-                (*before, scheduled, *after),
-                (cur, "pending", "schedule"),
-                pivot_passed=pivot is not None and pivot < cur,
+        if sd.kind != "activity":
+            # A timer or a step for a person: the engine waits (nothing is
+            # sent, nothing fails; such a step is never in a parallel stage).
+            shapes.append(
+                Shape(
+                    "running",
+                    "running",
+                    cur,
+                    (*before, StepShape("waiting"), *after),
+                    (cur, "scheduled", "begin_wait"),
+                    pivot_passed=pivot is not None and pivot < cur,
+                )
             )
-        )
+            continue
+        if cur == first:
+            shapes.append(
+                Shape(
+                    "running",
+                    "running",
+                    cur,
+                    (*before, *[scheduled] * len(branches), *after),
+                    (cur, "pending", "schedule"),
+                    pivot_passed=pivot is not None and pivot < cur,
+                )
+            )
         for ended in _endings(sd, pivot):
-            steps = [*before, ended, *after]
+            siblings = [ended if p == cur else _succeeded() for p in branches]
+            steps = [*before, *siblings, *after]
             passed = pivot is not None and (
                 pivot < cur or (pivot == cur and not ended.permanent)
             )
