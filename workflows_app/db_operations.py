@@ -11,52 +11,45 @@ from django.contrib.postgres.operations import (
 from django.db.migrations.operations import AddIndex, RemoveIndex
 
 
-class AddIndexWithoutLocking(AddIndexConcurrently):
+class _ConcurrentlyOnPostgreSQL:
+    """The concurrent operation on PostgreSQL; ``plain`` (the ordinary
+    operation) elsewhere. A migration holding one must be ``atomic = False``."""
+
+    plain: Any
+
+    def database_forwards(
+        self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any
+    ) -> None:
+        if schema_editor.connection.vendor == "postgresql":
+            super().database_forwards(  # type: ignore[misc]
+                app_label, schema_editor, from_state, to_state
+            )
+        else:
+            self.plain.database_forwards(
+                self, app_label, schema_editor, from_state, to_state
+            )
+
+    def database_backwards(
+        self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any
+    ) -> None:
+        if schema_editor.connection.vendor == "postgresql":
+            super().database_backwards(  # type: ignore[misc]
+                app_label, schema_editor, from_state, to_state
+            )
+        else:
+            self.plain.database_backwards(
+                self, app_label, schema_editor, from_state, to_state
+            )
+
+
+class AddIndexWithoutLocking(_ConcurrentlyOnPostgreSQL, AddIndexConcurrently):
     """CREATE INDEX CONCURRENTLY on PostgreSQL (no write lock on a table of
-    millions of rows while it builds); a plain index elsewhere (SQLite). The
-    migration holding it must be ``atomic = False``."""
+    millions of rows while it builds); a plain index elsewhere (SQLite)."""
 
-    def database_forwards(
-        self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any
-    ) -> None:
-        if schema_editor.connection.vendor == "postgresql":
-            super().database_forwards(app_label, schema_editor, from_state, to_state)
-        else:
-            AddIndex.database_forwards(
-                self, app_label, schema_editor, from_state, to_state
-            )
-
-    def database_backwards(
-        self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any
-    ) -> None:
-        if schema_editor.connection.vendor == "postgresql":
-            super().database_backwards(app_label, schema_editor, from_state, to_state)
-        else:
-            AddIndex.database_backwards(
-                self, app_label, schema_editor, from_state, to_state
-            )
+    plain = AddIndex
 
 
-class RemoveIndexWithoutLocking(RemoveIndexConcurrently):
-    """DROP INDEX CONCURRENTLY on PostgreSQL; a plain drop elsewhere. The
-    migration holding it must be ``atomic = False``."""
+class RemoveIndexWithoutLocking(_ConcurrentlyOnPostgreSQL, RemoveIndexConcurrently):
+    """DROP INDEX CONCURRENTLY on PostgreSQL; a plain drop elsewhere."""
 
-    def database_forwards(
-        self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any
-    ) -> None:
-        if schema_editor.connection.vendor == "postgresql":
-            super().database_forwards(app_label, schema_editor, from_state, to_state)
-        else:
-            RemoveIndex.database_forwards(
-                self, app_label, schema_editor, from_state, to_state
-            )
-
-    def database_backwards(
-        self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any
-    ) -> None:
-        if schema_editor.connection.vendor == "postgresql":
-            super().database_backwards(app_label, schema_editor, from_state, to_state)
-        else:
-            RemoveIndex.database_backwards(
-                self, app_label, schema_editor, from_state, to_state
-            )
+    plain = RemoveIndex

@@ -11,6 +11,7 @@ from collections import Counter
 
 import pytest
 
+from tests.engine.test_planning import ACTION_STATES, COMP_STATES
 from workflows_app.engine.planning import (
     COMPENSATION_ACTIVE,
     DONE,
@@ -23,18 +24,6 @@ from workflows_app.engine.planning import (
     stages,
 )
 
-ACTION_STATES = [
-    "pending",
-    "scheduled",
-    "running",
-    "retrying",
-    "waiting",
-    "unknown",
-    "succeeded",
-    "failed",
-    "skipped",
-]
-COMP_STATES = ["none", "pending", "running", "retrying", "done", "failed", "not_needed"]
 SETTLED = {"done", "not_needed"}
 # Step 1 alone, then the stage of 2, 3 and 4, then step 5 alone.
 STAGE = {1: 1, 2: 2, 3: 2, 4: 2, 5: 5}
