@@ -43,7 +43,14 @@ def test_compiled_reads_match_the_orm() -> None:
             steps = Change(locked, now, Actor.system("test")).steps
             assert [s.step_definition.name for s in steps] == ["one", "two", "three"]
             assert all(s.instance is locked for s in steps)
+        # The steps, and once per process the published definition's steps.
+        assert len(queries) == 2
+        with CaptureQueriesContext(connection) as queries:
+            again_steps = Change(locked, now, Actor.system("test")).steps
         assert len(queries) == 1
+        assert [s.step_definition for s in again_steps] == [
+            s.step_definition for s in steps
+        ]
         expected = StepExecution.objects.filter(instance=instance).order_by("position")
         assert [field_values(s) for s in steps] == [field_values(s) for s in expected]
 

@@ -25,8 +25,10 @@ from workflows_app.models import (
     TERMINAL_STATES,
     ActorKind,
     Alert,
+    StepDefinition,
     StepExecution,
     TransitionLog,
+    WorkflowDefinition,
     WorkflowInstance,
 )
 from workflows_app.monitoring import metrics
@@ -83,13 +85,34 @@ INSTANCE_FIELDS = [
 
 # An instance's steps in order, with their definitions (compiled once).
 _STEPS = rows.CompiledSelect(
-    lambda instance_id: (
-        StepExecution.objects.filter(instance_id=instance_id)
-        .select_related("step_definition")
-        .order_by("position")
+    lambda instance_id: StepExecution.objects.filter(instance_id=instance_id).order_by(
+        "position"
     ),
     StepExecution._meta.get_field("instance"),
 )
+_STEP_DEFINITIONS = rows.CompiledSelect(
+    lambda definition_id: StepDefinition.objects.filter(definition_id=definition_id),
+    StepDefinition._meta.get_field("definition"),
+)
+# The step definitions of published definitions, by definition: a published
+# definition is frozen (edits make a new draft version), so every
+# transaction need not read and decode them again. Keyed with the time of
+# publishing, so a definition row made anew under an old id is read afresh.
+_published_steps: dict[tuple[int, Any], dict[int, StepDefinition]] = {}
+
+
+def _step_definitions(definition: WorkflowDefinition) -> dict[int, StepDefinition]:
+    if definition.status != WorkflowDefinition.Status.PUBLISHED:
+        return {sd.pk: sd for sd in _STEP_DEFINITIONS.rows(definition.pk)}
+    key = (definition.pk, definition.published_at)
+    found = _published_steps.get(key)
+    if found is None:
+        found = {sd.pk: sd for sd in _STEP_DEFINITIONS.rows(definition.pk)}
+        if len(_published_steps) > 1000:
+            _published_steps.clear()
+        _published_steps[key] = found
+    return found
+
 
 CHANGED_MEANWHILE = (
     "This instance changed meanwhile; look at its current state and try again."
@@ -127,8 +150,12 @@ class Change:
     def steps(self) -> list[StepExecution]:
         if self._steps is None:
             self._steps = _STEPS.rows(self.instance.id)
+            definitions = _step_definitions(self.instance.definition)
             for step in self._steps:
                 step._state.fields_cache["instance"] = self.instance
+                step._state.fields_cache["step_definition"] = definitions[
+                    step.step_definition_id
+                ]
         return self._steps
 
     def step(
