@@ -148,6 +148,47 @@ def test_overview_window_counts_only_recent_finished_instances(broker, wf, viewe
     assert client.get("/?window=all").context["counts"].by_state == {"completed": 2}
 
 
+def test_state_counts_equal_a_plain_count_of_the_rows(wf, broker):
+    """The overview's counts (on PostgreSQL one index count per definition
+    and state) are what counting the rows gives: every state, two
+    definitions and one without instances, finished rows just inside and
+    outside each window."""
+    from workflows_app.models import ACTIVE_STATES, InstanceState
+    from workflows_app.views import queries
+
+    make_definition("other")
+    make_definition("empty")
+    now = timezone.now()
+    ages = [timedelta(hours=1), timedelta(hours=23), timedelta(hours=25)]
+    ages += [timedelta(days=6), timedelta(days=8)]
+    n = 0
+    for key in ("wf", "other"):
+        for state in InstanceState:
+            for age in ages[: 1 + n % len(ages)]:
+                n += 1
+                instance = start(key, f"{key}-{n}")
+                WorkflowInstance.objects.filter(pk=instance.pk).update(
+                    state=state, last_progress_at=now - age
+                )
+    rows = list(
+        WorkflowInstance.objects.values_list(
+            "definition_key", "state", "last_progress_at"
+        )
+    )
+    for window in ("24h", "7d", "all"):
+        counts = queries.state_counts(queries.WINDOWS[window])
+        expected: dict[str, dict[str, int]] = {}
+        for key, state, at in rows:
+            if state in ACTIVE_STATES or window == "all" or at >= counts.since:
+                per_key = expected.setdefault(key, {})
+                per_key[state] = per_key.get(state, 0) + 1
+        assert counts.by_definition == expected, window
+        totals = {s: sum(c.get(s, 0) for c in expected.values()) for s in InstanceState}
+        assert counts.by_state == {s: n for s, n in totals.items() if n}, window
+        one = queries.state_counts(queries.WINDOWS[window], definition_key="other")
+        assert one.by_definition == {"other": expected["other"]}, window
+
+
 # -- instance list ----------------------------------------------------------------
 
 
