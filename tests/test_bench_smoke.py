@@ -9,6 +9,7 @@ declined for good is never compensated.
 
 from __future__ import annotations
 
+import os
 import re
 from io import StringIO
 
@@ -154,6 +155,12 @@ def test_benchmarks_with_real_worker_and_server_processes() -> None:
         compensating_workflows=2,
     )
     figure(r"^workload: 4 workflows x 2 no-op steps, 1 worker processes", out)
+    # Its own queue was this process's only while it ran: later tests' workers
+    # and messages use the usual one again.
+    from workflows_app.celery import app
+
+    assert "SAGA_CELERY_QUEUE" not in os.environ
+    assert app.conf.task_default_queue == "celery"
     figure(r"PostgreSQL private 127\.0\.0\.1:\d+$", out)
     rates = rf"{NUMBER} workflows/s +{NUMBER} steps/s +p50 +{NUMBER} ms"
     rates += rf" +p95 +{NUMBER} ms +single workflow \(idle, median\) +{NUMBER} ms"

@@ -29,6 +29,7 @@ steps of which the third fails permanently and the two before it are undone
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import statistics
@@ -37,6 +38,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -188,6 +190,31 @@ class ServerCounters:
         # pg_stat_activity (on_shmem_exit): nothing more to wait for.
 
 
+@contextlib.contextmanager
+def own_queue() -> Iterator[str]:
+    """A queue of the benchmark's own while it runs: no other worker on this
+    broker takes its tasks, and its worker takes nobody else's. The processes
+    it starts inherit it; this process sends to it (the router reads the
+    default queue on every send). Put back afterwards: the command may run
+    inside a longer-lived process (a test run), whose later workers and
+    messages must use the usual queue again."""
+    from workflows_app.celery import app
+
+    saved_env = os.environ.get("SAGA_CELERY_QUEUE")
+    saved_conf = app.conf.task_default_queue
+    queue = saved_env or f"saga-bench-{os.getpid()}"
+    os.environ["SAGA_CELERY_QUEUE"] = queue
+    app.conf.task_default_queue = queue
+    try:
+        yield queue
+    finally:
+        app.conf.task_default_queue = saved_conf
+        if saved_env is None:
+            os.environ.pop("SAGA_CELERY_QUEUE", None)
+        else:
+            os.environ["SAGA_CELERY_QUEUE"] = saved_env
+
+
 class Command(BaseCommand):
     help = "Benchmark the engine against a bare Celery chain on a real worker."
 
@@ -224,21 +251,13 @@ class Command(BaseCommand):
             )
         if opts["workflows"] < 1 or opts["steps"] < 1 or opts["rounds"] < 1:
             raise CommandError("--workflows, --steps and --rounds must be at least 1")
-        if not os.environ.get("SAGA_CELERY_QUEUE"):
-            # A queue of its own: no other worker on this broker takes the
-            # benchmark's tasks, and its worker takes nobody else's. Set
-            # before anything is sent (the router reads it on first use).
-            queue = f"saga-bench-{os.getpid()}"
-            os.environ["SAGA_CELERY_QUEUE"] = queue
-            from workflows_app.celery import app
-
-            app.conf.task_default_queue = queue
-        if opts["current_database"] or opts["own_server"]:
-            if connection.vendor != "postgresql":
-                raise CommandError("run the benchmark on PostgreSQL (DATABASE_URL)")
-            Benchmark(self, opts).run()
-        else:
-            self._on_private_server(opts)
+        with own_queue():
+            if opts["current_database"] or opts["own_server"]:
+                if connection.vendor != "postgresql":
+                    raise CommandError("run the benchmark on PostgreSQL (DATABASE_URL)")
+                Benchmark(self, opts).run()
+            else:
+                self._on_private_server(opts)
 
     def _on_private_server(self, opts: dict[str, Any]) -> None:
         server = PrivatePostgres()
