@@ -31,18 +31,18 @@ def stop_group(
     proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace: float = 30
 ) -> None:
     """SIGTERM the process group started with :func:`own_group_dying_with_parent`,
-    SIGKILL what is left after ``grace`` seconds. Safe to call twice."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
-        if proc.poll() is not None and sig is signal.SIGTERM:
-            sig = signal.SIGKILL  # the leader is gone; its children may not be
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait)
-            if sig is signal.SIGTERM:
-                # The pool's children leave with the leader; make sure.
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    then SIGKILL whatever of it is left (the leader after ``grace`` seconds,
+    its children in any case). Safe to call twice."""
+    if proc.poll() is None:
+        _signal_group(proc, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+    _signal_group(proc, signal.SIGKILL)
+    proc.wait()
+
+
+def _signal_group(
+    proc: subprocess.Popen[bytes] | subprocess.Popen[str], sig: signal.Signals
+) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)

@@ -155,6 +155,15 @@ class Write:
     def check(self, matched: int) -> None:
         """Called with the number of rows the statement wrote."""
 
+    @property
+    def model(self) -> type[Model]:
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> int:
+        """About how many parameters the statement takes."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class FencedUpdate(Write):
@@ -178,6 +187,14 @@ class FencedUpdate(Write):
         ]
         return sql, [*values, *fenced]
 
+    @property
+    def model(self) -> type[Model]:
+        return type(self.obj)
+
+    @property
+    def weight(self) -> int:
+        return len(self.fields) + len(self.fence) + 1
+
     def check(self, matched: int) -> None:
         if matched != 1:
             raise ConcurrentTransition(
@@ -187,11 +204,19 @@ class FencedUpdate(Write):
 
 @dataclass(frozen=True)
 class Update(Write):
-    """``UPDATE model SET values WHERE filters``, however many rows match."""
+    """``UPDATE target SET values WHERE filters``, however many rows match."""
 
-    model: type[Model]
+    target: type[Model]
     values: dict[str, Any]
     filters: dict[str, Any]
+
+    @property
+    def model(self) -> type[Model]:
+        return self.target
+
+    @property
+    def weight(self) -> int:
+        return len(self.values) + len(self.filters)
 
     def statement(self) -> tuple[str, list[Any]]:
         key = (self.model, tuple(self.values), tuple(self.filters))
@@ -211,8 +236,16 @@ class Insert(Write):
 
     objs: Sequence[Model]
 
+    @property
+    def model(self) -> type[Model]:
+        return type(self.objs[0])
+
+    @property
+    def weight(self) -> int:
+        return len(self.objs) * len(_insert_fields(self.model))
+
     def statement(self) -> tuple[str, list[Any]]:
-        model = type(self.objs[0])
+        model = self.model
         rows, params = [], []
         preparers = _insert_preparers(model)
         for obj in self.objs:
@@ -370,7 +403,7 @@ def write(writes: Sequence[Write]) -> None:
 def _write_alone(w: Write) -> None:
     if isinstance(w, Insert) and connection.vendor != "postgresql":
         # The ORM knows how each backend spells a column's database default.
-        type(w.objs[0])._default_manager.bulk_create(w.objs)
+        w.model._default_manager.bulk_create(w.objs)
         return
     sql, values = w.statement()
     with connection.cursor() as cursor:
@@ -386,41 +419,18 @@ def _segments(writes: Sequence[Write]) -> list[list[Write]]:
     """Consecutive runs of writes that may share one statement. The parts of
     one statement see the same snapshot: an update cannot see a row inserted
     by an earlier part, so it starts a new statement."""
-    segments: list[list[Write]] = []
+    segments: list[list[Write]] = [[]]
     inserted: set[type[Model]] = set()
     size = 0
     for w in writes:
-        model = _model_of(w)
-        weight = _weight(w)
-        if segments and (
-            (not isinstance(w, Insert) and model in inserted)
-            or size + weight > _MAX_PARAMETERS
+        if segments[-1] and (
+            (not isinstance(w, Insert) and w.model in inserted)
+            or size + w.weight > _MAX_PARAMETERS
         ):
             segments.append([])
             inserted, size = set(), 0
-        if not segments:
-            segments.append([])
         segments[-1].append(w)
-        size += weight
+        size += w.weight
         if isinstance(w, Insert):
-            inserted.add(model)
-    return segments
-
-
-def _model_of(w: Write) -> type[Model]:
-    if isinstance(w, Insert):
-        return type(w.objs[0])
-    if isinstance(w, FencedUpdate):
-        return type(w.obj)
-    assert isinstance(w, Update)
-    return w.model
-
-
-def _weight(w: Write) -> int:
-    """About how many parameters the write takes."""
-    if isinstance(w, Insert):
-        return len(w.objs) * len(_insert_fields(type(w.objs[0])))
-    if isinstance(w, FencedUpdate):
-        return len(w.fields) + len(w.fence) + 1
-    assert isinstance(w, Update)
-    return len(w.values) + len(w.filters)
+            inserted.add(w.model)
+    return [segment for segment in segments if segment]

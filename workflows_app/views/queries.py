@@ -170,6 +170,18 @@ def stuck_queue(limit: int = 25) -> list[WorkflowInstance]:
     )
 
 
+# What the list shows of the step that went wrong. Every FSM field must be
+# loaded: django-fsm reads them when the object is made.
+_FAILED_STEP_COLUMNS = (
+    "instance_id",
+    "name",
+    "state",
+    "compensation_state",
+    "last_error",
+    "position",
+)
+
+
 def recent_failures(limit: int = 10) -> list[WorkflowInstance]:
     """The latest instances that went wrong: held, compensating or compensated,
     or closed as failed. One indexed top-N per state, merged in one query
@@ -195,15 +207,7 @@ def recent_failures(limit: int = 10) -> list[WorkflowInstance]:
             instance_id__in=ids, state__in=["failed", "unknown"]
         )
         .order_by("position")
-        .only(
-            # Every FSM field must be loaded: django-fsm reads them on init.
-            "instance_id",
-            "name",
-            "state",
-            "compensation_state",
-            "last_error",
-            "position",
-        )
+        .only(*_FAILED_STEP_COLUMNS)
     ):
         failed_steps.setdefault(step.instance_id, step)
     # A held instance: the step that holds it now (its action, or its undo
@@ -213,14 +217,7 @@ def recent_failures(limit: int = 10) -> list[WorkflowInstance]:
         holding_steps()
         .filter(instance_id__in=held_ids)
         .order_by("position")
-        .only(
-            "instance_id",
-            "name",
-            "state",
-            "compensation_state",
-            "last_error",
-            "position",
-        )
+        .only(*_FAILED_STEP_COLUMNS)
     ):
         failed_steps[step.instance_id] = step
     for instance in instances:
