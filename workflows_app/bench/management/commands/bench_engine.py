@@ -49,6 +49,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection
 
+from workflows_app.bench import cpu
 from workflows_app.bench import tasks as bench_tasks
 from workflows_app.bench.private_postgres import PrivatePostgres
 from workflows_app.bench.processes import own_group_dying_with_parent, stop_group
@@ -71,6 +72,53 @@ def percentile(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
     return ordered[index]
+
+
+class CpuCounters:
+    """CPU milliseconds of the worker (its pool included), the database server,
+    the broker and this process (which starts the workflows), where /proc
+    shows them: per workflow, they say which part limits throughput. The
+    database and broker are whole servers: on shared ones, other sessions'
+    work counts too."""
+
+    PARTS = ("worker", "database", "broker", "client")
+
+    def __init__(self, counters: ServerCounters) -> None:
+        self.worker: int | None = None
+        self.database: int | None = None
+        self.broker: int | None = None
+        if not cpu.available():
+            return
+        self.database = cpu.parent_of(counters.conn.get_backend_pid())
+        if settings.CELERY_BROKER_URL.startswith("redis://"):
+            import redis
+
+            info = redis.Redis.from_url(settings.CELERY_BROKER_URL).info("server")
+            self.broker = int(info["process_id"])
+
+    def snapshot(self) -> Counter[str]:
+        found: Counter[str] = Counter()
+        if not cpu.available():
+            return found
+        times = os.times()
+        found["cpu client"] = round((times.user + times.system) * 1000)
+        for part in ("worker", "database", "broker"):
+            pid = getattr(self, part)
+            if pid is not None and cpu.parent_of(pid) is not None:
+                found[f"cpu {part}"] = round(cpu.tree_seconds(pid) * 1000)
+        return found
+
+    def per_workflow(self, counts: Counter[str], n: int) -> str:
+        parts = [(p, counts[f"cpu {p}"]) for p in self.PARTS if f"cpu {p}" in counts]
+        total = sum(ms for _, ms in parts)
+        if not total:
+            return ""
+        cores = os.cpu_count() or 1
+        each = ", ".join(f"{p} {ms / n:.1f}" for p, ms in parts)
+        return (
+            f"; CPU ms per workflow: {each}, total {total / n:.1f} (all {cores} "
+            f"CPUs on this alone: {cores * 1000 * n / total:.0f} workflows/s)"
+        )
 
 
 class Observer:
@@ -148,11 +196,14 @@ class ServerCounters:
         with self.conn.cursor() as cursor:
             if self.statements:
                 # The server's own foreign-key checks (RI triggers, run after
-                # each statement) show up as statements too: counted apart.
+                # each statement) show up as statements too: counted apart. A
+                # prepared statement's runs are counted under its PREPARE
+                # text: by the statement it prepares.
                 cursor.execute(
                     "SELECT CASE WHEN query LIKE 'SELECT $2 FROM ONLY %% FOR KEY "
                     "SHARE OF x' THEN 'FOREIGN KEY CHECK' "
-                    "ELSE upper(split_part(ltrim(query), ' ', 1)) END, sum(calls) "
+                    "ELSE upper(split_part(regexp_replace(ltrim(query), "
+                    "'^PREPARE \\S+ AS ', '', 'i'), ' ', 1)) END, sum(calls) "
                     "FROM pg_stat_statements WHERE dbid = %s GROUP BY 1",
                     [self.oid],
                 )
@@ -327,6 +378,7 @@ class Benchmark:
         self.counters = ServerCounters(own_server=opts["own_server"])
         self.next_chain = 1
         self.top_statements = opts["top_statements"]
+        self.cpu = CpuCounters(self.counters)
 
     def run(self) -> None:
         db = connection.settings_dict
@@ -352,6 +404,7 @@ class Benchmark:
         plain = self._definition("bench", compensating=False)
         failing = self._definition("bench-undo", compensating=True)
         worker = self._start_worker()
+        self.cpu.worker = worker.pid
         results: dict[str, list[dict[str, Any]]] = {"saga desk": [], "chain": []}
         try:
             self._warm_up(plain.key)
@@ -458,6 +511,7 @@ class Benchmark:
         """Run ``work(observer)`` between two snapshots of the counters."""
         self.counters.settle()
         before = self.counters.snapshot()
+        before.update(self.cpu.snapshot())
         observer = Observer(self.counters.statements)
         try:
             value = work(observer)
@@ -465,6 +519,7 @@ class Benchmark:
             observer.close()
         self.counters.settle()
         delta = self.counters.snapshot()
+        delta.update(self.cpu.snapshot())
         delta.subtract(before)
         delta["transactions"] -= observer.transactions
         delta["sessions"] -= 1
@@ -643,7 +698,8 @@ class Benchmark:
                 f"rows inserted {counts['inserted'] / n:.1f}, updated "
                 f"{counts['updated'] / n:.1f}, deleted {counts['deleted'] / n:.1f}, "
             )
-        return text + f"{counts['sessions'] / n:.2f} new sessions"
+        text += f"{counts['sessions'] / n:.2f} new sessions"
+        return text + self.cpu.per_workflow(counts, n)
 
     def _ratios(self, results: dict[str, list[dict[str, Any]]]) -> None:
         throughput = [
