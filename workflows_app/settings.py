@@ -334,6 +334,14 @@ SAGA_HARD_TIMEOUT_GRACE = float(os.environ.get("SAGA_HARD_TIMEOUT_GRACE", "5"))
 # Seconds a worker may keep running an instance's next attempts in the same
 # task (no broker round trip) before handing them back to the broker.
 SAGA_INLINE_BUDGET = float(os.environ.get("SAGA_INLINE_BUDGET", "60"))
+# An instance's last-progress time (and its stuck clock) is kept to within
+# this many seconds (and a hundredth of its stuck rule): a transition this
+# soon after the recorded progress leaves both as they are.
+SAGA_PROGRESS_RESOLUTION = float(os.environ.get("SAGA_PROGRESS_RESOLUTION", "1"))
+# The engine's hot statements are server-side prepared statements on
+# PostgreSQL. Turn off behind a pooler in transaction mode (PgBouncer),
+# where a session's next transaction may run on another server connection.
+SAGA_PREPARED_STATEMENTS = os.environ.get("SAGA_PREPARED_STATEMENTS", "1") == "1"
 SAGA_SWEEP_BATCH = int(os.environ.get("SAGA_SWEEP_BATCH", "500"))
 # Work the sweeper does one instance at a time (time-outs, timers, deadline
 # holds: an engine command each) stops after this many seconds per sweep,

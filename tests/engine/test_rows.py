@@ -142,7 +142,76 @@ def test_locking_outside_a_transaction_is_refused_as_by_the_orm() -> None:
     instance = start()
     with transaction.atomic():
         lock_instance(instance.id)  # compiles it (if not yet)
-    with pytest.raises(TransactionManagementError):
-        WorkflowInstance.objects.select_for_update().get(pk=instance.id)
+    if connection.features.has_select_for_update:  # SQLite has no row locks
+        with pytest.raises(TransactionManagementError):
+            WorkflowInstance.objects.select_for_update().get(pk=instance.id)
     with pytest.raises(TransactionManagementError):
         lock_instance(instance.id)
+
+
+def test_compiled_objects_are_those_the_orm_builds() -> None:
+    """The compiled read builds objects without ``__init__`` (engine/rows.py
+    ``_builder``): the same fields, the same model state, the same fence."""
+    make_definition()
+    instance = start()
+    with transaction.atomic():
+        locked, now = lock_instance(instance.id)
+        steps = Change(locked, now, Actor.system("test")).steps
+        orm = WorkflowInstance.objects.get(pk=instance.id)
+        orm_steps = list(StepExecution.objects.filter(instance=instance))
+    for built, expected in [(locked, orm), *zip(steps, orm_steps, strict=True)]:
+        assert type(built) is type(expected)
+        assert (built._state.adding, built._state.db) == (False, "default")
+        assert built.fence() == expected.fence()
+        assert built.changed(["state", "version"]) == []
+        mine = {k: v for k, v in vars(built).items() if not k.startswith("_")}
+        theirs = {k: v for k, v in vars(expected).items() if not k.startswith("_")}
+        assert mine.keys() - {"db_now"} == theirs.keys()
+        assert all(mine[k] == theirs[k] for k in theirs)
+    # The fast path, not the fallback to from_db, built them.
+    assert (
+        rows._builder(
+            WorkflowInstance,
+            [f.attname for f in WorkflowInstance._meta.concrete_fields],
+            "default",
+        ).__name__
+        == "build"
+    )
+
+
+@pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="prepared statements are PostgreSQL's"
+)
+def test_hot_statements_are_prepared_once_per_session() -> None:
+    make_definition()
+    instance = start()
+    with CaptureQueriesContext(connection) as queries:
+        for _ in range(3):
+            with transaction.atomic():
+                lock_instance(instance.id)
+    sent = [
+        q["sql"]
+        for q in queries
+        if "workflowinstance" in q["sql"] or "EXECUTE" in q["sql"]
+    ]
+    # Prepared at the first use in this session (or earlier), executed by name since.
+    assert all(s.startswith(("PREPARE saga_", "EXECUTE saga_")) for s in sent), sent
+    assert sum(s.startswith("EXECUTE saga_") for s in sent) >= 2
+    # A failed transaction does not lose the statement: the next one runs.
+    with pytest.raises(ZeroDivisionError), transaction.atomic():
+        lock_instance(instance.id)
+        raise ZeroDivisionError
+    with transaction.atomic():
+        assert lock_instance(instance.id)[0].pk == instance.id
+
+
+@pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="prepared statements are PostgreSQL's"
+)
+def test_prepared_statements_can_be_turned_off(settings) -> None:  # type: ignore[no-untyped-def]
+    settings.SAGA_PREPARED_STATEMENTS = False
+    make_definition()
+    instance = start()
+    with CaptureQueriesContext(connection) as queries, transaction.atomic():
+        lock_instance(instance.id)
+    assert not any("saga_" in q["sql"] for q in queries)

@@ -27,6 +27,26 @@ from workflows_app.models.definitions import StepDefinition, WorkflowDefinition
 APP = "workflows_app"
 
 
+class StateField(FSMField):
+    """django-fsm's state field, read straight from the object.
+
+    django-fsm reads a state through a new ``DeferredAttribute`` each time
+    (a deferred state field would load on demand); the engine reads states
+    hundreds of times per workflow and loads them with the row. A deferred
+    one still loads. Deconstructed as django-fsm's own field: the same
+    column, so migrations see no change."""
+
+    def get_state(self, instance: Any) -> Any:
+        try:
+            return instance.__dict__[self.name]
+        except KeyError:
+            return super().get_state(instance)
+
+    def deconstruct(self) -> Any:
+        name, _, args, kwargs = super().deconstruct()
+        return name, "django_fsm.FSMField", args, kwargs
+
+
 class FencedFSMMixin(ConcurrentTransitionMixin):
     """Remembers the state values the object was loaded (or last written)
     with: the fence of its next UPDATE, also when the engine writes it with
@@ -227,7 +247,7 @@ class WorkflowInstance(VersionedFSMMixin, models.Model):
     input = models.JSONField(default=dict, blank=True)
     input_fingerprint = models.CharField(max_length=64)
     outputs = models.JSONField(default=dict, blank=True)
-    state = FSMField(
+    state = StateField(
         max_length=20,
         choices=InstanceState.choices,
         default=InstanceState.ACCEPTED,
@@ -598,21 +618,25 @@ class StepExecution(FencedFSMMixin, models.Model):
     State = StepState
     CompensationState = CompensationState
 
+    # Indexed by step_exec_position, whose first column it is.
     instance = models.ForeignKey(
-        WorkflowInstance, on_delete=models.CASCADE, related_name="steps"
+        WorkflowInstance,
+        on_delete=models.CASCADE,
+        related_name="steps",
+        db_index=False,
     )
     step_definition = models.ForeignKey(
         StepDefinition, on_delete=models.PROTECT, related_name="executions"
     )
     position = models.PositiveIntegerField()
     name = models.CharField(max_length=100)
-    state = FSMField(
+    state = StateField(
         max_length=20,
         choices=StepState.choices,
         default=StepState.PENDING,
         protected=True,
     )
-    compensation_state = FSMField(
+    compensation_state = StateField(
         max_length=20,
         choices=CompensationState.choices,
         default=CompensationState.NONE,
@@ -663,6 +687,7 @@ class StepExecution(FencedFSMMixin, models.Model):
         null=True,
         blank=True,
         related_name="claimed_steps",
+        db_index=False,  # step_exec_claimed_by: only where set
     )
     claimed_at = models.DateTimeField(null=True, blank=True)
 
@@ -691,6 +716,11 @@ class StepExecution(FencedFSMMixin, models.Model):
                 fields=["wake_at"],
                 condition=models.Q(wake_at__isnull=False),
                 name="step_exec_wake",
+            ),
+            models.Index(
+                fields=["claimed_by"],
+                condition=models.Q(claimed_by__isnull=False),
+                name="step_exec_claimed_by",
             ),
             # The inbox: steps waiting for a person.
             models.Index(
@@ -1045,8 +1075,12 @@ class Attempt(models.Model):
         # The instance was closed while the attempt was in flight.
         ABANDONED = "abandoned", "abandoned (instance closed)"
 
+    # Indexed by attempt_step_direction_number, whose first column it is.
     step = models.ForeignKey(
-        StepExecution, on_delete=models.CASCADE, related_name="attempts"
+        StepExecution,
+        on_delete=models.CASCADE,
+        related_name="attempts",
+        db_index=False,
     )
     direction = models.CharField(max_length=20, choices=Direction.choices)
     number = models.PositiveIntegerField()
