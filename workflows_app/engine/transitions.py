@@ -405,12 +405,33 @@ class Change:
         """Any transition is progress: it clears "stuck" and restarts its clock."""
         instance = self.instance
         self._instance_dirty = True
-        instance.last_progress_at = self.now
         if instance.state in TERMINAL_STATES:
+            instance.last_progress_at = self.now
             instance.stuck_check_at = None
             instance.redispatch_at = None
             instance.finished_at = instance.finished_at or self.now
-        else:
+        elif not self._progress_recorded_lately():
+            instance.last_progress_at = self.now
             instance.stuck_check_at = self.now + instance.definition.stuck_after
         if instance.state != WorkflowInstance.State.NEEDS_ATTENTION:
             stuck.clear_stuck(instance)
+
+    def _progress_recorded_lately(self) -> bool:
+        """Whether the progress clock already says "now", to within
+        ``SAGA_PROGRESS_RESOLUTION`` (and a hundredth of the stuck rule): an
+        instance moving through quick steps then keeps its clock, so its
+        row's update changes no indexed column and PostgreSQL writes it
+        without touching the table's many indexes (a HOT update). Only while
+        the state stays and the stuck clock runs by the plain rule."""
+        instance = self.instance
+        last, check = instance.last_progress_at, instance.stuck_check_at
+        if last is None or check is None or instance.stuck:
+            return False
+        if instance.fence().get("state") != instance.state:
+            return False
+        rule = instance.definition.stuck_after
+        resolution = min(settings.SAGA_PROGRESS_RESOLUTION, rule.total_seconds() / 100)
+        return (
+            timedelta(0) <= self.now - last < timedelta(seconds=resolution)
+            and check >= last + rule
+        )

@@ -28,8 +28,13 @@ class TransitionLog(models.Model):
     Actor = ActorKind
 
     id = models.BigAutoField(primary_key=True)
+    # Indexed by history_instance_seq, whose first column it is: a second
+    # index of it alone would be one more entry to write per history row.
     instance = models.ForeignKey(
-        WorkflowInstance, on_delete=models.CASCADE, related_name="history"
+        WorkflowInstance,
+        on_delete=models.CASCADE,
+        related_name="history",
+        db_index=False,
     )
     step = models.ForeignKey(
         StepExecution,
@@ -44,8 +49,13 @@ class TransitionLog(models.Model):
     transition = models.CharField(max_length=50)
     actor_kind = models.CharField(max_length=20, choices=ActorKind.choices)
     actor_label = models.CharField(max_length=200, blank=True)
+    # Indexed only where set (history_user): most rows are a worker's.
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True
+        settings.AUTH_USER_MODEL,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        db_index=False,
     )
     reason = models.TextField(blank=True)
     data = models.JSONField(default=dict, blank=True)
@@ -56,6 +66,11 @@ class TransitionLog(models.Model):
         ordering = ["id"]
         indexes = [
             models.Index(fields=["instance", "id"], name="history_instance_seq"),
+            models.Index(
+                fields=["user"],
+                condition=models.Q(user__isnull=False),
+                name="history_user",
+            ),
             # Moves into needs attention per hour (the activity charts).
             models.Index(
                 fields=["created_at"],

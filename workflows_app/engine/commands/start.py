@@ -186,8 +186,9 @@ def instance_start(
         deadline_at=now + definition.deadline if definition.deadline else None,
         redispatch_at=now + timedelta(seconds=settings.SAGA_REDISPATCH_AFTER),
     )
+    change = Change(instance, now, actor)
     if idempotency_key is None:
-        instance.save(force_insert=True)
+        change.insert(instance)  # with its steps and history, one statement
     else:
         try:
             # A savepoint: a concurrent start with the same key may win.
@@ -195,8 +196,6 @@ def instance_start(
                 instance.save(force_insert=True)
         except IntegrityError:
             return _existing(definition_key, idempotency_key, fingerprint, actor)
-
-    change = Change(instance, now, actor)
     # Written with the history row, in one statement.
     change.insert_all(new_steps(instance, definition))
     change.record_creation(
