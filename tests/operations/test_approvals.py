@@ -193,7 +193,14 @@ def test_large_bulk_job_needs_approval(broker, four_eyes, operator, second_opera
     assert request.action == "bulk_job" and broker.queue == []
     with pytest.raises(NotPermitted):
         approvals.approval_decide(request.pk, user=operator, approve=True)
-    approvals.approval_decide(request.pk, user=second_operator, approve=True)
+    # Through the page: approving starts the job, it does not claim the
+    # instances were acted on already.
+    page = logged_in(second_operator).post(
+        f"/approvals/{request.pk}/approve/", follow=True
+    )
+    assert "Approved: the job is started; its progress is below." in (
+        page.content.decode()
+    )
     assert BulkJob.objects.get().status == "queued"
     broker.run()
     assert BulkJob.objects.get().status == "finished"

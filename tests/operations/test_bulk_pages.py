@@ -75,6 +75,8 @@ def test_unfiltered_or_forbidden_plans_are_refused(broker, wf, operator):
         {"query": QUERY, "action": "retry", "reason": "x", "rate": "1"},
     )
     assert response.status_code == 403
+    # Nor the form, which a viewer could never send.
+    assert viewer.get(f"/bulk-jobs/new/?{QUERY}").status_code == 403
     missing_reason = logged_in(operator).post(
         "/bulk-jobs/new/",
         {"query": QUERY, "action": "retry", "reason": "", "rate": "1"},

@@ -4,7 +4,7 @@ escaping), and one walk in a real browser (htmx)."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 import pytest
 
@@ -155,6 +155,9 @@ def test_the_instance_page_shows_when_a_timer_wakes_and_extends_it(broker):
     html = olga.get(f"/instances/{instance.pk}/").content.decode()
     assert 'id="wakes-window"' in html and "wakes at" in html
     assert timer.wake_at.isoformat() in html
+    # The timeline's reason reads as a time, not as ISO with microseconds.
+    wakes = f"wakes at {timer.wake_at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
+    assert f'<td class="wrap">{wakes}</td>' in html
     assert "Extend the timer" in html and "Wake the timer now" in html
     version = fresh(instance).version
     reply = olga.post(
@@ -241,3 +244,32 @@ def test_browser_walk_of_the_inbox(broker, open_session):  # noqa: F811
     broker.run()
     assert fresh(a).state == "completed"
     assert fresh(a).outputs["review"] == {"approved": True, "limit": 1200}
+
+
+def test_reject_in_the_browser_asks_only_for_a_reason(broker, open_session):  # noqa: F811
+    """The form's required fields are for completing it: the browser must not
+    refuse a rejection until they are filled (found on a walk of the tour)."""
+    risky = {
+        **REVIEW,
+        "form_fields": [
+            {
+                "name": "risk",
+                "type": "choice",
+                "choices": ["low", "high"],
+                "required": True,
+            }
+        ],
+    }
+    make_definition("orders", [{"name": "reserve"}, risky, {"name": "ship"}])
+    instance = start("orders", "ORD-41")
+    broker.run()
+    page = open_session(user_in("operator", "olga"))
+    page.goto("/inbox/")
+    item = page.locator(".inbox__item", has_text="ORD-41")
+    item.get_by_text("Complete review").click()
+    item.get_by_label("Reason").fill("the customer withdrew it")
+    item.get_by_role("button", name="Reject").click()
+    expect(page.locator("#inbox-message")).to_contain_text("rejected")
+    expect(page.locator(".inbox__item")).to_have_count(0)
+    broker.run()
+    assert fresh(instance).state == "compensated"

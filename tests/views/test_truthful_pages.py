@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 import pytest
 from django.urls import reverse
 
-from tests.support import make_definition, start
+from tests.support import make_definition, start, user_in
 from tests.views.conftest import completed, held, logged_in
 from workflows_app.alerts import sync_alerts
 from workflows_app.engine.commands import bulk
@@ -135,9 +135,9 @@ def test_a_discarded_plan_says_nothing_was_done(plan, operator):
     assert "The plan was to act on 3 instances." in progress
     assert "will be acted on" not in progress
     assert "processed" not in progress
-    assert "You cancelled the job." in text_of(html)
+    assert "You discarded the plan: nothing was done." in text_of(html)
     history = text_of(html, "job-log")
-    assert re.fullmatch(r"cancel by olga (just now|\d+ s ago)", history), history
+    assert re.fullmatch(r"discard by olga (just now|\d+ s ago)", history), history
     assert re.search(r'<time datetime="\d{4}-\d\d-\d\dT[^"]+" title="', html)
 
 
@@ -156,6 +156,9 @@ def test_a_finished_job_does_not_say_it_is_queued(broker, plan, operator):
     assert "Finished: every planned instance was processed." in progress
     assert "queued" not in progress
     assert "3 of 3 processed (100%)" in progress
+    # Over: what the plan was, not what is still "to act on".
+    assert "The plan was to act on 3 instances." in progress
+    assert "to act on" not in progress.replace("plan was to act on", "")
     page = client.get(reverse("bulk_job_detail", args=[plan.pk])).content.decode()
     assert "queued" not in text_of(page)  # the flash was shown once
     assert "T" not in text_of(page, "job-log")  # no raw ISO timestamps
@@ -360,6 +363,8 @@ def test_a_held_instance_past_its_deadline_says_what_that_means(broker, operator
     assert instance.attention_kind == "step_failed"  # not held again
     hint = text_of(client.get(url).content.decode(), "deadline-outlook")
     assert hint.startswith("passed while it is held: nothing enforces it")
+    # Not "at once": a run that finishes before the next sweep is not held.
+    assert "the next sweep holds it for the deadline unless it has finished" in hint
     act(client, instance, "retry_step")
     sweep_all()  # before any worker ran the retry
     instance.refresh_from_db()
@@ -370,3 +375,225 @@ def test_a_held_instance_past_its_deadline_says_what_that_means(broker, operator
     broker.run()
     instance.refresh_from_db()
     assert instance.state == "completed" and instance.deadline_at is None
+
+
+# -- found on a second walk through the tour (issue 15) -------------------------
+
+# Timers and steps for a person call nothing and undo nothing.
+ENGINE_STEP = {"action": "", "compensation": ""}
+
+
+def test_the_steps_table_says_what_the_strip_says_about_each_undo(broker, operator):
+    make_definition("cf", steps=[{"name": "one"}, {"name": "two"}, {"name": "three"}])
+    instance = start(
+        "cf", "order-c", simulate={"one": "fail_compensation", "two": "fail"}
+    )
+    broker.run()
+    instance.refresh_from_db()
+    assert instance.attention_kind == "compensation_failed"
+    client = logged_in(operator)
+    page = client.get(reverse("instance_detail", args=[instance.pk])).content.decode()
+    # On its way back with no restart: three never ran and never will, so
+    # no key is "sent yet"; its undo is "not needed", not a bare "none".
+    assert text_of(page, "keys-three") == "three 0 / 0 none: never called"
+    assert "failed" in text_of(page, "step-one")  # one's undo failed
+
+    running = start("cf", "order-r")
+    page = client.get(reverse("instance_detail", args=[running.pk])).content.decode()
+    # Before anything ran: the table says what the strip says, not "none"
+    # (which read as "this step has no undo").
+    one = text_of(page, "step-one")
+    assert "never ran: nothing to undo" in one and " none " not in f" {one} "
+    broker.run()
+    page = client.get(reverse("instance_detail", args=[running.pk])).content.decode()
+    assert "not undone (finished)" in text_of(page, "step-one")
+    assert "not undone (finished)" in text_of(page, "strip-one")
+
+
+def test_a_discarded_plan_is_discarded_on_every_page(plan, operator):
+    client = logged_in(operator)
+    response = client.post(reverse("bulk_job_operate", args=[plan.pk, "cancel"]))
+    html = client.get(response["Location"]).content.decode()
+    assert "You discarded the plan: nothing was done." in text_of(html)
+    assert "cancelled" not in text_of(html)
+    listed = text_of(client.get(reverse("bulk_job_list")).content.decode())
+    assert "discarded" in listed and "cancelled" not in listed
+
+
+def test_a_resolved_alert_never_mailed_does_not_say_it_will_be(broker, wf, operator):
+    instance = held(broker)
+    sync_alerts(db_now(), 100)  # opened, its mail not yet due
+    client = logged_in(operator)
+    assert "not mailed yet" in text_of(client.get("/alerts/").content.decode())
+    act(client, instance, "retry_step")
+    resolved = text_of(client.get("/alerts/?status=resolved").content.decode())
+    assert "not mailed: resolved before it was sent" in resolved
+    assert "not mailed yet" not in resolved
+
+
+def test_a_workflow_filter_of_the_alerts_and_inbox_is_said_and_never_a_500(
+    broker, wf, operator
+):
+    held(broker)
+    sync_alerts(db_now(), 100)
+    client = logged_in(operator)
+    one = client.get("/alerts/?definition=wf").content.decode()
+    assert "Only the alerts of the workflow wf" in text_of(one, "alerts-definition")
+    assert "order-1" in text_of(one)
+    for url in ["/alerts/?definition=%00", "/alerts/?definition=nope"]:
+        response = client.get(url)
+        assert response.status_code == 200, url
+        page = response.content.decode()
+        assert "No workflow is called" in text_of(page, "alerts-definition")
+        assert "order-1" not in text_of(page)
+    response = client.get("/inbox/?definition=%00&claimed=%00")
+    assert response.status_code == 200
+    assert "Nothing waits for a person with these filters." in text_of(
+        response.content.decode()
+    )
+
+
+def test_the_definition_page_does_not_give_timers_and_people_attempts(viewer):
+    make_definition(
+        "waits",
+        steps=[
+            {
+                **ENGINE_STEP,
+                "name": "window",
+                "kind": "timer",
+                "wait_for": timedelta(seconds=30),
+            },
+            {
+                **ENGINE_STEP,
+                "name": "review",
+                "kind": "human",
+                "timeout": timedelta(minutes=10),
+                "form_fields": [{"name": "ok", "type": "boolean"}],
+            },
+            {"name": "pay", "restart_point": True},
+        ],
+    )
+    page = logged_in(viewer).get(reverse("definition_detail", args=["waits"]))
+    rows = text_of(page.content.decode(), "definition-steps")
+    assert (
+        "window timer: waits 30 seconds none — none: the engine does this step "
+        "itself nothing: a timer wakes at its time" in rows
+    )
+    assert (
+        "review waits for a person (inbox) none 10 min (its time rule) none: the "
+        "engine does this step itself overdue: the instance alerts; the step "
+        "keeps waiting in the inbox" in rows
+    )
+    assert "held for a person" in rows.split("pay restart point")[1]
+
+
+def test_an_overdue_step_for_a_person_is_not_called_stuck(broker, operator):
+    from tests.support import advance_clock
+    from workflows_app.engine.sweeps import sweep_all
+
+    make_definition(
+        "reviewed",
+        steps=[
+            {"name": "one"},
+            {
+                **ENGINE_STEP,
+                "name": "review",
+                "kind": "human",
+                "timeout": timedelta(minutes=10),
+                "form_fields": [{"name": "ok", "type": "boolean"}],
+            },
+        ],
+    )
+    instance = start("reviewed", "big-1")
+    broker.run()
+    advance_clock(instance, 601)
+    sweep_all()
+    instance.refresh_from_db()
+    assert instance.stuck_kind == "human_step_overdue"
+    assert (
+        instance.stuck_reason == "review waits for a person for longer than 10 minutes"
+    )
+    client = logged_in(operator)
+    inbox = text_of(client.get("/inbox/").content.decode(), "inbox-list")
+    assert "overdue" in inbox and "stuck" not in inbox
+    # As the overview counts it: not in the stuck tile, nor a held one.
+    counts = client.get("/").context["counts"]
+    assert counts.stuck == 0 and counts.by_state.get("running") == 1
+
+
+def test_the_cached_activity_charts_say_how_old_they_are(broker, wf, viewer, settings):
+    settings.CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    }
+    from django.core.cache import cache
+
+    cache.clear()
+    client = logged_in(viewer)
+    first = text_of(client.get("/").content.decode(), "activity-title")
+    completed(broker)  # the tiles count it at once, the cached charts later
+    html = client.get("/").content.decode()
+    assert text_of(html, "activity-title") == first  # the same cached figures
+    assert re.fullmatch(
+        r"Activity \(last 24 hours, per hour, UTC; as of \d\d:\d\d:\d\d ?\)", first
+    ), first
+    cache.clear()
+
+
+def test_a_request_the_instance_outran_is_not_offered_for_approval(broker, operator):
+    from tests.views.conftest import HOLD_STEPS
+
+    make_definition(
+        "four",
+        steps=HOLD_STEPS,
+        failure_policy="hold",
+        approval_actions=["close_as_failed"],
+    )
+    instance = start("four", "order-4", simulate={"two": "fail_once"})
+    broker.run()
+    instance.refresh_from_db()
+    client = logged_in(operator)
+    act(client, instance, "close_as_failed")  # asks a second operator
+    instance.refresh_from_db()
+    act(client, instance, "retry_step")  # meanwhile the retry goes through
+    broker.run()
+    assert WorkflowInstance.objects.get(pk=instance.pk).state == "completed"
+    other = logged_in(user_in("operator", "oscar"))
+    page = other.get(reverse("instance_detail", args=[instance.pk])).content.decode()
+    approvals = text_of(page, "approvals")
+    assert "Can no longer be done: the instance has finished (completed)" in approvals
+    assert "Approve and do it" not in approvals and "Reject" in approvals
+    overview = text_of(other.get("/").content.decode(), "pending-approvals")
+    assert "Can no longer be done" in overview
+
+
+def test_a_failed_undo_past_its_deadline_is_not_told_to_retry_forward(broker, operator):
+    from tests.support import advance_clock
+
+    make_definition(
+        "cf", steps=[{"name": "one"}, {"name": "two"}], deadline=timedelta(hours=1)
+    )
+    instance = start(
+        "cf", "order-c", simulate={"one": "fail_compensation", "two": "fail"}
+    )
+    broker.run()
+    advance_clock(instance, 3601)
+    client = logged_in(operator)
+    url = reverse("instance_detail", args=[instance.pk])
+    hint = text_of(client.get(url).content.decode(), "deadline-outlook")
+    assert "Retry compensation goes on undoing" in hint
+    assert "mark done" not in hint and "Restart" not in hint
+
+
+def test_a_job_cancelled_before_its_worker_came_lists_nothing_as_processed(
+    plan, operator
+):
+    client = logged_in(operator)
+    client.post(reverse("bulk_job_operate", args=[plan.pk, "confirm"]))
+    client.post(reverse("bulk_job_operate", args=[plan.pk, "cancel"]))
+    html = client.get(reverse("bulk_job_detail", args=[plan.pk])).content.decode()
+    progress = text_of(html, "job-progress")
+    assert "Cancelled: instances not reached were left alone." in progress
+    assert "0 of 3 processed (0%)" in progress
+    assert "not done (job cancelled): 3" in progress
+    # The table of processed instances does not list the ones left alone.
+    assert text_of(html, "job-items").endswith("None yet.")

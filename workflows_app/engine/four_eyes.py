@@ -90,3 +90,22 @@ def require(instance: Any, action: str, approval: Approval | None) -> None:
             f"{gate(action).replace('_', ' ')} needs a second operator's approval "
             f"for {instance.definition_key}: ask for it instead"
         )
+
+
+def stale_because(request: ApprovalRequest, instance: Any) -> str:
+    """Why approving a pending request could no longer do its action, or ""
+    while it still could. The action is fenced on the instance version the
+    requester saw (``approvals._execute``): once the instance moved, the
+    approval fails instead of acting on stale intent, and a finished
+    instance never moves back."""
+    if request.instance_id is None or request.seen_version in (None, instance.version):
+        return ""
+    if instance.is_terminal:
+        return (
+            f"the instance has finished ({instance.get_state_display()}) since "
+            "it was asked: approving it would fail. Reject it to close it."
+        )
+    return (
+        "the instance changed since it was asked: approving it would fail. "
+        "Reject it, and ask again if it is still needed."
+    )

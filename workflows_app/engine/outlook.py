@@ -100,8 +100,9 @@ def deadline_outlook(instance: Any, now: Any) -> str:
     The sweeper enforces a deadline only while the instance runs, so a hold
     is not escalated again by it; but an action that lets it run on with
     the deadline still set (retry, mark done) is held for it at the next
-    sweep. *Resume* (of a deadline hold) and *Restart from a step* accept
-    the passed deadline and clear it; compensating is not held by it."""
+    sweep, if it has not finished by then. *Resume* (of a deadline hold)
+    and *Restart from a step* accept the passed deadline and clear it;
+    compensating is not held by it."""
     if (
         instance.state != InstanceState.NEEDS_ATTENTION
         or instance.deadline_at is None
@@ -113,9 +114,18 @@ def deadline_outlook(instance: Any, now: Any) -> str:
             "passed: that is why it is held. Resume accepts it and goes on "
             "without a deadline."
         )
+    if instance.attention_kind == AttentionKind.COMPENSATION_FAILED:
+        # It can only go on undoing (or be closed): nothing runs forward.
+        return (
+            "passed while it is held: nothing enforces it while a person "
+            "decides, and undoing is not held by it: Retry compensation goes "
+            "on undoing."
+        )
+    # "At the next sweep", not "at once": an instance whose remaining steps
+    # finish before the sweeper looks (seconds) completes without the hold.
     return (
         "passed while it is held: nothing enforces it while a person decides. "
-        "If it runs on (retry, mark done), the sweeper holds it for the "
-        "deadline at once; Resume then goes on without one. Restart from a "
-        "step accepts it; compensating is not held by it."
+        "If it runs on (retry, mark done), the next sweep holds it for the "
+        "deadline unless it has finished by then; Resume then goes on without "
+        "one. Restart from a step accepts it; compensating is not held by it."
     )

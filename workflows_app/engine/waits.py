@@ -12,6 +12,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from workflows_app.engine import stuck
 from workflows_app.engine.transitions import Change
 from workflows_app.models import StepDefinition, StepExecution, StepState
 
@@ -45,6 +46,12 @@ def wake_time(definition: StepDefinition, data: Any, now: datetime) -> datetime:
     return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
+def moment_in_words(moment: datetime) -> str:
+    """A time as people read it in a timeline or a message: to the second, in
+    UTC as the pages show times (the data beside it keeps the ISO value)."""
+    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
+
+
 def begin(change: Change, step: StepExecution) -> None:
     """Start the wait of a scheduled timer or step for a person. A timer
     whose time cannot be read fails for good at once (nothing was done, so
@@ -67,7 +74,7 @@ def begin(change: Change, step: StepExecution) -> None:
             "begin_wait",
             wake_at,
             None,
-            reason=f"wakes at {wake_at.isoformat()}",
+            reason=f"wakes at {moment_in_words(wake_at)}",
             data={"wake_at": wake_at.isoformat()},
         )
     else:
@@ -119,3 +126,27 @@ def wake_output(
             max(timedelta(0), wake_at - now).total_seconds()
         )
     return out
+
+
+def on_timeout(definition: StepDefinition) -> str:
+    """What the step's time running out leads to, in words (the definition
+    page): a timer has no time limit of its own, a step for a person turns
+    overdue but keeps waiting, an activity's attempt is retried or held."""
+    if definition.kind == TIMER:
+        return "nothing: a timer wakes at its time"
+    if definition.kind == HUMAN:
+        return "overdue: the instance alerts; the step keeps waiting in the inbox"
+    if definition.retry_on_timeout:
+        return "retried automatically"
+    return "held for a person"
+
+
+def wait_in_words(definition: StepDefinition) -> str:
+    """What a timer or a step for a person waits for ("" for an activity)."""
+    if definition.kind == TIMER:
+        if definition.wait_for is not None:
+            return f"timer: waits {stuck.span_in_words(definition.wait_for)}"
+        return f"timer: waits until {definition.wait_until}"
+    if definition.kind == HUMAN:
+        return "waits for a person (inbox)"
+    return ""

@@ -107,6 +107,21 @@ class BulkJob(ConcurrentTransitionMixin, models.Model):
             BulkJobStatus.PAUSED,
         }
 
+    @property
+    def discarded(self) -> bool:
+        """Cancelled before anyone started it: a plan thrown away, nothing
+        done (``confirmed_at`` is set when the job is started)."""
+        return self.status == BulkJobStatus.CANCELLED and self.confirmed_at is None
+
+    @property
+    def status_label(self) -> str:
+        """The status in words, as every page shows it."""
+        return "discarded" if self.discarded else self.get_status_display()
+
+    @property
+    def has_ended(self) -> bool:
+        return self.status in {BulkJobStatus.CANCELLED, BulkJobStatus.FINISHED}
+
     @transition(field=status, source=BulkJobStatus.DRAFT, target=BulkJobStatus.QUEUED)
     def confirm(self) -> None:
         pass

@@ -16,6 +16,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from workflows_app.engine import waits
 from workflows_app.engine.stuck import HELD_RULE, is_stalled, stalled_rule
 
 register = template.Library()
@@ -195,6 +196,18 @@ def approval_label(action: str) -> str:
 def stalled(instance: Any) -> bool:
     """Stuck by the definition's time rule (a hold waits on a person instead)."""
     return is_stalled(instance)
+
+
+@register.filter
+def on_timeout(step_definition: Any) -> str:
+    """What a step's time running out leads to (``engine.waits.on_timeout``)."""
+    return waits.on_timeout(step_definition)
+
+
+@register.filter
+def waits_for(step_definition: Any) -> str:
+    """What a timer or a step for a person waits for; "" for an activity."""
+    return waits.wait_in_words(step_definition)
 
 
 @register.filter

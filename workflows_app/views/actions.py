@@ -233,6 +233,9 @@ def approval_decide(
         }[decided.status]
         if decided.status != "approved":
             status = 409 if decided.status in {"expired", "failed"} else 200
+        elif target["bulk_job_id"] is not None:
+            # Approving a job starts it; its instances are acted on later.
+            text = "Approved: the job is started; its progress is below."
     if target["bulk_job_id"] is not None:
         if status == 403:
             return forbidden(request, text)

@@ -7,7 +7,11 @@ from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
 from workflows_app.models import Alert
-from workflows_app.views.common import HtmxHttpRequest, dashboard_view
+from workflows_app.views.common import (
+    HtmxHttpRequest,
+    dashboard_view,
+    definition_filter,
+)
 
 PAGE_SIZE = 100
 STATUSES = {
@@ -24,8 +28,11 @@ def alert_list(request: HtmxHttpRequest) -> HttpResponse:
     if status not in STATUSES:
         status = "open"
     alerts = Alert.objects.filter(**STATUSES[status])
-    definition = request.GET.get("definition", "")
-    if definition:
+    # The digest mail and chat messages link to one workflow's alerts.
+    definition, known = definition_filter(request.GET.get("definition", ""))
+    if not known:
+        alerts = alerts.none()
+    elif definition:
         alerts = alerts.filter(definition_key=definition)
     alerts = (
         alerts.select_related("instance", "acknowledged_by")
@@ -39,6 +46,7 @@ def alert_list(request: HtmxHttpRequest) -> HttpResponse:
             "alerts": alerts,
             "status": status,
             "definition": definition,
+            "definition_known": known,
             "statuses": list(STATUSES),
             "page_size": PAGE_SIZE,
             "can_acknowledge": request.user.has_perm("workflows_app.acknowledge_alert"),

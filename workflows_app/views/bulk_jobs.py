@@ -47,6 +47,7 @@ STATUS_MEANING = {
     BulkJob.Status.FINISHED: "Finished: every planned instance was processed.",
 }
 DISCARDED = "Discarded before it started: nothing was done."
+DISCARDED_NOW = "You discarded the plan: nothing was done."
 OPERATIONS = {
     "confirm": bulk.bulk_job_confirm,
     "pause": bulk.bulk_job_pause,
@@ -79,9 +80,8 @@ def _describe(filterset: InstanceFilter) -> str:
 @dashboard_view
 def bulk_job_new(request: HtmxHttpRequest) -> HttpResponse:
     """The form (GET), then the plan (POST): a draft job to preview."""
-    if request.method == "POST" and not any(
-        bulk.may_run(request.user, action) for action in BulkJob.Action.values
-    ):
+    # Not even the form for someone who may not plan one (a viewer).
+    if not any(bulk.may_run(request.user, action) for action in BulkJob.Action.values):
         return forbidden(request, "You are not allowed to plan bulk jobs.")
     if request.method == "GET":
         query = request.GET.urlencode()
@@ -149,20 +149,20 @@ def job_context(job: BulkJob, user: Any) -> dict[str, Any]:
         BulkJobItem.Outcome.CANCELLED, 0
     )
     processed = max(total_acting - not_reached, 0)
-    # Cancelled before anyone started it: a plan thrown away.
-    discarded = job.status == BulkJob.Status.CANCELLED and job.confirmed_at is None
+    discarded = job.discarded
     items = job.items.select_related("instance").only(*ITEM_COLUMNS)
     if job.status != BulkJob.Status.DRAFT:
-        items = items.exclude(outcome=BulkJobItem.Outcome.PENDING).order_by(
-            "-processed_at", "-id"
-        )
+        # Processed ones only: those a cancel left alone are counted above.
+        items = items.exclude(
+            outcome__in=[BulkJobItem.Outcome.PENDING, BulkJobItem.Outcome.CANCELLED]
+        ).order_by("-processed_at", "-id")
     # django-fsm adds get_available_<field>_transitions when the class is built.
     allowed = {t.name for t in job.get_available_status_transitions()}  # type: ignore[attr-defined]
     return {
         "job": job,
         "discarded": discarded,
         "status_meaning": DISCARDED if discarded else STATUS_MEANING[job.status],
-        "log": [_log_entry(entry) for entry in job.log],
+        "log": [_log_entry(entry, discarded) for entry in job.log],
         "acting": sorted(acting, key=lambda row: -row[1]),
         "skipped": sorted(skipped, key=lambda row: -row[1]),
         "total_acting": total_acting,
@@ -184,13 +184,17 @@ def job_context(job: BulkJob, user: Any) -> dict[str, Any]:
     }
 
 
-def _log_entry(entry: dict[str, Any]) -> dict[str, Any]:
-    """A job-history entry with its time as a datetime (stored as ISO text)."""
+def _log_entry(entry: dict[str, Any], discarded: bool) -> dict[str, Any]:
+    """A job-history entry with its time as a datetime (stored as ISO text);
+    the cancel of a job never started is told as what it was, a discard."""
     try:
         at = datetime.fromisoformat(entry.get("at", ""))
     except (TypeError, ValueError):
         at = None
-    return {**entry, "at": at}
+    what = entry.get("what")
+    if discarded and what == "cancel":
+        what = "discard"
+    return {**entry, "what": what, "at": at}
 
 
 @require_GET
@@ -247,6 +251,8 @@ def bulk_job_operate(request: HtmxHttpRequest, pk: int, operation: str) -> HttpR
                 "Sent for approval: a second operator must approve this job "
                 "before it starts.",
             )
+        elif job.discarded:
+            messages.success(request, DISCARDED_NOW)
         else:
             messages.success(request, DONE[operation])
     return redirect("bulk_job_detail", pk=pk)

@@ -22,7 +22,8 @@ from workflows_app.engine.actions import (
     OperatorAction,
     availability,
 )
-from workflows_app.models import StepExecution, WorkflowInstance
+from workflows_app.models import StepExecution, WorkflowDefinition, WorkflowInstance
+from workflows_app.validation import BadInput, check_text
 
 VIEW_PERMISSION = "workflows_app.view_workflowinstance"
 
@@ -53,6 +54,20 @@ def dashboard_view(view: View) -> View:
         return view(request, *args, **kwargs)
 
     return wrapper
+
+
+def definition_filter(value: str) -> tuple[str, bool]:
+    """A list's ``definition`` filter from the query string: the key, and
+    whether some workflow has it. Text the database cannot compare (a NUL
+    character) names none and is never sent to it."""
+    key = value[:100]
+    if not key:
+        return "", True
+    try:
+        check_text(key)
+    except BadInput:
+        return key.replace("\x00", "\N{REPLACEMENT CHARACTER}"), False
+    return key, WorkflowDefinition.objects.filter(key=key).exists()
 
 
 def wants_partial(request: HtmxHttpRequest) -> bool:

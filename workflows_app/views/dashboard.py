@@ -11,6 +11,7 @@ from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
 from workflows_app import activity, charts
+from workflows_app.engine import four_eyes
 from workflows_app.engine.locking import db_now
 from workflows_app.engine.stuck import span_in_words
 from workflows_app.models import (
@@ -49,7 +50,8 @@ def activity_charts(window_name: str) -> dict[str, Any]:
     if found is not None:
         return found  # type: ignore[no-any-return]
     window = activity.WINDOWS[window_name]
-    data = activity.activity(window, db_now())
+    now = db_now()
+    data = activity.activity(window, now)
     hourly = window.interval == activity.HOUR
     labels = [charts.interval_label(start, hourly) for start in data.intervals]
     measures = []
@@ -67,6 +69,9 @@ def activity_charts(window_name: str) -> dict[str, Any]:
         )
     found = {
         "window": window,
+        # Cached for a while: the page says how old the figures are, so they
+        # are not read against the live tiles above as if of the same moment.
+        "as_of": now,
         "measures": measures,
         "missing_from": data.missing_from,
         "missing_until": data.missing_until,
@@ -138,11 +143,15 @@ def overview(request: HtmxHttpRequest) -> HttpResponse:
         "stuck_total": WorkflowInstance.objects.filter(stuck=True).count(),
         "failures": queries.recent_failures(),
         "poll_seconds": poll_seconds(),
-        "approvals": list(
-            ApprovalRequest.objects.filter(status=ApprovalRequest.Status.PENDING)
+        # Each with why approving it could no longer act ("" while it could).
+        "approvals": [
+            (a, four_eyes.stale_because(a, a.instance) if a.instance else "")
+            for a in ApprovalRequest.objects.filter(
+                status=ApprovalRequest.Status.PENDING
+            )
             .select_related("requested_by", "instance")
             .order_by("requested_at")[:APPROVALS_SHOWN]
-        ),
+        ],
         "saved_views": saved_views_for(request.user),
         "activity": activity_charts("24h" if window == "24h" else "7d"),
         "stuck_after_words": stuck_after_words,

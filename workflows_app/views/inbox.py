@@ -26,6 +26,7 @@ from workflows_app.models import StepExecution, WorkflowDefinition
 from workflows_app.views.common import (
     HtmxHttpRequest,
     dashboard_view,
+    definition_filter,
     wants_partial,
 )
 
@@ -50,11 +51,11 @@ def _open_steps(definition: str, claimed: str, user: Any) -> list[StepExecution]
     return list(qs.order_by("instance__last_progress_at", "id")[:PAGE_SIZE])
 
 
-def _filters(request: HtmxHttpRequest) -> tuple[str, str]:
+def _filters(request: HtmxHttpRequest) -> tuple[str, bool, str]:
     source = request.GET if request.method == "GET" else request.POST
-    definition = source.get("definition", "")[:100]
+    definition, known = definition_filter(source.get("definition", ""))
     claimed = source.get("claimed", "")
-    return definition, claimed if claimed in CLAIMED else ""
+    return definition, known, claimed if claimed in CLAIMED else ""
 
 
 def _render(
@@ -64,9 +65,9 @@ def _render(
     message: tuple[str, str] | None = None,
     bound: dict[str, Any] | None = None,
 ) -> HttpResponse:
-    definition, claimed = _filters(request)
+    definition, known, claimed = _filters(request)
     context = {
-        "items": _open_steps(definition, claimed, request.user),
+        "items": _open_steps(definition, claimed, request.user) if known else [],
         "definitions": sorted(
             set(
                 WorkflowDefinition.objects.filter(steps__kind="human").values_list(

@@ -12,6 +12,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET
 from django_htmx.http import HttpResponseStopPolling
 
+from workflows_app.engine import four_eyes
 from workflows_app.engine.blocking import (
     blocking_branches,
     blocking_step,
@@ -302,7 +303,8 @@ def _operator_tools(
         "suppressed": suppressed,
         "replayed": replayed,
         "suppressed_count": len(suppressed) + sum(m.replays for m in replayed),
-        "approvals": pending,
+        # Each with why approving it could no longer act ("" while it could).
+        "approvals": [(a, four_eyes.stale_because(a, instance)) for a in pending],
         "can_approve": user.has_perm(approvals.APPROVE_PERMISSION),
         "repair_forms": repair_forms,
         "open_repair": bound[1].data.get("target")

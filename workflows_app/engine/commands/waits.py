@@ -160,8 +160,8 @@ def extend_timer(
     wake_at = _new_wake_time(step.wake_at, until, by_seconds)
     if wake_at <= step.wake_at:
         raise InvalidInput(
-            f"the timer already wakes at {step.wake_at.isoformat()}: extend it "
-            "to a later time (or wake it now)"
+            f"the timer already wakes at {waits.moment_in_words(step.wake_at)}: "
+            "extend it to a later time (or wake it now)"
         )
     if wake_at - change.now > MAX_EXTENSION:
         raise InvalidInput("a timer waits at most ten years")
@@ -309,7 +309,7 @@ def human_step_overdue(change: Change, step: StepExecution) -> bool:
     stuck (and alerts like any stuck one); the step still waits."""
     limit = step.step_definition.timeout
     reason = (
-        f"{step.name} waits for a person for longer than {limit.total_seconds():g}s"
+        f"{step.name} waits for a person for longer than {stuck.span_in_words(limit)}"
     )
     step.deadline_at = None
     change.mark_step(step)
