@@ -344,7 +344,8 @@ def step_places(definition_key: str) -> dict[str, dict[str, int]]:
                 InstanceState.COMPENSATING,
             ],
         )
-        # The partial index step_exec_active: a few thousand rows, not millions.
+        # The partial index step_exec_active_covering: a few thousand rows,
+        # not millions, read from the index alone.
         .filter(ACTIVE_STEP)
         .annotate(place=_place())
         .exclude(place="")

@@ -75,10 +75,13 @@ def _note(
 
 
 def sync_alerts(now: datetime, batch: int) -> dict[str, int]:
-    return {"alerts_resolved": _resolve(now, batch), "alerts_opened": _open(now, batch)}
+    return {
+        "alerts_resolved": resolve_alerts(now, batch),
+        "alerts_opened": open_alerts(now, batch),
+    }
 
 
-def _resolve(now: datetime, batch: int) -> int:
+def resolve_alerts(now: datetime, batch: int) -> int:
     """Close open alerts whose instance moved on (or into another episode)."""
     # A late-effect alert is not an episode the instance can end by moving
     # (it is closed): a person acknowledging it ends it. The episode is over
@@ -138,7 +141,7 @@ def _why_over(alert: Alert) -> str:
     return f"the instance moved on (it is {instance.state})"
 
 
-def _open(now: datetime, batch: int) -> int:
+def open_alerts(now: datetime, batch: int) -> int:
     """One open alert per stuck instance; the mail waits a little so a burst
     of the same definition goes out as one digest."""
     stuck = list(

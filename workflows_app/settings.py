@@ -342,12 +342,16 @@ SAGA_PROGRESS_RESOLUTION = float(os.environ.get("SAGA_PROGRESS_RESOLUTION", "1")
 # PostgreSQL. Turn off behind a pooler in transaction mode (PgBouncer),
 # where a session's next transaction may run on another server connection.
 SAGA_PREPARED_STATEMENTS = os.environ.get("SAGA_PREPARED_STATEMENTS", "1") == "1"
+# One sweep works through due rows in turns, kind after kind (engine/
+# sweeps.work_due): every kind has one turn whatever the time, then more,
+# round robin, until SAGA_SWEEP_SECONDS are spent or SAGA_SWEEP_BATCH rows of
+# a kind are done; the rest stays due for the next sweep. A turn takes up to
+# SAGA_SWEEP_CHUNK rows of set-based work (one statement for all of them) or
+# SAGA_SWEEP_MIN_ACTS rows of work done one instance at a time (time-outs,
+# timers, deadline holds: an engine command each).
 SAGA_SWEEP_BATCH = int(os.environ.get("SAGA_SWEEP_BATCH", "500"))
-# Work the sweeper does one instance at a time (time-outs, timers, deadline
-# holds: an engine command each) stops after this many seconds per sweep,
-# once at least SAGA_SWEEP_MIN_ACTS of each kind are done; the rest stays due
-# for the next sweep (engine/sweeps.Budget).
 SAGA_SWEEP_SECONDS = float(os.environ.get("SAGA_SWEEP_SECONDS", "0.25"))
+SAGA_SWEEP_CHUNK = int(os.environ.get("SAGA_SWEEP_CHUNK", "50"))
 SAGA_SWEEP_MIN_ACTS = int(os.environ.get("SAGA_SWEEP_MIN_ACTS", "10"))
 # Bulk jobs: the most instances one job may act on, how long a runner's lease
 # lasts (a killed runner's job is taken over after it), and how long one task

@@ -405,7 +405,8 @@ def test_deadline_holds_then_resume_continues(broker):
 
 def test_one_at_a_time_work_past_the_budget_waits_for_the_next_sweep(broker, settings):
     """Deadline holds (an engine command each) stop at the sweep's budget
-    once the minimum is done; what is left is counted and stays due."""
+    once the kind's turn is done; what is left stays due, and the kind is
+    counted as cut short."""
     settings.SAGA_SWEEP_SECONDS = 0
     settings.SAGA_SWEEP_MIN_ACTS = 2
     make_definition(deadline=timedelta(minutes=5))
@@ -415,9 +416,9 @@ def test_one_at_a_time_work_past_the_budget_waits_for_the_next_sweep(broker, set
         advance_clock(instance, 600)
     broker.queue.clear()
     first = sweep_all()
-    assert (first["deadlines"], first["left_for_next_sweep"]) == (2, 1)
+    assert first["deadlines"] == 2 and first["cut_short"] >= 1
     second = sweep_all()
-    assert (second["deadlines"], second["left_for_next_sweep"]) == (1, 0)
+    assert second["deadlines"] == 1
     states = {
         i.state
         for i in WorkflowInstance.objects.filter(pk__in=[i.pk for i in instances])

@@ -1311,7 +1311,7 @@ def machine_session() -> Iterator[None]:
     unrelated = [
         mock.patch.object(sweeps, "redispatch_bulk_jobs", lambda now, size: 0),
         mock.patch.object(sweeps.approvals, "expire_approvals", lambda n, s: 0),
-        mock.patch.object(sweeps.activity, "roll_up", lambda now: 0),
+        mock.patch.object(sweeps.activity, "roll_up", lambda now, max_hours=6: 0),
         mock.patch.object(sweeps.retention, "sweep", lambda now: 0),
     ]
     with LocalBroker() as broker, budget, contextlib.ExitStack() as stack:

@@ -5,6 +5,10 @@ it, so the server's counters (transactions, statements, sessions) are the
 benchmark's own. It dies with the process that started it and is deleted by
 :meth:`PrivatePostgres.stop`.
 
+:func:`restart_cluster` restarts a cluster that a benchmark owns (this one
+or a long-lived one such as a 1,000,000-instance database), for figures of
+the first load after a restart.
+
 (``tests/chaos/services.py`` has its own cluster for crash tests; the bench
 app is installed without the tests, so it cannot import that one.)
 """
@@ -74,6 +78,9 @@ class PrivatePostgres:
             preexec_fn=_as_postgres,
         )
         log = (self.root / "postgres.log").open("ab")
+        if os.geteuid() == 0:  # restart_cluster's pg_ctl appends to it
+            entry = pwd.getpwnam("postgres")
+            os.chown(log.name, entry.pw_uid, entry.pw_gid)
         self.proc = subprocess.Popen(
             [
                 postgres_bin("postgres"),
@@ -130,4 +137,41 @@ class PrivatePostgres:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
+        if (self.data / "postmaster.pid").exists():
+            # Restarted by restart_cluster: pg_ctl started that postmaster.
+            with contextlib.suppress(RuntimeError):
+                _pg_ctl(self.data, "stop", "-m", "immediate")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _pg_ctl(data: Path, *args: str) -> None:
+    """pg_ctl as the owner of ``data`` (PostgreSQL refuses to run as root)."""
+    owner = data.stat()
+
+    def as_owner() -> None:
+        if os.geteuid() == 0:
+            os.setgid(owner.st_gid)
+            os.setuid(owner.st_uid)
+
+    done = subprocess.run(
+        [postgres_bin("pg_ctl"), "-D", str(data), "-w", "-t", "300", *args],
+        # The postmaster pg_ctl starts writes to the log, not to our pipes.
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        preexec_fn=as_owner,
+    )
+    if done.returncode:
+        raise RuntimeError(f"pg_ctl {' '.join(args)}: {done.stdout}{done.stderr}")
+
+
+def restart_cluster(data: Path, *, drop_os_cache: bool = False) -> None:
+    """Fast shutdown of the cluster in ``data`` and a start with the options
+    it last started with (``pg_ctl restart`` reads ``postmaster.opts``): its
+    shared buffers are empty. With ``drop_os_cache`` (root only) the
+    operating system's page cache is dropped too, as after a reboot (for the
+    whole machine: other processes' reads are slower for a while)."""
+    _pg_ctl(data, "restart", "-m", "fast", "-l", str(data.parent / "postgres.log"))
+    if drop_os_cache:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")

@@ -117,7 +117,7 @@ def _per_key_and_state(
 
     On PostgreSQL one statement counts each (key, state) pair by itself, an
     index-only count of one index range: the unfinished ones in
-    ``instance_active_def_state`` (a partial index of just those rows, about
+    ``instance_active_covering`` (a partial index of just those rows, about
     45,000 at 1M instances), the finished ones in ``instance_def_state_times``
     (its ``last_progress_at`` range). At 1M instances that is 1.7 and 3.6 ms
     where one ``GROUP BY`` over the same ranges took 3.0 and 6.2 ms (it
