@@ -8,6 +8,7 @@ import uuid
 import pytest
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
+from django.db.models.expressions import DatabaseDefault
 from django.db.transaction import TransactionManagementError
 from django.test.utils import CaptureQueriesContext
 from django_fsm import ConcurrentTransition
@@ -18,7 +19,12 @@ from workflows_app.engine.actors import Actor
 from workflows_app.engine.errors import AlreadyChanged
 from workflows_app.engine.locking import lock_instance
 from workflows_app.engine.transitions import Change
-from workflows_app.models import Attempt, StepExecution, WorkflowInstance
+from workflows_app.models import (
+    Attempt,
+    StepExecution,
+    TransitionLog,
+    WorkflowInstance,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -215,3 +221,57 @@ def test_prepared_statements_can_be_turned_off(settings) -> None:  # type: ignor
     with CaptureQueriesContext(connection) as queries, transaction.atomic():
         lock_instance(instance.id)
     assert not any("saga_" in q["sql"] for q in queries)
+
+
+def test_the_related_definition_is_built_as_the_orm_builds_it() -> None:
+    make_definition()
+    instance = start()
+    with transaction.atomic():
+        locked, _ = lock_instance(instance.id)
+    built = locked.definition
+    expected = (
+        WorkflowInstance.objects.select_related("definition")
+        .get(pk=instance.id)
+        .definition
+    )
+    assert type(built) is type(expected)
+    assert field_values(built) == field_values(expected)
+    assert (built._state.adding, built._state.db) == (False, "default")
+
+
+def test_new_objects_are_those_the_model_makes() -> None:
+    """``rows.new`` (history rows) gives what ``TransitionLog(...)`` gives:
+    the same field values and defaults, the related objects cached."""
+    make_definition()
+    instance = start()
+    step = instance.steps.order_by("position").first()
+    values = {
+        "instance_id": instance.id,
+        "field": "state",
+        "source": "a",
+        "target": "b",
+        "transition": "t",
+        "actor_kind": "worker",
+        "actor_label": "w1",
+        "reason": "why",
+        "data": {"k": 1},
+    }
+    built = rows.new(TransitionLog, {"step": step, "user": None}, **values)
+    expected = TransitionLog(step=step, user=None, **values)
+
+    def plain(obj: object) -> dict[str, object]:
+        # A DatabaseDefault marker compares by identity: by its kind here.
+        return {
+            k: type(v).__name__ if isinstance(v, DatabaseDefault) else v
+            for k, v in vars(obj).items()
+            if k != "_state"
+        }
+
+    assert plain(built) == plain(expected)
+    assert built.step is step and built.user is None
+    assert built._state.adding and expected._state.adding
+    # And saved through the engine's batched insert, it reads back the same.
+    with transaction.atomic():
+        rows.write([rows.Insert([built])])
+    saved = TransitionLog.objects.filter(instance=instance, transition="t").get()
+    assert (saved.step_id, saved.reason, saved.data) == (step.id, "why", {"k": 1})

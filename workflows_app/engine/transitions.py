@@ -386,16 +386,19 @@ class Change:
     ) -> None:
         actor = self.actor
         self._logs.append(
-            TransitionLog(
+            rows.new(
+                TransitionLog,
+                {
+                    "step": step,
+                    "user": actor.user if actor.kind == ActorKind.OPERATOR else None,
+                },
                 instance_id=self.instance.id,
-                step=step,
                 field=field,
                 source=source,
                 target=target,
                 transition=name,
                 actor_kind=actor.kind,
                 actor_label=actor.label,
-                user=actor.user if actor.kind == ActorKind.OPERATOR else None,
                 reason=reason[:5000],
                 data={**(data or {}), **self.tags},
             )
