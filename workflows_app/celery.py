@@ -5,7 +5,12 @@ from typing import Any
 
 from celery import Celery, signals
 
+from workflows_app import broker_patches
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "workflows_app.settings")
+
+# A lost Redis connection must not stop a worker (kombu 5.7, see the module).
+broker_patches.install()
 
 app = Celery("workflows_app")
 app.config_from_object("django.conf:settings", namespace="CELERY")

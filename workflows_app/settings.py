@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -307,6 +308,31 @@ else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "visibility_timeout": int(os.environ.get("CELERY_VISIBILITY_TIMEOUT", "3600"))
     }
+# A broker that restarts while a host is cut off leaves that host's sockets
+# half-open: nothing ever answers on them and no error comes. Without a
+# timeout a worker reconnecting after the cut waits forever reading a reply
+# on such a socket (kombu drains its pending BRPOP) and takes no more work.
+BROKER_SOCKET_TIMEOUT = float(os.environ.get("CELERY_BROKER_SOCKET_TIMEOUT", "10"))
+if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    CELERY_BROKER_TRANSPORT_OPTIONS.update(
+        socket_timeout=BROKER_SOCKET_TIMEOUT or None,
+        socket_connect_timeout=BROKER_SOCKET_TIMEOUT or None,
+        # An idle connection whose peer is gone is found within about a
+        # minute (also one that a firewall or NAT dropped silently).
+        socket_keepalive=True,
+        socket_keepalive_options={
+            getattr(socket, option): value
+            for option, value in (
+                ("TCP_KEEPIDLE", 30),
+                ("TCP_KEEPINTVL", 10),
+                ("TCP_KEEPCNT", 3),
+            )
+            if hasattr(socket, option)  # Linux names; macOS lacks TCP_KEEPIDLE
+        },
+    )
+# AMQP (RabbitMQ): a worker whose connection went half-open notices when
+# two heartbeats go unanswered, not after Celery's default of 2 x 120 s.
+CELERY_BROKER_HEARTBEAT = float(os.environ.get("CELERY_BROKER_HEARTBEAT", "10"))
 # Deployments (or benchmarks) sharing one broker keep apart by queue name.
 CELERY_TASK_DEFAULT_QUEUE = os.environ.get("SAGA_CELERY_QUEUE", "celery")
 CELERY_TASK_ACKS_LATE = True

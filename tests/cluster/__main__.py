@@ -99,6 +99,8 @@ def _migrate() -> None:
 
 
 def _report(result: dict[str, Any]) -> bool:
+    from tests.cluster.run import TIMELINE_BUCKET
+
     figures = result["figures"]
     sweeps = result["sweeps"]
     print(f"\n== {result['broker']}")
@@ -115,12 +117,24 @@ def _report(result: dict[str, Any]) -> bool:
     for example in sweeps["examples"]:
         print(f"  twice: {example}")
     print(f"{'quiescent':<28}{'yes' if result['quiescent'] else 'NO':>8}")
+    quiet = result["quiet hosts"]
+    print(f"{'worker hosts gone quiet':<28}{len(quiet):>8}")
+    for host, n in sorted(result["probe work by host"].items()):
+        print(f"  {'probe work on ' + host:<26}{n:>8}")
+    print(f"  work per {TIMELINE_BUCKET:.0f} s from the traffic's start:")
+    for host, counts in sorted(result["work timeline"].items()):
+        print(f"    {host:<5}" + " ".join(f"{n:3d}" for n in counts))
+    for host in quiet:
+        print(f"  {host} alive but took none of the work after the faults healed")
+    for host, text in result["diagnoses"].items():
+        print(f"  -- what {host} was doing when it took no probe work:")
+        print("\n".join(f"     {line}" for line in text.splitlines()))
     for why, n in result["starts sent again"].items():
         print(f"  start sent again {n}x: {why}")
     for item in result["still busy"]:
         print(f"  still busy: {item}")
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result["timings"].items()))
-    return figures.ok and result["quiescent"] and not sweeps["done twice"]
+    return figures.ok and result["quiescent"] and not quiet and not sweeps["done twice"]
 
 
 def main() -> int:

@@ -19,7 +19,9 @@ database connections, so the database can tell who did what.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -163,6 +165,54 @@ class Cluster:
                 )
             )
         return counts
+
+    def diagnose(self, host: str) -> str:
+        """What the host's processes are doing: each one's command, kernel
+        state and Python stacks (py-spy, when installed), and the host's
+        TCP connections with their timers (``ss``)."""
+        lines = []
+        py_spy = shutil.which("py-spy") or shutil.which(
+            "py-spy", path=str(Path(sys.executable).parent)
+        )
+        for pid in self.net.pids(host):
+            proc = Path(f"/proc/{pid}")
+            try:
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+                state = [
+                    line
+                    for line in (proc / "status").read_text().splitlines()
+                    if line.startswith(("State", "PPid"))
+                ]
+                wchan = (proc / "wchan").read_text()
+            except OSError:
+                continue
+            lines.append(f"-- pid {pid}: {command.decode()[:160]}")
+            lines.append(f"   {' '.join(state)} wchan {wchan}")
+            if py_spy:
+                dump = subprocess.run(
+                    [py_spy, "dump", "--pid", str(pid)],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+                lines += [f"   {line}" for line in dump.stdout.splitlines()]
+        sockets = subprocess.run(
+            ["ip", "netns", "exec", self.net.namespace(host), "ss", "-tnpo"],
+            capture_output=True,
+            text=True,
+        )
+        lines += ["-- TCP connections", *sockets.stdout.splitlines()]
+        # The other ends, as the database host sees them: a connection the
+        # host holds that is missing here is half-open.
+        address = self.address[host]
+        peers = subprocess.run(
+            ["ip", "netns", "exec", self.net.namespace("db"), "ss", "-tn"],
+            capture_output=True,
+            text=True,
+        )
+        lines += [f"-- the db host's connections with {host}"]
+        lines += [line for line in peers.stdout.splitlines() if f" {address}:" in line]
+        return "\n".join(lines)
 
     def kill_host(self, host: str) -> int:
         """Every process on the host, at once (a power cut)."""

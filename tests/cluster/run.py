@@ -1,6 +1,7 @@
 """The cluster run: the scaling curve, then traffic through the web host
 while a worker host loses power, another is cut off the network for 20 s
-and the broker crashes, then the verdict.
+and the broker crashes, then a probe batch that every worker host must
+take part in (none has gone quiet), then the verdict.
 
 The driver is one thread with a timeline, as in the chaos run: a start the
 web host could not take (broker or database unreachable) is sent again
@@ -27,7 +28,52 @@ from tests.cluster.hosts import BEAT_HOSTS, WORKER_HOSTS, Cluster
 from tests.cluster.sweeper_claims import sweeper_work
 from tests.saga_invariant import TERMINAL
 from workflows_app.client import ClientError, SagaDeskClient
-from workflows_app.models import ApiToken, StepExecution, WorkflowInstance
+from workflows_app.engine.locking import db_now
+from workflows_app.models import (
+    ActorKind,
+    ApiToken,
+    StepExecution,
+    TransitionLog,
+    WorkflowInstance,
+)
+
+PROBE_PER_HOST = 4
+# Seconds a worker host may take to work again after the last fault ended.
+RECOVERY = 30.0
+TIMELINE_BUCKET = 5.0  # seconds
+
+
+def _host(actor_label: str) -> str:
+    """A worker's actor label is its Celery name, ``w1@cluster-w1``."""
+    return actor_label.split("@")[0]
+
+
+def work_by_host(keys: list[str]) -> Counter[str]:
+    """Transitions each worker host made for these workflows."""
+    labels = TransitionLog.objects.filter(
+        instance__business_key__in=keys, actor_kind=ActorKind.WORKER
+    ).values_list("actor_label", flat=True)
+    return Counter(_host(label) for label in labels)
+
+
+def work_timeline(keys: list[str], since: Any) -> dict[str, list[int]]:
+    """Per worker host, its transitions in each TIMELINE_BUCKET seconds
+    from ``since`` (the traffic's start): when a host stopped working."""
+    rows = TransitionLog.objects.filter(
+        instance__business_key__in=keys,
+        actor_kind=ActorKind.WORKER,
+        created_at__gte=since,
+    ).values_list("actor_label", "created_at")
+    buckets: dict[str, Counter[int]] = {host: Counter() for host in WORKER_HOSTS}
+    last = 0
+    for label, at in rows:
+        bucket = int((at - since).total_seconds() // TIMELINE_BUCKET)
+        buckets.setdefault(_host(label), Counter())[bucket] += 1
+        last = max(last, bucket)
+    return {
+        host: [counts[b] for b in range(last + 1)] for host, counts in buckets.items()
+    }
+
 
 # The chaos mix without the participants that hang until their deadline:
 # they pin a one-process host for seconds and say nothing about hosts.
@@ -98,17 +144,19 @@ class ClusterRun:
         self.curve: dict[int, float] = {}
         self.curve_keys: list[str] = []
         self.timings: dict[str, float] = {}
+        self.probe_keys: list[str] = []
+        self.probe_work: dict[str, int] = {}
+        self.diagnoses: dict[str, str] = {}
+        self._probes = 0
+        self.healed_at = 0.0  # when the last fault ended (monotonic)
+        self.began_at: Any = None  # the traffic's start, by the database's clock
         self.still_busy: list[str] = []
         self._timeline: list[tuple[float, int, str]] = []
         self._order = 0
 
     # -- the scaling curve ------------------------------------------------------
-    def measure(self, hosts: int) -> float:
-        """Workflows/s with ``hosts`` worker hosts: a batch of four-step
-        workflows started through the API at once, from the first
-        acceptance to the last finish (the database's clock)."""
-        n = self.plan.curve_workflows
-        keys = [f"{self.run_id}-curve{hosts}-{i:04d}" for i in range(n)]
+    def start_batch(self, keys: list[str]) -> None:
+        """Four-step workflows started through the API at once."""
 
         def start(key: str) -> None:
             for _ in range(20):
@@ -123,16 +171,63 @@ class ClusterRun:
 
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(start, keys))
+
+    def wait_finished(self, keys: list[str], timeout: float) -> bool:
         batch = WorkflowInstance.objects.filter(business_key__in=keys)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + timeout
         while batch.exclude(state="completed").exists():
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the curve batch for {hosts} hosts did not finish")
+                return False
             time.sleep(0.2)
+        return True
+
+    def measure(self, hosts: int) -> float:
+        """Workflows/s with ``hosts`` worker hosts: a batch of four-step
+        workflows started through the API at once, from the first
+        acceptance to the last finish (the database's clock)."""
+        n = self.plan.curve_workflows
+        keys = [f"{self.run_id}-curve{hosts}-{i:04d}" for i in range(n)]
+        self.start_batch(keys)
+        if not self.wait_finished(keys, 120):
+            raise RuntimeError(f"the curve batch for {hosts} hosts did not finish")
+        batch = WorkflowInstance.objects.filter(business_key__in=keys)
         span = batch.aggregate(a=Min("accepted_at"), b=Max("finished_at"))
         seconds = (span["b"] - span["a"]).total_seconds()
         self.curve_keys += keys  # checked with everything else
         return n / seconds
+
+    # -- does every worker host work once the faults healed? ----------------------
+    def probe(self) -> Counter[str]:
+        """A batch of four-step workflows, a few per worker host, started
+        at once after the traffic settled; returns the worker transitions
+        each host made for it. Every host is up and idle by then, so one
+        that takes none of the batch has gone quiet."""
+        self._probes += 1
+        n = PROBE_PER_HOST * len(WORKER_HOSTS)
+        keys = [f"{self.run_id}-probe{self._probes}-{i:04d}" for i in range(n)]
+        self.probe_keys += keys
+        self.start_batch(keys)
+        self.wait_finished(keys, 60)
+        return work_by_host(keys)
+
+    def quiet_hosts(self) -> list[str]:
+        # The hosts have RECOVERY seconds from the last fault's end to work
+        # again (a broker socket left half-open by the cut is given up after
+        # CELERY_BROKER_SOCKET_TIMEOUT or two missed heartbeats, then the
+        # worker reconnects).
+        time.sleep(max(0.0, self.healed_at + RECOVERY - time.monotonic()))
+        work = db_retry(self.probe)
+        self.probe_work = dict(work)
+        quiet = [host for host in WORKER_HOSTS if not work[host]]
+        if quiet:
+            # A second chance (a host may have been busy with a slow call the
+            # whole first probe); what the hosts were doing meanwhile is kept.
+            for host in quiet:
+                self.diagnoses[host] = self.cluster.diagnose(host)
+            work = db_retry(self.probe)
+            self.probe_work = {h: self.probe_work.get(h, 0) + work[h] for h in work}
+            quiet = [host for host in quiet if not work[host]]
+        return quiet
 
     def scaling_curve(self) -> None:
         """One worker host, then two, then three; each booted and ready
@@ -166,6 +261,8 @@ class ClusterRun:
             start += p.cycle or p.traffic_seconds
 
     def fire(self, what: str) -> None:
+        if what.startswith(("heal", "boot", "broker up")):
+            self.healed_at = time.monotonic()
         verb, _, host = what.partition(" ")
         if verb == "cut":
             self.cluster.net.cut(host)
@@ -187,6 +284,7 @@ class ClusterRun:
             self.cluster.broker.start(wait=False)
 
     def traffic_phase(self) -> None:
+        self.began_at = db_retry(db_now)
         begun = time.monotonic()
         p = self.plan
         target = int(p.rate * p.traffic_seconds)
@@ -209,11 +307,13 @@ class ClusterRun:
             if what.startswith(("heal", "boot", "broker up")):
                 self.fire(what)
         self._timeline = []
+        self.cluster.broker.wait()  # RabbitMQ boots for seconds
+        self.healed_at = max(self.healed_at, time.monotonic())
 
     # -- quiescence and the verdict ------------------------------------------------
     @property
     def keys(self) -> list[str]:
-        return self.curve_keys + self.traffic.started
+        return self.curve_keys + self.traffic.started + self.probe_keys
 
     def busy(self) -> list[str]:
         keys = self.keys
@@ -263,6 +363,11 @@ class ClusterRun:
         self.timings["traffic"] = time.monotonic() - clock
         quiet = self.settle(max(end, time.monotonic() + self.plan.min_settle))
         self.timings["settle"] = time.monotonic() - clock
+        quiet_hosts = self.quiet_hosts() if quiet else []
+        if quiet:  # the probes' workflows finished too
+            quiet = self.settle(time.monotonic() + 60)
+        self.timings["probe"] = time.monotonic() - clock
+        timeline = db_retry(lambda: work_timeline(self.keys, self.began_at))
         sweeps_by_host = cluster.sweeps_by_host()
         cluster.stop_application()  # the verdict reads a system at rest
         figures: Figures = db_retry(lambda: collect(self.keys, self.traffic.faults))
@@ -275,6 +380,10 @@ class ClusterRun:
             "sweeps": sweeps,
             "curve": self.curve,
             "quiescent": quiet,
+            "quiet hosts": quiet_hosts,
+            "probe work by host": self.probe_work,
+            "diagnoses": self.diagnoses,
+            "work timeline": timeline,
             "still busy": self.still_busy[:10],
             "starts sent again": dict(self.traffic.refused.most_common(5)),
             "timings": self.timings,
