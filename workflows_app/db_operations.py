@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from django.contrib.postgres.operations import (
@@ -53,3 +54,14 @@ class RemoveIndexWithoutLocking(_ConcurrentlyOnPostgreSQL, RemoveIndexConcurrent
     """DROP INDEX CONCURRENTLY on PostgreSQL; a plain drop elsewhere."""
 
     plain = RemoveIndex
+
+
+def on_postgresql(sql: str) -> Callable[[Any, Any], None]:
+    """A ``RunPython`` function that runs ``sql`` on PostgreSQL only (table
+    storage parameters and the like, which SQLite does not have)."""
+
+    def run(apps: Any, schema_editor: Any) -> None:
+        if schema_editor.connection.vendor == "postgresql":
+            schema_editor.execute(sql)
+
+    return run

@@ -5,6 +5,7 @@ from django.db import migrations, models
 from workflows_app.db_operations import (
     AddIndexWithoutLocking,
     RemoveIndexWithoutLocking,
+    on_postgresql,
 )
 
 
@@ -26,14 +27,6 @@ AUTOVACUUM_RESET = (
     "autovacuum_vacuum_scale_factor, autovacuum_vacuum_insert_scale_factor, "
     "autovacuum_analyze_scale_factor)"
 )
-
-
-def _on_postgresql(sql):
-    def run(apps, schema_editor):
-        if schema_editor.connection.vendor == "postgresql":
-            schema_editor.execute(sql)
-
-    return run
 
 
 class Migration(migrations.Migration):
@@ -60,6 +53,6 @@ class Migration(migrations.Migration):
             index=models.Index(condition=models.Q(('stuck', True), ('stuck_kind__in', ['milestone_overdue', 'no_progress'])), fields=['last_progress_at', 'id'], include=('definition_key',), name='instance_stalled'),
         ),
         migrations.RunPython(
-            _on_postgresql(AUTOVACUUM), _on_postgresql(AUTOVACUUM_RESET)
+            on_postgresql(AUTOVACUUM), on_postgresql(AUTOVACUUM_RESET)
         ),
     ]

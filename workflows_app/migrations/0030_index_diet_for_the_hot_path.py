@@ -14,7 +14,7 @@ import django.db.models.deletion
 from django.conf import settings
 from django.db import migrations, models
 
-from workflows_app.db_operations import AddIndexWithoutLocking
+from workflows_app.db_operations import AddIndexWithoutLocking, on_postgresql
 
 # (table, column, the index Django made for the foreign key)
 FOREIGN_KEY_INDEXES = [
@@ -61,14 +61,6 @@ def create_foreign_key_indexes(apps, schema_editor):
             f"CREATE INDEX{_concurrently(schema_editor)} IF NOT EXISTS {name} "
             f"ON {table} ({column})"
         )
-
-
-def _on_postgresql(sql):
-    def run(apps, schema_editor):
-        if schema_editor.connection.vendor == "postgresql":
-            schema_editor.execute(sql)
-
-    return run
 
 
 class Migration(migrations.Migration):
@@ -125,6 +117,6 @@ class Migration(migrations.Migration):
             ],
         ),
         migrations.RunPython(
-            _on_postgresql(FILLFACTOR), _on_postgresql(FILLFACTOR_RESET)
+            on_postgresql(FILLFACTOR), on_postgresql(FILLFACTOR_RESET)
         ),
     ]
