@@ -49,8 +49,9 @@ def test_compiled_reads_match_the_orm() -> None:
             steps = Change(locked, now, Actor.system("test")).steps
             assert [s.step_definition.name for s in steps] == ["one", "two", "three"]
             assert all(s.instance is locked for s in steps)
-        # The steps, and once per process the published definition's steps.
-        assert len(queries) == 2
+        # Only the steps: the start read the published definition's steps,
+        # once per process.
+        assert len(queries) == 1
         with CaptureQueriesContext(connection) as queries:
             again_steps = Change(locked, now, Actor.system("test")).steps
         assert len(queries) == 1
@@ -275,3 +276,19 @@ def test_new_objects_are_those_the_model_makes() -> None:
         rows.write([rows.Insert([built])])
     saved = TransitionLog.objects.filter(instance=instance, transition="t").get()
     assert (saved.step_id, saved.reason, saved.data) == (step.id, "why", {"k": 1})
+
+
+def test_a_start_reads_a_published_definitions_steps_once_per_process() -> None:
+    first = make_definition(steps=[{"name": "one"}, {"name": "two"}])
+    start(business_key="order-1")
+    with CaptureQueriesContext(connection) as queries:
+        again = start(business_key="order-2")
+    assert not [q for q in queries if "workflows_app_stepdefinition" in q["sql"]]
+    assert [s.name for s in again.steps.order_by("position")] == ["one", "two"]
+    # A newer published version is another definition row: its own steps.
+    newer = first.new_draft()
+    newer.steps.filter(position=2).update(name="second")
+    newer.publish()
+    third = start(business_key="order-3")
+    assert third.definition_id == newer.id
+    assert [s.name for s in third.steps.order_by("position")] == ["one", "second"]

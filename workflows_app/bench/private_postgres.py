@@ -115,17 +115,6 @@ class PrivatePostgres:
             capture_output=True,
         )
 
-    def analyze(self, database: str) -> None:
-        subprocess.run(
-            [
-                postgres_bin("vacuumdb"),
-                *("-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"),
-                *("--analyze", "--quiet", database),
-            ],
-            check=True,
-            capture_output=True,
-        )
-
     def stop(self) -> None:
         """Fast shutdown, then delete the cluster; safe to call twice."""
         if self.proc is not None and self.proc.poll() is None:

@@ -101,7 +101,9 @@ _STEP_DEFINITIONS = rows.CompiledSelect(
 _published_steps: dict[tuple[int, Any], dict[int, StepDefinition]] = {}
 
 
-def _step_definitions(definition: WorkflowDefinition) -> dict[int, StepDefinition]:
+def step_definitions(definition: WorkflowDefinition) -> dict[int, StepDefinition]:
+    """The definition's steps by id; a published definition's read once per
+    process."""
     if definition.status != WorkflowDefinition.Status.PUBLISHED:
         return {sd.pk: sd for sd in _STEP_DEFINITIONS.rows(definition.pk)}
     key = (definition.pk, definition.published_at)
@@ -150,7 +152,7 @@ class Change:
     def steps(self) -> list[StepExecution]:
         if self._steps is None:
             self._steps = _STEPS.rows(self.instance.id)
-            definitions = _step_definitions(self.instance.definition)
+            definitions = step_definitions(self.instance.definition)
             for step in self._steps:
                 step._state.fields_cache["instance"] = self.instance
                 step._state.fields_cache["step_definition"] = definitions[

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 from datetime import timedelta
+from operator import attrgetter
 from typing import Any
 
 from django.conf import settings
@@ -19,9 +20,8 @@ from workflows_app.engine.errors import (
     IdempotencyConflict,
     InvalidInput,
 )
-from workflows_app.engine.transitions import Change
+from workflows_app.engine.transitions import Change, step_definitions
 from workflows_app.models import (
-    StepDefinition,
     StepExecution,
     WorkflowDefinition,
     WorkflowInstance,
@@ -99,19 +99,16 @@ _NEWEST_PUBLISHED = rows.CompiledSelect(
     ),
     WorkflowDefinition._meta.get_field("key"),
 )
-_STEP_DEFINITIONS = rows.CompiledSelect(
-    lambda definition_id: StepDefinition.objects.filter(
-        definition_id=definition_id
-    ).order_by("position"),
-    StepDefinition._meta.get_field("definition"),
-)
+_position = attrgetter("position")
 
 
 def new_steps(
     instance: WorkflowInstance, definition: WorkflowDefinition
 ) -> list[StepExecution]:
     """The instance's step rows, one per step of its (published, so
-    frozen) definition, not yet saved."""
+    frozen) definition, not yet saved. Its step definitions come from the
+    engine's per-process copy, not from a query per start."""
+    ordered = sorted(step_definitions(definition).values(), key=_position)
     return [
         StepExecution(
             instance=instance,
@@ -121,7 +118,7 @@ def new_steps(
             attempts_allowed=step.max_attempts,
             compensation_attempts_allowed=step.max_attempts,
         )
-        for step in _STEP_DEFINITIONS.rows(definition.pk)
+        for step in ordered
     ]
 
 
