@@ -1,24 +1,41 @@
 """The operator power tools in a real browser (Playwright, Debian's headless
 Chromium, a live server on the test database): a failure group retried as a
-bulk job, a cancel approved by a second operator, a repair then a retry."""
+bulk job, a cancel approved by a second operator, a repair then a retry, and
+the two tour parts first walked in session 5: Resume of a deadline hold and
+a repair under four eyes, each page checked against the database."""
 
 from __future__ import annotations
 
 import json
 import re
+from datetime import timedelta
 
 import pytest
 
-from tests.operations.conftest import held
-from tests.support import user_in
+from tests.operations.conftest import STEPS, held
+from tests.support import advance_clock, make_definition, start, user_in
 from tests.views.test_browser import (  # noqa: F401 - fixtures
     TIMEOUT,
     browser,
     expect,
+    fast_polling,
     open_session,
     pytestmark,
 )
-from workflows_app.models import BulkJob, TransitionLog, WorkflowInstance
+from workflows_app.alerts import sync_alerts
+from workflows_app.engine.locking import db_now
+from workflows_app.engine.sweeps import sweep_all
+from workflows_app.models import (
+    Alert,
+    ApprovalRequest,
+    BulkJob,
+    TransitionLog,
+    WorkflowInstance,
+)
+
+# An ISO 8601 time as the engine stores it ("2026-12-02T20:23:33.455390+00:00"):
+# the pages say times in words ("2026-12-02 20:23:33 UTC").
+RAW_ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d")
 
 
 @pytest.fixture
@@ -175,3 +192,148 @@ def test_restart_from_an_earlier_step(broker, wf, open_session):  # noqa: F811
     assert (
         TransitionLog.objects.filter(instance=instance, transition="rerun").count() == 2
     )  # reserve and charge; ship never ran
+
+
+def test_resume_of_a_deadline_hold(
+    broker_no_inline,
+    open_session,  # noqa: F811
+    fast_polling,  # noqa: F811
+):
+    """Tour item 6: an order runs past its 1 h deadline, the sweeper holds
+    it, an operator resumes it, and it finishes without a deadline."""
+    broker = broker_no_inline
+    make_definition(
+        "orders", steps=STEPS, failure_policy="hold", deadline=timedelta(hours=1)
+    )
+    instance = start("orders", "ORD-DL")
+    broker.deliver(broker.queue.pop(0))  # started: reserve's attempt is queued
+    advance_clock(instance, 3601)
+    sweep_all()
+    sync_alerts(db_now(), 100)
+    held_row = WorkflowInstance.objects.get(pk=instance.pk)
+    assert (held_row.state, held_row.attention_kind) == ("needs_attention", "deadline")
+    words = f"{held_row.deadline_at:%Y-%m-%d %H:%M:%S} UTC"
+
+    page = open_session(user_in("operator", "olga"))
+    page.goto(f"/instances/{instance.pk}/")
+    why = page.locator("#why-it-waits")
+    expect(why).to_contain_text(f"the workflow deadline {words} passed")
+    expect(page.locator("#deadline-outlook")).to_contain_text(
+        "passed: that is why it is held. Resume accepts it"
+    )
+    # What the engine allows for a deadline hold: Resume, no retry.
+    expect(page.locator("#action-resume")).to_have_count(1)
+    expect(page.locator("#action-retry_step")).to_have_count(0)
+    alert = page.locator("#alerts")
+    expect(alert).to_contain_text("deadline passed")
+    expect(alert).to_contain_text(words)
+    for where in (why, alert):
+        assert not RAW_ISO.search(where.inner_text()), where.inner_text()
+    page.goto("/failures/")
+    group = page.locator("tr.failure-group")
+    expect(group).to_have_count(1)
+    expect(group).to_contain_text("1 instance")
+    expect(group).to_contain_text("workflow deadline")
+    assert not RAW_ISO.search(group.inner_text()), group.inner_text()
+
+    page.goto(f"/instances/{instance.pk}/")
+    page.locator("#action-resume summary").click()
+    page.locator("#action-resume").get_by_label("Reason").fill("customer will wait")
+    page.get_by_role("button", name="Confirm: resume").click()
+    expect(page.locator("#action-message")).to_have_text("Resume: done.")
+    expect(page.locator("#instance-live")).to_have_attribute("data-state", "running")
+    resumed = WorkflowInstance.objects.get(pk=instance.pk)
+    assert (resumed.state, resumed.deadline_at) == ("running", None)
+    # Not a bare "—", which reads as a workflow without a deadline.
+    expect(page.locator("#instance-deadline")).to_contain_text(
+        "none any more: it passed and was accepted"
+    )
+    assert page.locator("#why-it-waits").count() == 0
+    expect(page.locator("#alerts")).to_contain_text("No open alerts.")
+    assert not Alert.objects.filter(instance=instance, resolved_at=None).exists()
+    row = page.locator("#timeline tr", has_text="resume").first
+    expect(row).to_contain_text("olga")
+    expect(row).to_contain_text("customer will wait")
+
+    broker.run()  # the held-back attempt and the rest of the order
+    expect(page.locator("#instance-live")).to_have_attribute(
+        "data-state", "completed", timeout=TIMEOUT
+    )
+    expect(page.locator("#instance-deadline")).to_have_text("none: finished")
+    done = WorkflowInstance.objects.get(pk=instance.pk)
+    assert done.state == "completed"
+    assert list(done.steps.values_list("attempt", flat=True)) == [1, 1, 1]
+
+
+def test_repair_under_four_eyes_is_asked_then_approved(
+    broker,
+    open_session,  # noqa: F811
+    fast_polling,  # noqa: F811
+):
+    """Tour item 5 for *Repair data*: olga asks, nothing is written; oscar
+    approves from the overview; the input is written as olga's, once."""
+    wf = make_definition("orders", steps=STEPS, failure_policy="hold")
+    wf.approval_actions = ["repair"]
+    wf.save(update_fields=["approval_actions"])
+    instance = held(broker, "ORD-RP", outage="card_number_invalid")
+    fixed = {"card": "tok_visa", "simulate": {}}
+
+    olga = open_session(user_in("operator", "olga"))
+    olga.goto(f"/instances/{instance.pk}/")
+    expect(olga.locator("#repair")).to_contain_text("needs approval")
+    olga.locator("#repair-input summary").click()
+    olga.locator("#repair-input").get_by_label("New value (JSON object)").fill(
+        json.dumps(fixed)
+    )
+    olga.locator("#repair-input").get_by_label("Reason").fill("new card")
+    olga.get_by_role("button", name="Save the instance input").click()
+    expect(olga.locator("#action-message")).to_contain_text("Sent for approval")
+    expect(olga.locator("#approvals")).to_contain_text("Your request")
+    expect(olga.get_by_role("button", name="Approve and do it")).to_have_count(0)
+    # Nothing written yet, and the page shows the input as it still is.
+    asked = WorkflowInstance.objects.get(pk=instance.pk)
+    assert asked.input == instance.input and asked.version == instance.version
+    expect(olga.locator("#input-json")).to_contain_text("card_number_invalid")
+    request = ApprovalRequest.objects.get()
+    assert (request.action, request.status) == ("repair_input", "pending")
+
+    oscar = open_session(user_in("operator", "oscar"))
+    expect(oscar.locator("#pending-approvals")).to_contain_text("edit the input")
+    oscar.locator("#pending-approvals").get_by_role("link", name="ORD-RP").click()
+    approval = oscar.locator(f"#approval-{request.pk}")
+    approval.get_by_text("what would be written").click()
+    expect(approval).to_contain_text("tok_visa")
+    oscar.get_by_role("button", name="Approve and do it").click()
+    expect(oscar.locator("#action-message")).to_contain_text("Approved")
+    repaired = WorkflowInstance.objects.get(pk=instance.pk)
+    assert repaired.input == fixed and repaired.state == "needs_attention"
+    assert ApprovalRequest.objects.get().status == "approved"
+    expect(oscar.locator("#input-json")).to_contain_text("tok_visa")
+    expect(oscar.locator("#approvals")).to_have_count(0)
+    row = oscar.locator("#timeline tr", has_text="input_repaired")
+    expect(row).to_contain_text("olga")
+    expect(row).to_contain_text("approved by oscar")
+    expect(row).to_contain_text("$.card")
+    assert (
+        TransitionLog.objects.filter(instance=instance, transition="input_repaired")
+        .values_list("user__username", flat=True)
+        .get()
+        == "olga"
+    )
+    # olga's page refreshes itself: the request is gone, the new input shown.
+    expect(olga.locator("#approvals")).to_have_count(0, timeout=TIMEOUT)
+    expect(olga.locator("#input-json")).to_contain_text("tok_visa")
+    olga.goto("/")
+    expect(olga.locator("#pending-approvals")).to_contain_text(
+        "Nothing waits for a second operator"
+    )
+
+    olga.goto(f"/instances/{instance.pk}/")
+    olga.get_by_text("Retry step now: charge").click()
+    olga.locator("#action-retry_step").get_by_label("Reason").fill("after repair")
+    olga.get_by_role("button", name="Confirm: retry step now").click()
+    expect(olga.locator("#action-message")).to_have_text("Retry step now: done.")
+    broker.run()  # the repaired step's earlier call is undone, then run anew
+    expect(olga.locator("#instance-live")).to_have_attribute(
+        "data-state", "completed", timeout=TIMEOUT
+    )

@@ -111,7 +111,7 @@ def open_session(browser, live_server, request):
     console error (a CSP violation, a failed request) fails the test, and so
     does a serious or critical axe-core finding on any page the test saw: in
     its final state, and each page it loaded, loaded again at the end."""
-    contexts, errors, visited = [], [], []
+    contexts, errors, visited, problems = [], [], [], []
 
     def open_as(user: User):
         context = browser.new_context(
@@ -128,6 +128,10 @@ def open_session(browser, live_server, request):
         )
         page.on("load", lambda: visited.append((context, page.url)))
         page.goto("/login/")
+        # Checked here: loaded again at the end, signed in, it redirects.
+        if page_kind(page.url) not in CHECKED_KINDS:
+            CHECKED_KINDS.add(page_kind(page.url))
+            problems.extend(accessibility_problems(page))
         page.get_by_label("Username").fill(user.username)
         page.get_by_label("Password").fill("pw")
         page.get_by_role("button", name="Log in").click()
@@ -135,7 +139,7 @@ def open_session(browser, live_server, request):
         return page
 
     yield open_as
-    problems, violations = [], []
+    violations = []
     for context in contexts:
         for page in context.pages:
             violations += csp_violations(page)
@@ -209,6 +213,7 @@ def test_viewer_finds_a_stuck_instance_and_reads_its_timeline(broker, wf, open_s
     for name, heading in [
         ("Definitions", "Definitions"),
         ("Bulk jobs", "Bulk jobs"),
+        ("Webhooks", "Webhooks"),
         ("Failures", "Failure groups"),
     ]:
         menu.get_by_role("link", name=name).click()

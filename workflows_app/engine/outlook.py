@@ -102,7 +102,18 @@ def deadline_outlook(instance: Any, now: Any) -> str:
     the deadline still set (retry, mark done) is held for it at the next
     sweep, if it has not finished by then. *Resume* (of a deadline hold)
     and *Restart from a step* accept the passed deadline and clear it;
-    compensating is not held by it."""
+    compensating is not held by it. Once cleared, that is what is said:
+    a bare "no deadline" would read as a workflow without one."""
+    if (
+        instance.deadline_at is None
+        and instance.state not in TERMINAL_STATES
+        and instance.definition.deadline
+    ):
+        # Set when accepted; only Resume and Restart clear it, once passed.
+        return (
+            "none any more: it passed and was accepted (Resume or Restart "
+            "from a step), so nothing holds it for a deadline again."
+        )
     if (
         instance.state != InstanceState.NEEDS_ATTENTION
         or instance.deadline_at is None

@@ -51,6 +51,7 @@ from workflows_app.engine.commands import approvals, waits
 from workflows_app.engine.errors import EngineError
 from workflows_app.engine.locking import db_now
 from workflows_app.engine.transitions import Change
+from workflows_app.engine.waits import moment_in_words
 from workflows_app.models import (
     ACTIVE_STATES,
     ActorKind,
@@ -307,8 +308,16 @@ def instance_enforce_deadline(instance_id: Any) -> bool:
         or instance.deadline_at > change.now
     ):
         return False
-    reason = f"the workflow deadline {instance.deadline_at.isoformat()} passed"
-    change.fire(instance, "hold", AttentionKind.DEADLINE, reason, reason=reason)
+    # In words, as pages and mail show it; the ISO value stays in the data.
+    reason = f"the workflow deadline {moment_in_words(instance.deadline_at)} passed"
+    change.fire(
+        instance,
+        "hold",
+        AttentionKind.DEADLINE,
+        reason,
+        reason=reason,
+        data={"deadline_at": instance.deadline_at.isoformat()},
+    )
     stuck.mark_held(instance, change.now, reason)
     progress.park_work(change)
     change.save()

@@ -20,6 +20,7 @@ from workflows_app.engine import planning, progress, stuck
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands import waits
 from workflows_app.engine.transitions import Change
+from workflows_app.engine.waits import moment_in_words
 from workflows_app.models import (
     TERMINAL_STATES,
     Alert,
@@ -542,7 +543,7 @@ def attempt_time_out(
         "timed_out",
         error_class="Timeout",
         error_message=f"no outcome within {_fmt(limit)} "
-        f"(deadline {seen_deadline.isoformat()})",
+        f"(deadline {moment_in_words(seen_deadline)})",
     )
     return record_outcome(change, step_id, direction, number, outcome, source="sweeper")
 

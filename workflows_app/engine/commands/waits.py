@@ -94,7 +94,7 @@ def timer_wake(
         step,
         "wake",
         output,
-        reason=f"the timer's time came ({seen_wake_at.isoformat()})",
+        reason=f"the timer's time came ({waits.moment_in_words(seen_wake_at)})",
         data={"wake_at": seen_wake_at.isoformat()},
     )
     change.instance.outputs = {**change.instance.outputs, step.name: output}
