@@ -66,10 +66,15 @@ def celery_cleanup_then_ack(connection: kombu.Connection, message: Any) -> None:
     message.ack_log_error(log, connection.connection_errors)
 
 
-def test_the_cleanup_and_the_ack_of_a_running_task_raise_no_other_error(queue):
+def test_the_cleanup_and_the_ack_of_a_running_task_raise_no_other_error(queue, caplog):
     broker_patches.install()
     connection, message = lost_connection(queue)
     celery_cleanup_then_ack(connection, message)
+    # The worker's log says the patch was at work (the cluster test greps it).
+    assert any(
+        r.name == "workflows_app.broker_patches" and r.levelno == logging.WARNING
+        for r in caplog.records
+    ), caplog.text
 
 
 def test_kombu_still_needs_the_patch(queue):

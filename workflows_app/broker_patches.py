@@ -20,11 +20,13 @@ restarted Redis), and the sweeper re-sends an attempt nobody claimed.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import redis
 from kombu.transport import redis as kombu_redis
 
+log = logging.getLogger(__name__)
 _connparams = kombu_redis.Channel._connparams  # type: ignore[attr-defined]
 
 
@@ -32,6 +34,9 @@ def _connparams_of_a_live_connection(
     self: Any, asynchronous: bool = False
 ) -> dict[str, Any]:
     if self.connection is None or self.connection.client is None:
+        # Logged because Celery ignores the error on a close: without this
+        # line a worker's log would not show that the patch was needed.
+        log.warning("Redis channel used after its connection closed (kombu 5.7)")
         raise redis.ConnectionError("the broker connection was closed")
     params: dict[str, Any] = _connparams(self, asynchronous=asynchronous)
     return params

@@ -122,13 +122,30 @@ TEMPLATES = [
 # timeout and IMMEDIATE transactions, so that the web server, the worker and
 # beat can share one file without "database is locked" on lock upgrades.
 if os.environ.get("DATABASE_URL"):
-    DATABASES = {
-        "default": dj_database_url.parse(
-            os.environ["DATABASE_URL"],
-            conn_max_age=int(os.environ.get("DATABASE_CONN_MAX_AGE", "60")),
-            conn_health_checks=True,
-        )
-    }
+    _database = dj_database_url.parse(
+        os.environ["DATABASE_URL"],
+        conn_max_age=int(os.environ.get("DATABASE_CONN_MAX_AGE", "60")),
+        conn_health_checks=True,
+    )
+    if _database["ENGINE"].endswith((".postgresql", ".postgis")):
+        # After a failover (or a host cut off and healed) the old primary's
+        # sockets are half-open: an idle connection waits for a reply that
+        # never comes until the kernel's keepalive ends it, after 2 hours by
+        # default. These libpq options end it within about a minute, and give
+        # up a connection attempt to an unreachable server after 10 s rather
+        # than the kernel's 2 minutes of SYN retries. A query string in
+        # DATABASE_URL (?keepalives_idle=60) still wins.
+        _database["OPTIONS"] = {
+            "keepalives": int(os.environ.get("DATABASE_KEEPALIVES", "1")),
+            "keepalives_idle": int(os.environ.get("DATABASE_KEEPALIVES_IDLE", "30")),
+            "keepalives_interval": int(
+                os.environ.get("DATABASE_KEEPALIVES_INTERVAL", "10")
+            ),
+            "keepalives_count": int(os.environ.get("DATABASE_KEEPALIVES_COUNT", "3")),
+            "connect_timeout": int(os.environ.get("DATABASE_CONNECT_TIMEOUT", "10")),
+            **_database.get("OPTIONS", {}),
+        }
+    DATABASES = {"default": _database}
 else:
     DATABASES = {
         "default": {
