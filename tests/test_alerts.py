@@ -10,7 +10,13 @@ from django.test import override_settings
 
 from tests.smtp import SmtpServer, text_of
 from tests.support import advance_clock, make_definition, start, user_in
-from workflows_app.alerts import send_due_alerts, sync_alerts
+from workflows_app import alerts
+from workflows_app.alerts import (
+    open_alerts,
+    resolve_alerts,
+    send_due_alerts,
+    sync_alerts,
+)
 from workflows_app.engine.commands import alert_acknowledge
 from workflows_app.engine.locking import db_now
 from workflows_app.engine.sweeps import sweep_all
@@ -261,6 +267,101 @@ def test_an_alert_is_resolved_however_many_older_ones_stay_open(broker):
         i.pk for i in instances if i.pk != newest.instance_id
     }
     assert sync_alerts(db_now(), 1)["alerts_resolved"] == 0
+
+
+def test_the_backstop_looks_at_a_window_of_open_alerts_per_turn(broker, monkeypatch):
+    """Each turn looks at RESOLVE_WINDOW open alerts, going on where the last
+    turn stopped and from the start again after the end, so a turn's cost
+    does not grow with the number of open alerts and every one is looked at
+    in turn."""
+    stuck_instances(broker, count=5)
+    sweep_all()
+    first, second, third, fourth, fifth = Alert.objects.order_by("id")
+    assert first.resolved_at is None and fifth.resolved_at is None
+    # Cleared behind the engine's back.
+    WorkflowInstance.objects.filter(
+        pk__in=[first.instance_id, fourth.instance_id, fifth.instance_id]
+    ).update(stuck=False)
+    monkeypatch.setattr(alerts, "RESOLVE_WINDOW", 2)
+    monkeypatch.setattr(alerts, "_resolve_after", 0)
+    now = db_now()
+
+    def resolved() -> set[int]:
+        return set(
+            Alert.objects.filter(resolved_at__isnull=False).values_list("id", flat=True)
+        )
+
+    assert resolve_alerts(now, 10) == 1  # looks at the 1st and 2nd
+    assert resolved() == {first.pk}
+    assert resolve_alerts(now, 10) == 1  # the 3rd and 4th
+    assert resolved() == {first.pk, fourth.pk}
+    assert resolve_alerts(now, 10) == 1  # the 5th, the last: then the start
+    assert resolved() == {first.pk, fourth.pk, fifth.pk}
+    assert resolve_alerts(now, 10) == 0  # the 2nd and 3rd
+
+    # A full turn (batch 1) leaves the rest of its window for the next turn.
+    WorkflowInstance.objects.filter(
+        pk__in=[second.instance_id, third.instance_id]
+    ).update(stuck=False)
+    monkeypatch.setattr(alerts, "_resolve_after", 0)
+    assert [resolve_alerts(now, 1) for _ in range(3)] == [1, 1, 0]
+    assert not Alert.objects.filter(resolved_at__isnull=True).exists()
+    notes = TransitionLog.objects.filter(transition="alert_resolved")
+    assert sorted(n.data["alert"] for n in notes) == sorted(
+        a.pk for a in (first, second, third, fourth, fifth)
+    )
+
+
+def test_flagging_and_opening_write_their_history_rows(broker):
+    """The sweeper's batch notes (written as the engine writes its history
+    rows) carry what the timeline and the invariant checker read."""
+    (instance,) = stuck_instances(broker, count=1)
+    sweep_all()
+    alert = Alert.objects.get(instance=instance)
+    flagged = TransitionLog.objects.get(instance=instance, transition="flag_stuck")
+    opened = TransitionLog.objects.get(instance=instance, transition="alert_opened")
+    assert re.fullmatch(
+        r"no progress since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC while accepted",
+        flagged.reason,
+    )
+    assert (flagged.actor_kind, flagged.actor_label) == ("system", "system:sweep")
+    assert (flagged.field, flagged.step_id, flagged.user_id, flagged.data) == (
+        "",
+        None,
+        None,
+        {},
+    )
+    assert (opened.actor_kind, opened.actor_label) == ("system", "system:alerts")
+    assert opened.data == {"alert": alert.pk, "kind": "no_progress"}
+    assert opened.reason == alert.reason == flagged.reason
+    assert flagged.created_at is not None and opened.created_at is not None
+    assert opened.id > flagged.id
+
+
+def test_an_alert_another_sweeper_opened_is_not_opened_or_noted_again(broker):
+    """Two sweepers open the same instance's alert: the partial unique
+    constraint keeps one, and only the sweeper whose row it is notes it."""
+    won, lost = stuck_instances(broker, count=2)
+    WorkflowInstance.objects.filter(pk__in=[won.pk, lost.pk]).update(
+        stuck=True, stuck_kind="no_progress", stuck_reason="why", alert_due=True
+    )
+    now = db_now()
+    theirs = Alert.objects.create(
+        instance_id=lost.pk,
+        definition_key="orders",
+        kind="no_progress",
+        reason="why",
+        opened_at=now,
+    )
+    assert open_alerts(now, 10) == 1
+    ours = Alert.objects.get(instance_id=won.pk)
+    assert (ours.kind, ours.reason, ours.opened_at) == ("no_progress", "why", now)
+    assert list(Alert.objects.filter(instance_id=lost.pk)) == [theirs]
+    notes = TransitionLog.objects.filter(transition="alert_opened")
+    assert [(n.instance_id, n.data, n.reason) for n in notes] == [
+        (won.pk, {"alert": ours.pk, "kind": "no_progress"}, "why")
+    ]
+    assert not WorkflowInstance.objects.filter(alert_due=True).exists()
 
 
 def test_a_resolved_alert_says_when_and_why_escaped(broker, client):

@@ -107,6 +107,33 @@ def test_a_kind_stops_at_its_batch_and_one_without_more_due_has_no_extra_turn(
     assert turns == {"endless": 5, "few": 1}  # 5 + 5 + 5 + 5 + 3
 
 
+def test_an_extra_turn_takes_only_the_rows_the_time_left_allows(monkeypatch, settings):
+    """Turns whose time grows with their rows (an engine command per row):
+    the last extra turn is cut to what the budget has left at the kind's
+    pace, so the sweep ends about one row after its budget, not a whole turn
+    after it."""
+    row = 0.002
+    settings.SAGA_SWEEP_SECONDS = 3 * 10 * row + 0.005  # the first round + 2.5 rows
+    clock, limits = Clock(), []
+    monkeypatch.setattr(sweeps.Budget, "clock", clock)
+
+    def part(name: str) -> sweeps.Part:
+        def turn(now: object, limit: int) -> sweeps.Turn:
+            clock.now += limit * row
+            limits.append((name, limit))
+            return limit, limit
+
+        return sweeps.Part(name, turn, size=10)
+
+    monkeypatch.setattr(sweeps, "_parts", lambda: [part(n) for n in "abc"])
+    sweeps._next_extra_turn = 0
+    before = clock.now
+    done = sweeps.work_due(None, 500, sweeps.Budget())  # type: ignore[arg-type]
+    assert limits == [("a", 10), ("b", 10), ("c", 10), ("a", 2), ("b", 1)]
+    assert done == {"a": 12, "b": 11, "c": 10, "cut_short": 3}
+    assert clock.now - before == pytest.approx(33 * row)  # budget: 32.5 rows
+
+
 @pytest.mark.django_db
 def test_real_backlogs_all_progress_in_every_sweep_past_the_budget(
     broker_no_inline, settings

@@ -46,6 +46,7 @@ from django.db.models.functions import Concat
 
 from workflows_app import activity, alerts
 from workflows_app.engine import commands, dispatch, progress, retention, stuck
+from workflows_app.engine import rows as engine_rows
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands import approvals, waits
 from workflows_app.engine.errors import EngineError
@@ -407,8 +408,12 @@ def _flag_stuck(now: datetime, batch: int) -> Turn:
                     default=F("stuck_reason"),
                 )
             )
-        TransitionLog.objects.bulk_create(
-            TransitionLog(
+        # Built and prepared as the engine's history rows are: bulk_create
+        # spent about 20 ms preparing 50 of them.
+        notes = [
+            engine_rows.new(
+                TransitionLog,
+                {},
                 instance_id=pk,
                 transition="flag_stuck",
                 reason=text,
@@ -416,7 +421,9 @@ def _flag_stuck(now: datetime, batch: int) -> Turn:
                 actor_label=ACTOR.label,
             )
             for pk, text in reasons.items()
-        )
+        ]
+        if notes:
+            engine_rows.write([engine_rows.Insert(notes)])
     return len(flagged), len(rows)
 
 
@@ -435,6 +442,9 @@ class Budget:
     def spent(self) -> bool:
         return self.clock() >= self.until
 
+    def left(self) -> float:
+        return self.until - self.clock()
+
 
 @dataclass
 class Part:
@@ -448,6 +458,7 @@ class Part:
     cap: int | None = None
     done: int = 0
     more: bool = True  # its last turn was full: more may be due
+    row_seconds: float = 0.0  # its last turn's time per row picked
 
 
 def _by_count(act: Callable[[datetime, int], int]) -> Callable[[datetime, int], Turn]:
@@ -497,10 +508,19 @@ def _parts() -> list[Part]:
 _next_extra_turn = 0
 
 
-def _take_turn(part: Part, now: datetime, batch: int) -> None:
+def _take_turn(
+    part: Part, now: datetime, batch: int, left: float | None = None
+) -> None:
     cap = batch if part.cap is None else min(part.cap, batch)
     limit = min(part.size, cap - part.done)
+    if left is not None and part.row_seconds:
+        # An extra turn takes the rows the time ``left`` allows at its last
+        # turn's pace (at least one): a sweep ends about a row after its
+        # budget, not a whole turn (ten deadline holds, 70-140 ms at 1M).
+        limit = min(limit, max(1, int(left / part.row_seconds)))
+    started = Budget.clock()
     done, picked = part.turn(now, limit)
+    part.row_seconds = (Budget.clock() - started) / max(1, picked)
     part.done += done
     part.more = picked >= limit and part.done < cap
 
@@ -509,10 +529,10 @@ def work_due(now: datetime, batch: int, budget: Budget) -> dict[str, int]:
     """Share the sweep's time between the kinds of work: a first round in
     which every kind has a turn whatever the time (so a permanent backlog in
     one kind never starves another), then more turns, round robin among the
-    kinds that have more due, until ``budget`` is spent or ``batch`` rows of
-    each are done. Returns the rows done per kind, and in ``cut_short`` how
-    many kinds still had rows due when the time ran out (left for the next
-    sweep)."""
+    kinds that have more due, each no larger than the time left allows,
+    until ``budget`` is spent or ``batch`` rows of each are done. Returns the
+    rows done per kind, and in ``cut_short`` how many kinds still had rows
+    due when the time ran out (left for the next sweep)."""
     global _next_extra_turn
     parts = _parts()
     for part in parts:
@@ -522,7 +542,7 @@ def work_due(now: datetime, batch: int, budget: Budget) -> dict[str, int]:
         part = parts[turn % len(parts)]
         turn += 1
         if part.more:
-            _take_turn(part, now, batch)
+            _take_turn(part, now, batch, budget.left())
     _next_extra_turn = turn % len(parts)
     return {
         **{part.name: part.done for part in parts},
