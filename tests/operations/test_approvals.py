@@ -4,6 +4,7 @@ moved meanwhile. Every step is in the timeline."""
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
@@ -227,3 +228,44 @@ def test_rules_of_the_newest_version_apply_to_running_instances(broker, wf, oper
     assert "Sent for approval" in response.content.decode()
     assert WorkflowInstance.objects.get(pk=instance.pk).definition_id == wf.pk
     assert WorkflowInstance.objects.get(pk=instance.pk).state == "needs_attention"
+
+
+def test_the_approver_sees_what_a_repair_would_change_path_by_path(
+    broker, four_eyes, operator, second_operator
+):
+    """Not the request's raw parameters: the diff against the value the
+    instance holds now, as the timeline shows it once done, escaped."""
+    instance = held(broker, "o-diff")
+    assert instance.input == {"outage": "503", "simulate": {}}
+    reserve = instance.steps.get(name="reserve")
+    olga = logged_in(operator)
+    url = f"/instances/{instance.pk}/repair/"
+    new_input = {"outage": "<b>none</b>", "simulate": {}, "card": "tok_visa"}
+    new_output = {**(reserve.output or {}), "ref": "R-<i>1</i>"}
+    for target, value in (("input", new_input), (reserve.pk, new_output)):
+        reply = olga.post(
+            url,
+            {
+                "target": target,
+                "value": json.dumps(value),
+                "reason": "new card",
+                "version": instance.version,
+            },
+            HTTP_HX_REQUEST="true",
+        )
+        assert "Sent for approval" in reply.content.decode(), reply.content[:2000]
+    by_action = dict(ApprovalRequest.objects.values_list("action", "pk"))
+
+    html = logged_in(second_operator).get(f"/instances/{instance.pk}/").content
+    page = html.decode()
+    shown = page.split(f'id="approval-{by_action["repair_input"]}-diff"')[1]
+    shown = shown.split("</details>")[0]
+    assert '<span class="mono">$.card</span> added' in shown
+    assert '<span class="mono">$.outage</span> changed' in shown
+    assert "&quot;503&quot;" in shown and "&quot;&lt;b&gt;none&lt;/b&gt;&quot;" in shown
+    assert "$.simulate" not in shown  # unchanged: not listed
+    assert "new_input" not in shown and "<b>" not in shown
+    shown = page.split(f'id="approval-{by_action["repair_output"]}-diff"')[1]
+    shown = shown.split("</details>")[0]
+    assert '<span class="mono">$.ref</span> added' in shown
+    assert "R-&lt;i&gt;1&lt;/i&gt;" in shown and "new_output" not in shown

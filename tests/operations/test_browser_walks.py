@@ -302,7 +302,10 @@ def test_repair_under_four_eyes_is_asked_then_approved(
     oscar.locator("#pending-approvals").get_by_role("link", name="ORD-RP").click()
     approval = oscar.locator(f"#approval-{request.pk}")
     approval.get_by_text("what would be written").click()
-    expect(approval).to_contain_text("tok_visa")
+    # The change against the input now, path by path, not the raw request.
+    expect(approval.locator(".diff")).to_contain_text("$.card added")
+    expect(approval.locator(".diff")).to_contain_text("tok_visa")
+    expect(approval).not_to_contain_text("new_input")
     oscar.get_by_role("button", name="Approve and do it").click()
     expect(oscar.locator("#action-message")).to_contain_text("Approved")
     repaired = WorkflowInstance.objects.get(pk=instance.pk)

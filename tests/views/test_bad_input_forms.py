@@ -5,6 +5,7 @@ tests/api/test_bad_input.py; both use workflows_app.validation."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -13,11 +14,16 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import escape
 
-from tests.support import make_definition, user_in
+from tests.support import make_definition, start, user_in
 from tests.views.conftest import HOLD_STEPS, fresh, held
+from workflows_app import validation
+from workflows_app.engine import actions
 from workflows_app.engine.commands import bulk
+from workflows_app.engine.errors import InvalidInput
+from workflows_app.forms import sentence
 from workflows_app.models import (
     Alert,
+    ApiToken,
     ApprovalRequest,
     BulkJob,
     KnownFailure,
@@ -68,7 +74,9 @@ def written() -> dict[str, Any]:
             )
         ),
         "steps": list(
-            StepExecution.objects.order_by("id").values_list("id", "state", "output")
+            StepExecution.objects.order_by("id").values_list(
+                "id", "state", "output", "claimed_by"
+            )
         ),
         "alerts": list(
             Alert.objects.order_by("id").values_list("id", "acknowledged_at")
@@ -350,6 +358,137 @@ def test_saved_views_and_failure_marks_refuse_nul(broker, wf, operator):
     assert written() == before
 
 
+# -- the inbox: claim, release, complete or reject a step for a person -----------
+
+REVIEW = {
+    "name": "review",
+    "kind": "human",
+    "action": "",
+    "compensation": "",
+    "form_fields": [
+        {"name": "approved", "type": "boolean", "required": True},
+        {"name": "limit", "type": "number", "required": True},
+        {"name": "note", "type": "text"},
+    ],
+}
+GOOD_FIELDS = {"field-approved": "on", "field-limit": "250", "field-note": "ok"}
+# The page's completion data are typed fields, not a JSON document: each
+# exact input goes where it can do harm, with the field's message.
+BAD_FIELDS = [
+    *(
+        (f"limit {label}", {"field-limit": value}, "must be a number")
+        for label, value in (
+            ("NaN", "NaN"),
+            ("Infinity", "Infinity"),
+            ("-Infinity", "-Infinity"),
+            ("1e999", "1e999"),
+            ("digits", "9" * 5000),
+            ("5,000 deep", "[" * 5000 + "]" * 5000),
+        )
+    ),
+    ("note NUL", {"field-note": "called\x00"}, "this text contains a NUL character"),
+    ("note only NUL", {"field-note": "\x00"}, "this text contains a NUL character"),
+    (
+        "note 5,000 deep",
+        {"field-note": "[" * 5000 + "]" * 5000},
+        "must be text of at most 5000 characters",
+    ),
+]
+
+
+@pytest.fixture
+def waiting(broker):
+    """A step for a person waiting in the inbox, claimed by no one."""
+    make_definition("orders", [{"name": "reserve"}, REVIEW, {"name": "ship"}])
+    instance = start("orders", "ORD-1")
+    broker.run()
+    return instance.steps.get(name="review")
+
+
+@pytest.mark.parametrize("htmx", [True, False], ids=["htmx", "page"])
+@pytest.mark.parametrize("approval", [False, True], ids=["direct", "four-eyes"])
+def test_inbox_completion_refuses_every_bad_field(waiting, operator, htmx, approval):
+    if approval:
+        wf = waiting.instance.definition
+        wf.approval_actions = ["complete_human_step"]
+        wf.save(update_fields=["approval_actions"])
+    client = logged_in(operator)
+    url = reverse("inbox_complete", args=[waiting.pk])
+    version = fresh(waiting.instance).version
+    before = written()
+    misses = []
+    for label, fields, message in BAD_FIELDS:
+        data = {**GOOD_FIELDS, **fields, "reason": "checked", "version": version}
+        response = client.post(url, data, headers=HTMX if htmx else {})
+        try:
+            assert_refused(response, message)
+            assert "correct the form" in response.content.decode()
+            assert written() == before
+        except AssertionError as exc:
+            misses.append(f"{label}: {str(exc).splitlines()[0][:300]}")
+    assert not misses, "\n".join(misses)
+
+
+@pytest.mark.parametrize("htmx", [True, False], ids=["htmx", "page"])
+@pytest.mark.parametrize("approval", [False, True], ids=["direct", "four-eyes"])
+def test_inbox_forms_refuse_a_nul_reason(waiting, operator, htmx, approval):
+    """Complete, reject and release (someone else's claim, and one's own):
+    the reason is refused with the validator's message, nothing written."""
+    if approval:
+        wf = waiting.instance.definition
+        wf.approval_actions = ["complete_human_step"]
+        wf.save(update_fields=["approval_actions"])
+    headers = HTMX if htmx else {}
+    client = logged_in(operator)
+    complete = reverse("inbox_complete", args=[waiting.pk])
+    version = fresh(waiting.instance).version
+    before = written()
+    for decision in ("complete", "reject"):
+        data = {**GOOD_FIELDS, "reason": NUL, "decision": decision}
+        response = client.post(complete, {**data, "version": version}, headers=headers)
+        assert_refused(response, "the reason contains a NUL character")
+        assert written() == before, decision
+
+    unclaim = reverse("inbox_claim", args=[waiting.pk, "unclaim"])
+    for owner in (user_in("operator", "oscar"), operator):
+        claim = reverse("inbox_claim", args=[waiting.pk, "claim"])
+        assert logged_in(owner).post(claim).status_code == 200
+        before = written()
+        response = client.post(unclaim, {"reason": NUL}, headers=headers)
+        assert_refused(response, "the reason contains a NUL character")
+        assert written() == before, owner.username
+        logged_in(owner).post(unclaim, {"reason": "done here"})
+
+
+def test_inbox_claim_ignores_bad_filters_but_never_fails(waiting, operator):
+    """The claim form carries the list's filters (hx-include): a NUL there
+    is a filter nobody has, never a 500; the claim itself is valid."""
+    response = logged_in(operator).post(
+        reverse("inbox_claim", args=[waiting.pk, "claim"]),
+        {"definition": "orders\x00", "claimed": "\x00"},
+        headers=HTMX,
+    )
+    assert response.status_code == 200
+    assert "is yours now" in response.content.decode()
+
+
+def test_a_lone_surrogate_cannot_reach_the_inbox_through_a_form(waiting, operator):
+    """A form post is bytes: the encoded lone surrogate (ED A0 80, not valid
+    UTF-8) is decoded as replacement characters, never stored as such; here
+    the limit is wrong too, so the form comes back and nothing is written."""
+    client = logged_in(operator)
+    before = written()
+    response = client.post(
+        reverse("inbox_complete", args=[waiting.pk]),
+        "field-approved=on&field-limit=NaN&field-note=%ED%A0%80&reason=a%ED%A0%80",
+        content_type="application/x-www-form-urlencoded",
+        headers=HTMX,
+    )
+    assert_refused(response, "must be a number")
+    assert "\ufffd" in response.content.decode()
+    assert written() == before
+
+
 # -- paths and query strings ------------------------------------------------------
 
 
@@ -369,3 +508,99 @@ def test_nul_in_paths_and_filters_is_not_a_500(broker, wf, operator):
         assert response.status_code < 500, (query, response.status_code)
     response = client.get(f"{reverse('bulk_job_new')}?business_key=a%00")
     assert response.status_code < 500
+
+
+# -- one validator: the pages, the API and the engine give its refusal -----------
+
+
+def refusal_of(check, *args) -> str:
+    """The shared validator's message for an input (it must refuse it)."""
+    with pytest.raises(validation.BadInput) as refused:
+        check(*args)
+    return refused.value.message
+
+
+def lenient(text: str) -> Any:
+    """What a caller that skipped the checks would hand the engine: Python's
+    own parser takes NaN, 1e999, lone surrogates and NUL; deep nesting is
+    built, since that parser recurses."""
+    if "[" * 65 in text:
+        depth, value = text.count("["), []
+        for _ in range(depth - 1):
+            value = [value]
+        return {"a": value}
+    return json.loads(text)
+
+
+@pytest.mark.parametrize(
+    "text", [text for _, text, _ in BAD_JSON], ids=[label for label, *_ in BAD_JSON]
+)
+def test_pages_api_and_engine_refuse_through_the_one_validator(broker, wf, text):
+    """Each surface answers with exactly the message workflows_app.validation
+    gives for that input where that surface checks it: a form, an API body or
+    the engine with its own check would word it otherwise, and fail here."""
+    user = user_in("operator", "olga")
+    instance = held(broker)
+    before = written()
+
+    page = logged_in(user).post(
+        reverse("instance_repair", args=[instance.pk]),
+        {"target": "input", "value": text, "reason": "t", "version": instance.version},
+        headers=HTMX,
+    )
+    assert_refused(page, sentence(refusal_of(validation.parse_json, text, "the value")))
+
+    body = '{"reason": "t", "data": {"input": ' + text + "}}"
+    _, token = ApiToken.issue("ops", ["operate"], user=user)
+    api = Client(raise_request_exception=False).post(
+        f"/api/v1/instances/{instance.pk}/actions/repair_input",
+        body,
+        content_type="application/json",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert 400 <= api.status_code < 500, api.content[:300]
+    message = refusal_of(validation.parse_json, body, "the body")
+    assert api.json()["error"]["message"] == message
+
+    if "9" * 5000 not in text:  # no Python int of 5,000 digits to pass on
+        value = lenient(text)
+        with pytest.raises(InvalidInput) as engine:
+            actions.CATALOGUE["repair_input"].command(
+                instance.pk,
+                user=user,
+                reason="t",
+                new_input=value,
+                expected_version=instance.version,
+            )
+        assert str(engine.value) == refusal_of(
+            validation.check_json, value, "the new value"
+        )
+    assert written() == before
+
+
+def test_a_nul_reason_is_refused_through_the_one_validator(broker, wf):
+    user = user_in("operator", "olga")
+    instance = held(broker)
+    before = written()
+    page = logged_in(user).post(
+        reverse("instance_action", args=[instance.pk, "cancel"]),
+        {"reason": NUL, "version": instance.version},
+        headers=HTMX,
+    )
+    assert_refused(page, sentence(refusal_of(validation.check_text, NUL, "the reason")))
+    _, token = ApiToken.issue("ops", ["operate"], user=user)
+    body = json.dumps({"reason": NUL})
+    api = Client(raise_request_exception=False).post(
+        f"/api/v1/instances/{instance.pk}/actions/cancel",
+        body,
+        content_type="application/json",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert api.status_code == 422, api.content[:300]
+    message = refusal_of(validation.parse_json, body, "the body")
+    assert api.json()["error"]["message"] == message
+    with pytest.raises(InvalidInput) as engine:
+        cancel = actions.CATALOGUE["cancel"].command
+        cancel(instance.pk, user=user, reason=NUL, expected_version=instance.version)
+    assert str(engine.value) == refusal_of(validation.check_text, NUL, "the reason")
+    assert written() == before

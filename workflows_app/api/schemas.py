@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from ninja import Field, Schema
 from pydantic import AfterValidator, ConfigDict
 
+from workflows_app import validation
 from workflows_app.models import (
     BulkJob,
     BulkJobItem,
@@ -27,9 +28,12 @@ MAX_KEY = 200
 
 
 def _no_nul(value: str) -> str:
-    # PostgreSQL cannot store NUL in text; refuse it as bad input.
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
+    # Text PostgreSQL cannot store: the pages' check and message (one
+    # validator); the 422 names the field.
+    try:
+        validation.check_text(value, "the text")
+    except validation.BadInput as exc:
+        raise ValueError(exc.message) from None
     return value
 
 

@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 from workflows_app.engine.errors import NotPermitted
+from workflows_app.engine.json_diff import json_diff
 from workflows_app.models import ApprovalRequest, BulkJob, WorkflowDefinition
 
 
@@ -109,3 +110,16 @@ def stale_because(request: ApprovalRequest, instance: Any) -> str:
         "the instance changed since it was asked: approving it would fail. "
         "Reject it, and ask again if it is still needed."
     )
+
+
+def would_write(request: ApprovalRequest, instance: Any) -> list[dict[str, Any]] | None:
+    """What a pending data repair would change, path by path, against the
+    value the instance holds now (what the approver is asked to approve, the
+    same diff the timeline keeps once it is done); None for other actions."""
+    params = request.params or {}
+    if request.action == "repair_input" and "new_input" in params:
+        return json_diff(instance.input, params["new_input"])
+    if request.action == "repair_output" and "new_output" in params:
+        step = instance.steps.filter(pk=params.get("step_id")).first()
+        return json_diff(step.output if step else None, params["new_output"])
+    return None

@@ -12,6 +12,8 @@ import math
 import re
 from typing import Any
 
+from workflows_app.validation import BadInput, check_text
+
 FIELD_TYPES = ("text", "number", "boolean", "choice")
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
 MAX_FIELDS = 30
@@ -121,8 +123,14 @@ def _clean_value(field: dict[str, Any], raw: Any) -> tuple[Any, str]:
     if kind == "text":
         if not isinstance(raw, str):
             return None, "must be text"
-        if len(raw) > MAX_TEXT or "\x00" in raw:
+        if len(raw) > MAX_TEXT:
             return None, f"must be text of at most {MAX_TEXT} characters"
+        # The shared check and its message (pages and API alike), not a
+        # length complaint about a NUL.
+        try:
+            check_text(raw, "this text")
+        except BadInput as exc:
+            return None, exc.message
         return raw.strip(), ""
     if kind == "number":
         if isinstance(raw, bool):

@@ -303,8 +303,16 @@ def _operator_tools(
         "suppressed": suppressed,
         "replayed": replayed,
         "suppressed_count": len(suppressed) + sum(m.replays for m in replayed),
-        # Each with why approving it could no longer act ("" while it could).
-        "approvals": [(a, four_eyes.stale_because(a, instance)) for a in pending],
+        # Each with why approving it could no longer act ("" while it could)
+        # and, for a data repair, the paths it would change.
+        "approvals": [
+            (
+                a,
+                four_eyes.stale_because(a, instance),
+                four_eyes.would_write(a, instance),
+            )
+            for a in pending
+        ],
         "can_approve": user.has_perm(approvals.APPROVE_PERMISSION),
         "repair_forms": repair_forms,
         "open_repair": bound[1].data.get("target")

@@ -65,8 +65,12 @@ def approval_request(
     """Hold an operator action for a second operator's approval."""
     if action not in actions.CATALOGUE:
         raise InvalidInput(f"{action!r} is not an action that can be approved")
-    if not reason or not reason.strip():
+    if not isinstance(reason, str) or not reason.strip():
         raise InvalidInput("a reason is required")
+    # The request stores the reason and parameters now, before the action's
+    # own checks run: the same guard as the action (a NUL was a 500).
+    operator.checked_text(reason, "the reason")
+    operator.checked_json(params or {}, "the parameters")
     change = Change.open(instance_id, Actor.operator(user))
     change.check_version(expected_version)
     _may_request(change, action, user, params or {})
