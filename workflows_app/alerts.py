@@ -62,7 +62,11 @@ def instance_url(instance_id: Any) -> str:
 def _note(
     instance_id: Any, name: str, reason: str, data: dict[str, Any]
 ) -> TransitionLog:
-    return TransitionLog(
+    """A history row of the alerts' own, built as the engine builds its
+    history rows (``rows.new``)."""
+    return rows.new(
+        TransitionLog,
+        {},
         instance_id=instance_id,
         transition=name,
         reason=reason,
@@ -143,7 +147,7 @@ def resolve_alerts(now: datetime, batch: int) -> int:
             stuck=True,
         ).exclude(state__in=TERMINAL_STATES).update(alert_due=True)
         _write_notes(
-            _new_note(
+            _note(
                 a.instance_id,
                 "alert_resolved",
                 f"{a.get_kind_display()} is over: {why[a.pk]}",
@@ -193,7 +197,7 @@ def open_alerts(now: datetime, batch: int) -> int:
     with transaction.atomic():
         opened = _insert_alerts(alerts, now)
         _write_notes(
-            _new_note(instance_id, "alert_opened", reason, {"alert": pk, "kind": kind})
+            _note(instance_id, "alert_opened", reason, {"alert": pk, "kind": kind})
             for pk, instance_id, kind, reason in opened
         )
         WorkflowInstance.objects.filter(pk__in=[i["id"] for i in stuck]).update(
@@ -226,22 +230,6 @@ def _insert_alerts(alerts: list[Alert], now: datetime) -> list[tuple[Any, ...]]:
             opened_at=now,
             resolved_at__isnull=True,
         ).values_list("id", "instance_id", "kind", "reason")
-    )
-
-
-def _new_note(
-    instance_id: Any, name: str, reason: str, data: dict[str, Any]
-) -> TransitionLog:
-    """:func:`_note`, built as the engine builds its history rows."""
-    return rows.new(
-        TransitionLog,
-        {},
-        instance_id=instance_id,
-        transition=name,
-        reason=reason,
-        data=data,
-        actor_kind=ActorKind.SYSTEM,
-        actor_label="system:alerts",
     )
 
 
