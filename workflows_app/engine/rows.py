@@ -25,7 +25,7 @@ import itertools
 import re
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -528,6 +528,15 @@ def write(writes: Sequence[Write]) -> None:
             matched = list(cursor.fetchone())
         for w, count in zip(segment, matched, strict=True):
             w.check(count)
+
+
+def insert(objs: Iterable[Model]) -> None:
+    """Insert new rows of one model in one statement (none: nothing to do),
+    built and prepared as the engine's own; ``bulk_create`` spends about
+    20 ms preparing 50 history rows."""
+    built = list(objs)
+    if built:
+        write([Insert(built)])
 
 
 def _write_alone(w: Write) -> None:

@@ -408,9 +408,7 @@ def _flag_stuck(now: datetime, batch: int) -> Turn:
                     default=F("stuck_reason"),
                 )
             )
-        # Built and prepared as the engine's history rows are: bulk_create
-        # spent about 20 ms preparing 50 of them.
-        notes = [
+        engine_rows.insert(
             engine_rows.new(
                 TransitionLog,
                 {},
@@ -421,9 +419,7 @@ def _flag_stuck(now: datetime, batch: int) -> Turn:
                 actor_label=ACTOR.label,
             )
             for pk, text in reasons.items()
-        ]
-        if notes:
-            engine_rows.write([engine_rows.Insert(notes)])
+        )
     return len(flagged), len(rows)
 
 
