@@ -50,6 +50,60 @@
     }
   });
 
+  // A page part that refreshes itself (hx-trigger "every ...") and the
+  // actions that answer into it (the instance page): a refresh must never
+  // replace an action's answer, nor show the state from before it. The
+  // responses to the two requests may come back in either order, and each
+  // replaces the part it was sent for: if a refresh's lands between the
+  // click and the action's, the action's answer is dropped (its target is
+  // gone) and its one-off message with it. hx-sync cannot settle this
+  // without aborting the refresh, and htmx 2 logs every aborted request as
+  // a console error ("htmx:sendAbort"); so refreshes are left to finish and
+  // this guard decides, per part (by id), which answers may be swapped in:
+  // a refresh sent while an action is under way is not sent, and the answer
+  // to one sent before an action is not swapped in. The next refresh, sent
+  // from the action's answer, carries on.
+  var actionsByPart = {};
+
+  function polledPart(target) {
+    var trigger = target && target.id && target.getAttribute("hx-trigger");
+    if (!trigger || !/\bevery\b/.test(trigger)) return null;
+    if (!actionsByPart[target.id]) actionsByPart[target.id] = { sent: 0, underWay: 0 };
+    return actionsByPart[target.id];
+  }
+
+  document.addEventListener("htmx:beforeRequest", function (event) {
+    var detail = event.detail;
+    var part = polledPart(detail.target);
+    if (!part || detail.requestConfig.verb !== "get") return;
+    if (part.underWay > 0) {
+      event.preventDefault(); // not sent at all: nothing aborted, nothing logged
+      return;
+    }
+    detail.xhr.sagaActionsBefore = part.sent;
+  });
+
+  // Counted when it is sent (htmx:beforeSend cannot be cancelled any more).
+  document.addEventListener("htmx:beforeSend", function (event) {
+    var detail = event.detail;
+    var part = polledPart(detail.target);
+    if (!part || detail.requestConfig.verb === "get") return;
+    part.sent += 1;
+    part.underWay += 1;
+    // loadend comes after the answer was swapped in, and after an error, a
+    // timeout or an abort too.
+    detail.xhr.addEventListener("loadend", function () {
+      part.underWay -= 1;
+    });
+  });
+
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    var detail = event.detail;
+    var before = detail.xhr.sagaActionsBefore;
+    var part = polledPart(detail.target);
+    if (part && before !== undefined && part.sent > before) detail.shouldSwap = false;
+  });
+
   // After an action, move focus to its outcome so keyboard and screen-reader
   // users learn what happened.
   document.addEventListener("htmx:afterSettle", function () {
