@@ -3,7 +3,10 @@ gives, and keep django-fsm's compare-and-set."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
+from typing import Any
 
 import pytest
 from django.core.exceptions import ValidationError
@@ -13,6 +16,7 @@ from django.db.transaction import TransactionManagementError
 from django.test.utils import CaptureQueriesContext
 from django_fsm import ConcurrentTransition
 
+from tests.engine.test_races import lock_waiters
 from tests.support import make_definition, start
 from workflows_app.engine import rows
 from workflows_app.engine.actors import Actor
@@ -221,6 +225,8 @@ def test_prepared_statements_can_be_turned_off(settings) -> None:  # type: ignor
     instance = start()
     with CaptureQueriesContext(connection) as queries, transaction.atomic():
         lock_instance(instance.id)
+        change = Change.open(instance.id, Actor.system("test"))
+        assert [s.position for s in change.steps] == [1, 2, 3]
     assert not any("saga_" in q["sql"] for q in queries)
 
 
@@ -292,3 +298,67 @@ def test_a_start_reads_a_published_definitions_steps_once_per_process() -> None:
     third = start(business_key="order-3")
     assert third.definition_id == newer.id
     assert [s.name for s in third.steps.order_by("position")] == ["one", "second"]
+
+
+@pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="one round trip is PostgreSQL's"
+)
+def test_a_change_locks_and_reads_its_steps_in_one_round_trip() -> None:
+    make_definition()
+    instance = start()
+    with transaction.atomic():
+        with CaptureQueriesContext(connection) as queries:
+            change = Change.open(instance.id, Actor.system("test"))
+            steps = change.steps
+            assert change.instance.definition.key == "wf"
+        assert len(queries) == 1, [q["sql"] for q in queries]
+        orm = WorkflowInstance.objects.get(pk=instance.id)
+        orm_steps = list(
+            StepExecution.objects.filter(instance=instance).order_by("position")
+        )
+    assert field_values(change.instance) == field_values(orm)
+    assert change.now is not None
+    assert [field_values(s) for s in steps] == [field_values(s) for s in orm_steps]
+    for built, expected in zip(steps, orm_steps, strict=True):
+        assert built.instance is change.instance
+        assert built.fence() == expected.fence()
+        assert (built._state.adding, built._state.db) == (False, "default")
+        assert not hasattr(built, "db_now")
+    with transaction.atomic(), pytest.raises(WorkflowInstance.DoesNotExist):
+        Change.open(uuid.uuid4(), Actor.system("test"))
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="row locks")
+@pytest.mark.django_db(transaction=True)
+def test_steps_read_with_the_lock_are_those_its_last_holder_committed() -> None:
+    """The steps are read by a statement of their own, after the lock is
+    granted: one that waited sees what the holder wrote, even a step the
+    holder changed without touching the instance row."""
+    make_definition()
+    instance = start()
+    first = StepExecution.objects.get(instance=instance, position=1)
+    seen: list[Any] = []
+
+    def contender() -> None:
+        try:
+            with transaction.atomic():
+                change = Change.open(instance.id, Actor.system("test"))
+                seen.append(change.steps[0].attempts_allowed)
+        except Exception as exc:
+            seen.append(exc)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=contender, daemon=True)
+    with transaction.atomic():
+        Change.open(instance.id, Actor.system("holder"))
+        StepExecution.objects.filter(pk=first.pk).update(
+            attempts_allowed=first.attempts_allowed + 5
+        )
+        thread.start()
+        deadline = time.monotonic() + 10
+        while lock_waiters() < 1:
+            assert time.monotonic() < deadline, f"the contender never waited: {seen}"
+            time.sleep(0.01)
+    thread.join(timeout=30)
+    assert seen == [first.attempts_allowed + 5]

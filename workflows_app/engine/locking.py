@@ -11,7 +11,7 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from workflows_app.engine.rows import CompiledSelect
-from workflows_app.models import WorkflowInstance
+from workflows_app.models import StepExecution, WorkflowInstance
 
 
 def db_now() -> datetime:
@@ -33,6 +33,56 @@ _LOCKED_INSTANCE = CompiledSelect(
     ),
     WorkflowInstance._meta.pk,
 )
+
+
+def _lock_statement(db: Any) -> str | None:
+    """The instance row's lock alone (the same lock as _LOCKED_INSTANCE's);
+    none on a database without row locks."""
+    if not db.features.has_select_for_update:
+        return None
+    table = db.ops.quote_name(WorkflowInstance._meta.db_table)
+    return f"SELECT 1 FROM {table} WHERE {db.ops.quote_name('id')} = %s FOR UPDATE"
+
+
+# The instance's steps in order, with the instance and its definition, read
+# by a statement that follows the lock: its snapshot is taken once the lock
+# is held, so it sees everything the previous holder committed.
+_LOCKED_STEPS = CompiledSelect(
+    lambda instance_id: (
+        StepExecution.objects.select_related("instance__definition")
+        .annotate(db_now=Now())
+        .filter(instance_id=instance_id)
+        .order_by("position")
+    ),
+    StepExecution._meta.get_field("instance"),
+    before=_lock_statement,
+    related_once=True,
+)
+
+
+def lock_instance_with_steps(
+    instance_id: Any,
+) -> tuple[WorkflowInstance, datetime, list[StepExecution] | None]:
+    """:func:`lock_instance`, and the instance's steps in order read after
+    the lock, in one round trip where the database allows (PostgreSQL);
+    elsewhere the steps are None (read them apart).
+
+    Raises ``WorkflowInstance.DoesNotExist``."""
+    if _lock_statement(connection) is None:
+        instance, now = lock_instance(instance_id)
+        return instance, now, None
+    steps: list[StepExecution] = _LOCKED_STEPS.rows(instance_id)
+    if not steps:
+        # No such instance, or one without steps: it is locked already, if
+        # it exists; this reads it (or raises DoesNotExist).
+        instance, now = lock_instance(instance_id)
+        return instance, now, []
+    instance = steps[0].instance
+    read_at = steps[0].db_now  # type: ignore[attr-defined]
+    for step in steps:
+        del step.db_now  # type: ignore[attr-defined]
+        step._state.fields_cache["instance"] = instance
+    return instance, read_at, steps
 
 
 def lock_instance(instance_id: Any) -> tuple[WorkflowInstance, datetime]:

@@ -27,6 +27,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
 from django.conf import settings
@@ -38,6 +39,8 @@ from django.db.models import (
     BigIntegerField,
     BooleanField,
     CharField,
+    DateTimeField,
+    DurationField,
     Field,
     ForeignKey,
     IntegerField,
@@ -45,6 +48,7 @@ from django.db.models import (
     PositiveIntegerField,
     QuerySet,
     TextField,
+    UUIDField,
     signals,
 )
 from django.db.models.base import ModelState
@@ -67,11 +71,26 @@ class CompiledSelect:
     on first use (inside a transaction when it locks) and run again with
     new values of that parameter."""
 
-    def __init__(self, make: Callable[[Any], QuerySet[Any]], field: Any) -> None:
+    def __init__(
+        self,
+        make: Callable[[Any], QuerySet[Any]],
+        field: Any,
+        *,
+        before: Callable[[Any], str | None] | None = None,
+        related_once: bool = False,
+    ) -> None:
         self._make = make
         # The model field the parameter is compared with: values are prepared
         # by it, so a malformed id fails as it would through the ORM.
         self._field = field
+        # before(connection): a statement taking the same parameter, run
+        # just before the query in the same round trip (a lock: the query,
+        # a statement of its own, then reads with a snapshot taken after
+        # it), or None where the database has no such statement.
+        self._before = before
+        # The select_related objects are one and the same for every row
+        # (the steps of one instance): built from the first row only.
+        self._related_once = related_once
         self._compiled: dict[str, _Compiled] = {}
 
     def rows(self, value: Any) -> list[Any]:
@@ -85,7 +104,10 @@ class CompiledSelect:
             # As the field hands it to the driver (SQLite: a UUID as hex).
             marker = self._field.get_db_prep_value(sentinel, db, prepared=False)
             compiled = self._compiled[db.vendor] = _Compiled.of(
-                self._make(sentinel), marker
+                self._make(sentinel),
+                marker,
+                before=self._before(db) if self._before else None,
+                related_once=self._related_once,
             )
         if compiled.locks and not db.in_atomic_block:
             # The ORM refuses this too: a lock outside a transaction is let
@@ -109,9 +131,18 @@ class _Compiled:
     converters: Any
     populators: Any
     build: Callable[[Sequence[Any]], Any]
+    before: str | None
+    related_once: bool
 
     @classmethod
-    def of(cls, queryset: QuerySet[Any], marker: Any) -> _Compiled:
+    def of(
+        cls,
+        queryset: QuerySet[Any],
+        marker: Any,
+        *,
+        before: str | None = None,
+        related_once: bool = False,
+    ) -> _Compiled:
         compiler = queryset.query.get_compiler(using=queryset.db)
         sql, params = compiler.as_sql()
         slots = [i for i, p in enumerate(params) if p == marker]
@@ -125,7 +156,7 @@ class _Compiled:
             sql=sql,
             params=tuple(params),
             slot=slots[0],
-            locks=bool(queryset.query.select_for_update),
+            locks=bool(queryset.query.select_for_update) or before is not None,
             compiler=compiler,
             model_slice=slice(start, end),
             annotations=dict(compiler.annotation_col_map),
@@ -138,23 +169,29 @@ class _Compiled:
                 queryset.db,
             ),
             build=_builder(klass_info["model"], init_list, queryset.db),
+            before=before,
+            related_once=related_once,
         )
 
     def run(self, value: Any) -> list[Any]:
         params = list(self.params)
         params[self.slot] = value
         with connection.cursor() as cursor:
-            execute(cursor, self.sql, params)
+            if self.before is None:
+                execute(cursor, self.sql, params)
+            else:
+                execute_after(cursor, (self.before, [value]), (self.sql, params))
             rows = cursor.fetchall()
         if self.converters:
             rows = list(self.compiler.apply_converters(rows, self.converters))
         populators = self.populators
-        objects = []
+        objects: list[Any] = []
         build = self.build
         for row in rows:
             obj = build(row[self.model_slice])
-            for populator in populators:
-                populator.populate(row, obj)
+            if not (self.related_once and objects):
+                for populator in populators:
+                    populator.populate(row, obj)
             for name, position in self.annotations.items():
                 setattr(obj, name, row[position])
             objects.append(obj)
@@ -195,8 +232,26 @@ def _builder(
     return build
 
 
-# Per model: each concrete field's attname and what makes its default.
-_defaults: dict[type[Model], list[tuple[str, Callable[[], Any]]]] = {}
+# Per model: the concrete fields' constant defaults (by attname), and what
+# makes each other default (a callable, a mutable value, a database default).
+_defaults: dict[
+    type[Model], tuple[dict[str, Any], list[tuple[str, Callable[[], Any]]]]
+] = {}
+_CONSTANT = (type(None), str, int, bool, float)
+
+
+def _default_template(
+    model: type[Model],
+) -> tuple[dict[str, Any], list[tuple[str, Callable[[], Any]]]]:
+    constants: dict[str, Any] = {}
+    made: list[tuple[str, Callable[[], Any]]] = []
+    for f in model._meta.concrete_fields:
+        value = f.get_default()
+        if not callable(f.default) and type(value) in _CONSTANT:
+            constants[f.attname] = value
+        else:
+            made.append((f.attname, f.get_default))
+    return constants, made
 
 
 def new(model: type[M], related: dict[str, Model | None], **values: Any) -> M:
@@ -211,13 +266,13 @@ def new(model: type[M], related: dict[str, Model | None], **values: Any) -> M:
             model
         ):
             raise TypeError(f"{model.__name__} has init receivers: use the model")
-        template = _defaults[model] = [
-            (f.attname, f.get_default) for f in model._meta.concrete_fields
-        ]
+        template = _defaults[model] = _default_template(model)
+    constants, made = template
     obj: Any = model.__new__(model)
     obj._state = ModelState()
     fields = obj.__dict__
-    for attname, default in template:
+    fields.update(constants)
+    for attname, default in made:
         if attname not in values:
             fields[attname] = default()
     fields.update(values)
@@ -285,12 +340,14 @@ class FencedUpdate(Write):
         if sql is None:
             sql = _update_sql[key] = _update(model, key[1], ["pk", *key[2]])
         db = connections[DEFAULT_DB_ALIAS]
-        values = [prepare(self.obj, db) for prepare in _preparers(model, key[1])]
-        fenced = [
-            _field(model, name).get_db_prep_value(value, db)
-            for name, value in (("pk", self.obj.pk), *self.fence.items())
-        ]
-        return sql, [*values, *fenced]
+        params = [prepare(self.obj, db) for prepare in _preparers(model, key[1])]
+        values = (self.obj.pk, *self.fence.values())
+        for (field, plain), value in zip(
+            _fence_fields(model, key[2]), values, strict=True
+        ):
+            plain_value = plain and _plain(value, plain)
+            params.append(value if plain_value else field.get_db_prep_value(value, db))
+        return sql, params
 
     @property
     def model(self) -> type[Model]:
@@ -368,7 +425,7 @@ class Insert(Write):
             marks = []
             for attname, plain, prepare, may_default in columns:
                 value = values.get(attname, _MISSING)
-                if not (plain and (value is None or type(value) in plain)):
+                if not (plain and _plain(value, plain)):
                     value = prepare(obj, db)
                     if may_default and isinstance(value, DatabaseDefault):
                         marks.append("DEFAULT")
@@ -380,6 +437,23 @@ class Insert(Write):
 
 
 _update_sql: dict[tuple[type[Model], tuple[str, ...], tuple[str, ...]], str] = {}
+_fence_cache: dict[
+    tuple[type[Model], tuple[str, ...]], list[tuple[Field[Any, Any], tuple[type, ...]]]
+] = {}
+
+
+def _fence_fields(
+    model: type[Model], names: tuple[str, ...]
+) -> list[tuple[Field[Any, Any], tuple[type, ...]]]:
+    """The primary key's and the fence's fields, with their plain types."""
+    key = (model, names)
+    found = _fence_cache.get(key)
+    if found is None:
+        fields = [_field(model, name) for name in ("pk", *names)]
+        found = _fence_cache[key] = [(f, _plain_types(f)) for f in fields]
+    return found
+
+
 _preparer_cache: dict[tuple[type[Model], tuple[str, ...]], list[Any]] = {}
 
 
@@ -421,11 +495,11 @@ def _preparer(field: Field[Any, Any], *, add: bool = False) -> Any:
 
     def prepare(obj: Model, db: Any) -> Any:
         if plain:
-            # Text, numbers and flags of the right type (and NULL) go to the
-            # driver as they are: Django's preparation would return them
-            # unchanged, after a few calls each.
+            # Text, numbers, flags and the like of the right type (and NULL)
+            # go to the driver as they are: Django's preparation would
+            # return them unchanged, after a few calls each.
             value = obj.__dict__.get(attname, _MISSING)
-            if value is None or type(value) in plain:
+            if _plain(value, plain):
                 return value
             if plain == (str,) and isinstance(value, str):
                 return str(value)  # a TextChoices member: its value
@@ -449,14 +523,39 @@ def _plain_types(field: Field[Any, Any]) -> tuple[type, ...]:
     kind = type(field)
     if kind is ForeignKey:
         target = field.target_field  # type: ignore[attr-defined]
-        return (int,) if type(target) in {AutoField, BigAutoField} else ()
+        if type(target) in {AutoField, BigAutoField}:
+            return (int,)
+        return _plain_types(target) if type(target) is UUIDField else ()
     if kind in {CharField, TextField, FSMField, StateField}:
         return (str,)
     if kind in {IntegerField, PositiveIntegerField, BigIntegerField}:
         return (int,)
     if kind is BooleanField:
         return (bool,)
+    if connection.vendor == "postgresql":
+        # PostgreSQL stores these natively: Django hands a UUID, a duration
+        # or an aware date-time to the driver unchanged (a naive one is made
+        # aware first, so it is not plain: see _AWARE).
+        if kind is UUIDField:
+            return (uuid.UUID,)
+        if kind is DurationField:
+            return (timedelta,)
+        if kind is DateTimeField and not (field.auto_now or field.auto_now_add):  # type: ignore[attr-defined]
+            return _AWARE
     return ()
+
+
+# The plain types of a date-time column: a datetime, if it is aware.
+_AWARE = (datetime,)
+
+
+def _plain(value: Any, plain: tuple[type, ...]) -> bool:
+    """Whether ``value`` goes to the driver as it is (see _plain_types)."""
+    if value is None:
+        return True
+    if type(value) not in plain:
+        return False
+    return plain is not _AWARE or value.tzinfo is not None
 
 
 # Per model: each inserted column's attname, the types stored as they are,
@@ -585,6 +684,47 @@ _MAX_PREPARED = 500
 _PLACEHOLDER = re.compile(r"%%|%s")
 
 
+def execute_after(
+    cursor: Any, first: tuple[str, Sequence[Any]], then: tuple[str, Sequence[Any]]
+) -> None:
+    """Run two statements in one round trip (PostgreSQL), ``then``'s rows
+    the cursor's. Each is a statement of its own, with its own snapshot,
+    and an error in the first stops the second."""
+    if not settings.SAGA_PREPARED_STATEMENTS:
+        cursor.execute(f"{first[0]}; {then[0]}", [*first[1], *then[1]])
+        return
+    session = cursor.db.connection
+    known = _prepared.get(session)
+    if known is None:
+        known = _prepared[session] = {}
+    texts: list[str] = []
+    new: list[tuple[str, str]] = []
+    for sql, params in (first, then):
+        name = known.get(sql)
+        if name is None:
+            if len(known) + len(new) >= _MAX_PREPARED:
+                texts.append(sql)
+                continue
+            name = f"saga_{next(_names)}"
+            texts.append(f"PREPARE {name} AS {_numbered(sql)}")
+            new.append((sql, name))
+        texts.append(f"EXECUTE {name}{_arguments(params)}")
+    cursor.execute("; ".join(texts), [*first[1], *then[1]])
+    known.update(new)
+
+
+def _arguments(params: Sequence[Any]) -> str:
+    return f"({', '.join(['%s'] * len(params))})" if params else ""
+
+
+def _numbered(sql: str) -> str:
+    """Django's %s placeholders as PostgreSQL's $1, $2, ..."""
+    numbers = itertools.count(1)
+    return _PLACEHOLDER.sub(
+        lambda m: m.group() if m.group() == "%%" else f"${next(numbers)}", sql
+    )
+
+
 def execute(cursor: Any, sql: str, params: Sequence[Any]) -> None:
     """``cursor.execute(sql, params)``, on PostgreSQL as a prepared statement:
     the first call in a session sends ``PREPARE`` and ``EXECUTE`` in one
@@ -602,7 +742,7 @@ def execute(cursor: Any, sql: str, params: Sequence[Any]) -> None:
     if known is None:
         known = _prepared[session] = {}
     name = known.get(sql)
-    arguments = f"({', '.join(['%s'] * len(params))})" if params else ""
+    arguments = _arguments(params)
     if name is not None:
         cursor.execute(f"EXECUTE {name}{arguments}", params)
         return
@@ -610,9 +750,7 @@ def execute(cursor: Any, sql: str, params: Sequence[Any]) -> None:
         cursor.execute(sql, params)
         return
     name = f"saga_{next(_names)}"
-    numbers = itertools.count(1)
-    server_sql = _PLACEHOLDER.sub(
-        lambda m: m.group() if m.group() == "%%" else f"${next(numbers)}", sql
+    cursor.execute(
+        f"PREPARE {name} AS {_numbered(sql)}; EXECUTE {name}{arguments}", params
     )
-    cursor.execute(f"PREPARE {name} AS {server_sql}; EXECUTE {name}{arguments}", params)
     known[sql] = name

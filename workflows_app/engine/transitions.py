@@ -19,7 +19,7 @@ from django_fsm import ConcurrentTransition, can_proceed, has_transition_perm
 from workflows_app.engine import dispatch, rows, stuck
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.errors import AlreadyChanged, NotPermitted, TransitionRejected
-from workflows_app.engine.locking import lock_instance
+from workflows_app.engine.locking import lock_instance_with_steps
 from workflows_app.engine.signatures import error_signature
 from workflows_app.models import (
     TERMINAL_STATES,
@@ -127,6 +127,9 @@ class Change:
         self.now = now
         self.actor = actor
         self._steps: list[StepExecution] | None = None
+        # Steps read with the lock (Change.open), not yet given their
+        # instance and definitions.
+        self._loaded_steps: list[StepExecution] | None = None
         self._dirty_steps: dict[int, StepExecution] = {}
         self._instance_dirty = False
         self._extra_fields: set[str] = set()
@@ -144,14 +147,19 @@ class Change:
 
     @classmethod
     def open(cls, instance_id: Any, actor: Actor) -> Change:
-        instance, now = lock_instance(instance_id)
-        return cls(instance, now, actor)
+        instance, now, steps = lock_instance_with_steps(instance_id)
+        change = cls(instance, now, actor)
+        change._loaded_steps = steps
+        return change
 
     # -- reading ------------------------------------------------------------
     @property
     def steps(self) -> list[StepExecution]:
         if self._steps is None:
-            self._steps = _STEPS.rows(self.instance.id)
+            loaded = self._loaded_steps
+            self._steps = (
+                loaded if loaded is not None else _STEPS.rows(self.instance.id)
+            )
             definitions = step_definitions(self.instance.definition)
             for step in self._steps:
                 step._state.fields_cache["instance"] = self.instance

@@ -64,12 +64,21 @@ class FencedFSMMixin(ConcurrentTransitionMixin):
         return fields
 
     def _update_initial_state(self) -> None:
-        super()._update_initial_state()
-        self._seen_states = {
-            field.attname: field.value_from_object(self) for field in self.state_fields
+        # django-fsm's own version reads each state through its descriptor;
+        # this runs on every load and write of every step, so the states
+        # are read from the object's dict once and shared: django-fsm's
+        # save() fences on the same values as the engine's writes.
+        values = self.__dict__
+        states = {
+            field.attname: values[field.attname]
+            if field.attname in values
+            else field.value_from_object(self)  # a deferred field: loads it
+            for field in self.state_fields
         }
+        self._ConcurrentTransitionMixin__initial_states = states
+        self._seen_states = states
         # The loaded values, to write only what changed (engine/rows.py).
-        self._loaded_values = dict(self.__dict__)
+        self._loaded_values = dict(values)
 
     def changed(self, attnames: Any) -> list[str]:
         """Which of ``attnames`` differ from the loaded (or last written)
