@@ -331,6 +331,23 @@ def test_recent_failures_name_the_undo_that_holds_an_instance(broker, operator):
     assert "one: a compensation exhausted its retries" in text_of(html, "stuck-queue")
 
 
+def test_recent_failures_name_the_step_that_went_wrong(broker, wf, operator):
+    """A held instance shows the step whose action holds it; one that was
+    undone (not held) its failed step; neither an undo."""
+    held(broker, "order-held")  # two failed for good: its action holds it
+    make_definition("cp", steps=[{"name": "one"}, {"name": "two"}])
+    undone = start("cp", "order-undone", simulate={"two": "fail"})
+    broker.run()
+    undone.refresh_from_db()
+    assert undone.state == "compensated"
+    rows = text_of(logged_in(operator).get("/").content.decode(), "recent-failures")
+    # Newest first: each row's text runs from its key to the next row's.
+    first, second = rows.index("order-undone"), rows.index("order-held")
+    assert first < second
+    assert " two : " in rows[first:second] and " two : " in rows[second:]
+    assert "(undo)" not in rows and " one " not in rows
+
+
 def test_the_demo_console_counts_stuck_as_the_overview_does(broker, wf):
     from io import StringIO
 

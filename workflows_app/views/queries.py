@@ -20,14 +20,15 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import EmptyResultSet
 from django.db import connection
-from django.db.models import Aggregate, Count, DurationField, F, QuerySet
+from django.db.models import Aggregate, Count, DurationField, F, Q, QuerySet
 from django.utils import timezone
 
-from workflows_app.engine.blocking import holding_steps
+from workflows_app.engine.blocking import BLOCKING, blocking_step, holding
 from workflows_app.engine.stuck import STALLED
 from workflows_app.models import (
     ACTIVE_STATES,
     TERMINAL_STATES,
+    CompensationState,
     InstanceState,
     StepExecution,
     TransitionLog,
@@ -198,31 +199,29 @@ def recent_failures(limit: int = 10) -> list[WorkflowInstance]:
     else:  # SQLite: no LIMIT inside UNION
         rows = [row for part in parts for row in part]
     instances = sorted(rows, key=lambda i: i.last_progress_at, reverse=True)[:limit]
-    ids = [instance.pk for instance in instances]
-    # Why each went wrong: its failed or unknown step, in one query.
-    failed_steps: dict[Any, StepExecution] = {}
-    # In position order (the default ordering joins the instances for it).
+    # Why each went wrong, from one query of their failed steps (actions or
+    # undos) in position order: a held instance's step is the one that holds
+    # it now (``holding``: its action, or its undo that failed, as on the
+    # failure groups and the held queue); any other's its first failed or
+    # unknown step. ``holding`` over these rows is the rule ``holding_steps``
+    # states as SQL, without that query's two correlated subqueries to build.
+    steps_of: dict[Any, list[StepExecution]] = defaultdict(list)
     for step in (
-        StepExecution.objects.filter(
-            instance_id__in=ids, state__in=["failed", "unknown"]
-        )
-        .order_by("position")
+        StepExecution.objects.filter(instance_id__in=[i.pk for i in instances])
+        .filter(Q(state__in=BLOCKING) | Q(compensation_state=CompensationState.FAILED))
+        .order_by("position")  # the default ordering joins the instances
         .only(*_FAILED_STEP_COLUMNS)
     ):
-        failed_steps.setdefault(step.instance_id, step)
-    # A held instance: the step that holds it now (its action, or its undo
-    # that failed), as on the failure groups and the held queue.
-    held_ids = [i.id for i in instances if i.state == InstanceState.NEEDS_ATTENTION]
-    for step in (
-        holding_steps()
-        .filter(instance_id__in=held_ids)
-        .order_by("position")
-        .only(*_FAILED_STEP_COLUMNS)
-    ):
-        failed_steps[step.instance_id] = step
+        steps_of[step.instance_id].append(step)
     for instance in instances:
+        steps = steps_of[instance.pk]
+        shown = blocking_step(steps)
+        hold = holding(instance, steps)
+        if hold is not None and hold.step is not None:
+            shown = hold.step
+            shown.held_by = hold.held_by  # type: ignore[attr-defined]
         # Read by the list template; not a model field.
-        instance.failed_step = failed_steps.get(instance.id)  # type: ignore[attr-defined]
+        instance.failed_step = shown  # type: ignore[attr-defined]
     return instances
 
 
