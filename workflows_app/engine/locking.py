@@ -40,8 +40,9 @@ def _lock_statement(db: Any) -> str | None:
     none on a database without row locks."""
     if not db.features.has_select_for_update:
         return None
-    table = db.ops.quote_name(WorkflowInstance._meta.db_table)
-    return f"SELECT 1 FROM {table} WHERE {db.ops.quote_name('id')} = %s FOR UPDATE"
+    meta = WorkflowInstance._meta
+    table, key = db.ops.quote_name(meta.db_table), db.ops.quote_name(meta.pk.column)
+    return f"SELECT 1 FROM {table} WHERE {key} = %s FOR UPDATE"
 
 
 # The instance's steps in order, with the instance and its definition, read
@@ -68,7 +69,7 @@ def lock_instance_with_steps(
     elsewhere the steps are None (read them apart).
 
     Raises ``WorkflowInstance.DoesNotExist``."""
-    if _lock_statement(connection) is None:
+    if not connection.features.has_select_for_update:
         instance, now = lock_instance(instance_id)
         return instance, now, None
     steps: list[StepExecution] = _LOCKED_STEPS.rows(instance_id)
