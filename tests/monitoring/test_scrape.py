@@ -140,11 +140,13 @@ def test_a_scrape_after_real_workflows_shows_what_happened(broker, client):
 
 def test_a_rolled_back_change_counts_nothing(broker, client):
     """Counted after the commit: a change that rolls back never happened."""
-    make_definition("shop")
-    instance = start("shop", "o-1")
+    # A definition of its own: the metrics are shared by every process on
+    # the machine (the other test worker's too), so counts are per definition.
+    make_definition("shop-rollback")
+    instance = start("shop-rollback", "o-1")
     before = scrape(client)
     cancel = {
-        "definition": "shop",
+        "definition": "shop-rollback",
         "entity": "instance",
         "transition": "cancel",
         "target": "cancelled",
@@ -164,7 +166,8 @@ def test_a_rolled_back_change_counts_nothing(broker, client):
     cancel_instance(then_fail=False)
     after = scrape(client)
     assert moved(before, after, "saga_transitions_total", **cancel) == 1
-    assert moved(before, after, "saga_instances_finished_total", state="cancelled") == 1
+    finished = {"definition": "shop-rollback", "state": "cancelled"}
+    assert moved(before, after, "saga_instances_finished_total", **finished) == 1
 
 
 def test_held_stuck_and_queue_lag_come_from_the_database(broker_no_inline, client):
