@@ -693,10 +693,7 @@ def execute_after(
     if not settings.SAGA_PREPARED_STATEMENTS:
         cursor.execute(f"{first[0]}; {then[0]}", [*first[1], *then[1]])
         return
-    session = cursor.db.connection
-    known = _prepared.get(session)
-    if known is None:
-        known = _prepared[session] = {}
+    known = _session_statements(cursor)
     texts: list[str] = []
     new: list[tuple[str, str]] = []
     for sql, params in (first, then):
@@ -711,6 +708,15 @@ def execute_after(
         texts.append(f"EXECUTE {name}{_arguments(params)}")
     cursor.execute("; ".join(texts), [*first[1], *then[1]])
     known.update(new)
+
+
+def _session_statements(cursor: Any) -> dict[str, str]:
+    """The statements prepared in the cursor's database session, by SQL."""
+    session = cursor.db.connection
+    known = _prepared.get(session)
+    if known is None:
+        known = _prepared[session] = {}
+    return known
 
 
 def _arguments(params: Sequence[Any]) -> str:
@@ -737,10 +743,7 @@ def execute(cursor: Any, sql: str, params: Sequence[Any]) -> None:
     if db.vendor != "postgresql" or not settings.SAGA_PREPARED_STATEMENTS:
         cursor.execute(sql, params)
         return
-    session = db.connection
-    known = _prepared.get(session)
-    if known is None:
-        known = _prepared[session] = {}
+    known = _session_statements(cursor)
     name = known.get(sql)
     arguments = _arguments(params)
     if name is not None:
