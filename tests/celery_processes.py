@@ -28,7 +28,7 @@ def database_url() -> str:
     from django.conf import settings
 
     db = settings.DATABASES["default"]
-    if db["ENGINE"] != "django.db.backends.postgresql":
+    if db["ENGINE"] != "workflows_app.postgres":
         raise RuntimeError("worker tests need PostgreSQL (set DATABASE_URL)")
     user = db.get("USER") or "postgres"
     auth = f"{user}:{db['PASSWORD']}@" if db.get("PASSWORD") else f"{user}@"

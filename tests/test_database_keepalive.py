@@ -79,7 +79,7 @@ def _django(url: str, timeout: float, **env: str) -> subprocess.CompletedProcess
 @pytest.fixture
 def postgres_url() -> str:
     db = settings.DATABASES["default"]
-    assert db["ENGINE"] == "django.db.backends.postgresql", "needs PostgreSQL"
+    assert db["ENGINE"] == "workflows_app.postgres", "needs PostgreSQL"
     assert db.get("HOST"), "needs a TCP connection (keepalives); set HOST"
     return database_url()  # the test run's database, without the test_ prefix
 

@@ -127,7 +127,11 @@ if os.environ.get("DATABASE_URL"):
         conn_max_age=int(os.environ.get("DATABASE_CONN_MAX_AGE", "60")),
         conn_health_checks=True,
     )
-    if _database["ENGINE"].endswith((".postgresql", ".postgis")):
+    if _database["ENGINE"] == "django.db.backends.postgresql":
+        # Django's own, able to send a transaction's BEGIN with its first
+        # statement (workflows_app/postgres/base.py).
+        _database["ENGINE"] = "workflows_app.postgres"
+    if _database["ENGINE"].endswith((".postgresql", ".postgis", ".postgres")):
         # After a failover (or a host cut off and healed) the old primary's
         # sockets are half-open: an idle connection waits for a reply that
         # never comes until the kernel's keepalive ends it, after 2 hours by

@@ -441,7 +441,7 @@ def gunicorn(transactional_db, tmp_path):
     """gunicorn serving the app from the test database (committed rows only);
     yields its port."""
     db = settings.DATABASES["default"]
-    assert db["ENGINE"] == "django.db.backends.postgresql", "needs PostgreSQL"
+    assert db["ENGINE"] == "workflows_app.postgres", "needs PostgreSQL"
     user = db.get("USER") or "postgres"
     url = f"postgres://{user}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}"
     port = _free_port()

@@ -93,7 +93,7 @@ def test_a_fresh_process_first_requests_import_and_compile_nothing(
         f"/api/v1/instances/{instance.pk}",
     ]
     db = settings.DATABASES["default"]
-    assert db["ENGINE"] == "django.db.backends.postgresql", "needs PostgreSQL"
+    assert db["ENGINE"] == "workflows_app.postgres", "needs PostgreSQL"
     user = db.get("USER") or "postgres"
     host = f"{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}"
     env = {

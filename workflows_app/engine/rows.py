@@ -129,6 +129,8 @@ class _Compiled:
     model_slice: slice
     annotations: dict[str, int]
     converters: Any
+    # The converters of the model's own columns and annotations.
+    own_converters: Any
     populators: Any
     build: Callable[[Sequence[Any]], Any]
     before: str | None
@@ -152,6 +154,7 @@ class _Compiled:
         fields = klass_info["select_fields"]
         start, end = fields[0], fields[-1] + 1
         init_list = [c[0].target.attname for c in compiler.select[start:end]]
+        converters = compiler.get_converters([c[0] for c in compiler.select])
         return cls(
             sql=sql,
             params=tuple(params),
@@ -160,7 +163,13 @@ class _Compiled:
             compiler=compiler,
             model_slice=slice(start, end),
             annotations=dict(compiler.annotation_col_map),
-            converters=compiler.get_converters([c[0] for c in compiler.select]),
+            converters=converters,
+            own_converters={
+                position: converter
+                for position, converter in converters.items()
+                if start <= position < end
+                or position in compiler.annotation_col_map.values()
+            },
             # As Django's ModelIterable does, for this one queryset shape.
             populators=_fast_populators(
                 get_related_populators(  # type: ignore[call-arg]
@@ -173,6 +182,16 @@ class _Compiled:
             related_once=related_once,
         )
 
+    def _converted(self, rows: list[Any]) -> list[Any]:
+        """Rows with Django's converters applied (JSON decoded, ...): with
+        ``related_once``, a related object's columns only in the first row,
+        the one they are built from."""
+        apply = self.compiler.apply_converters
+        if not (self.related_once and len(rows) > 1):
+            return list(apply(rows, self.converters))
+        first = apply(rows[:1], self.converters)
+        return [*first, *apply(rows[1:], self.own_converters)]
+
     def run(self, value: Any) -> list[Any]:
         params = list(self.params)
         params[self.slot] = value
@@ -183,7 +202,7 @@ class _Compiled:
                 execute_after(cursor, (self.before, [value]), (self.sql, params))
             rows = cursor.fetchall()
         if self.converters:
-            rows = list(self.compiler.apply_converters(rows, self.converters))
+            rows = self._converted(rows)
         populators = self.populators
         objects: list[Any] = []
         build = self.build
@@ -690,11 +709,11 @@ def execute_after(
     """Run two statements in one round trip (PostgreSQL), ``then``'s rows
     the cursor's. Each is a statement of its own, with its own snapshot,
     and an error in the first stops the second."""
+    texts: list[str] = [_BEGIN] if _begins(cursor) else []
     if not settings.SAGA_PREPARED_STATEMENTS:
-        cursor.execute(f"{first[0]}; {then[0]}", [*first[1], *then[1]])
+        cursor.execute("; ".join([*texts, first[0], then[0]]), [*first[1], *then[1]])
         return
     known = _session_statements(cursor)
-    texts: list[str] = []
     new: list[tuple[str, str]] = []
     for sql, params in (first, then):
         name = known.get(sql)
@@ -708,6 +727,17 @@ def execute_after(
         texts.append(f"EXECUTE {name}{_arguments(params)}")
     cursor.execute("; ".join(texts), [*first[1], *then[1]])
     known.update(new)
+
+
+_BEGIN = "BEGIN"
+
+
+def _begins(cursor: Any) -> bool:
+    """Whether the statement about to be sent opens its transaction: it is
+    then sent after BEGIN, in the same round trip (``workflows_app.postgres``;
+    other backends let the driver begin)."""
+    begin = getattr(cursor.db, "begin_in_next_statement", None)
+    return begin is not None and bool(begin())
 
 
 def _session_statements(cursor: Any) -> dict[str, str]:
@@ -740,20 +770,25 @@ def execute(cursor: Any, sql: str, params: Sequence[Any]) -> None:
     statement is prepared again under a new name, so a name is never
     assumed to exist when it might not."""
     db = cursor.db
-    if db.vendor != "postgresql" or not settings.SAGA_PREPARED_STATEMENTS:
+    if db.vendor != "postgresql":
         cursor.execute(sql, params)
+        return
+    begin = f"{_BEGIN}; " if _begins(cursor) else ""
+    if not settings.SAGA_PREPARED_STATEMENTS:
+        cursor.execute(f"{begin}{sql}", params)
         return
     known = _session_statements(cursor)
     name = known.get(sql)
     arguments = _arguments(params)
     if name is not None:
-        cursor.execute(f"EXECUTE {name}{arguments}", params)
+        cursor.execute(f"{begin}EXECUTE {name}{arguments}", params)
         return
     if len(known) >= _MAX_PREPARED:
-        cursor.execute(sql, params)
+        cursor.execute(f"{begin}{sql}", params)
         return
     name = f"saga_{next(_names)}"
     cursor.execute(
-        f"PREPARE {name} AS {_numbered(sql)}; EXECUTE {name}{arguments}", params
+        f"{begin}PREPARE {name} AS {_numbered(sql)}; EXECUTE {name}{arguments}",
+        params,
     )
     known[sql] = name
