@@ -31,7 +31,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, connection, connections
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connection, connections
 from django.db.models import (
     NOT_PROVIDED,
     AutoField,
@@ -621,31 +621,72 @@ def _insert_fields(model: type[Model]) -> list[Field[Any, Any]]:
     ]
 
 
-def write(writes: Sequence[Write]) -> None:
+def write(writes: Sequence[Write], *, last: bool = False) -> None:
     """Run the writes (on PostgreSQL as few statements as possible, usually
     one round trip) and check each: a fenced update that matched no row
-    raises ConcurrentTransition, which rolls the caller's transaction back."""
+    raises ConcurrentTransition, which rolls the caller's transaction back.
+
+    ``last``: nothing else runs in the caller's transaction after these
+    writes, so where the backend allows (``workflows_app.postgres``) the
+    final statement carries the COMMIT, and the server checks the fences."""
     if connection.vendor != "postgresql":
         for w in writes:
             _write_alone(w)
         return
-    for segment in _segments(writes):
+    segments = _segments(writes)
+    for index, segment in enumerate(segments):
+        if last and index == len(segments) - 1 and _write_and_commit(segment):
+            continue
         if len(segment) == 1:
             _write_alone(segment[0])
             continue
-        statements = [w.statement() for w in segment]
-        ctes = ", ".join(
-            f"w{i} AS ({sql} RETURNING 1)" for i, (sql, _) in enumerate(statements)
-        )
-        counts = ", ".join(
-            f"(SELECT count(*) FROM w{i})" for i in range(len(statements))
-        )
-        params = [p for _, values in statements for p in values]
+        ctes, params = _ctes(segment)
+        counts = ", ".join(f"(SELECT count(*) FROM w{i})" for i in range(len(segment)))
         with connection.cursor() as cursor:
             execute(cursor, f"WITH {ctes} SELECT {counts}", params)
             matched = list(cursor.fetchone())
         for w, count in zip(segment, matched, strict=True):
             w.check(count)
+
+
+def _ctes(segment: Sequence[Write]) -> tuple[str, list[Any]]:
+    """The segment's statements as the parts ``w0``, ``w1``, ... of one."""
+    statements = [w.statement() for w in segment]
+    ctes = ", ".join(
+        f"w{i} AS ({sql} RETURNING 1)" for i, (sql, _) in enumerate(statements)
+    )
+    return ctes, [p for _, values in statements for p in values]
+
+
+# The SQLSTATE of saga_fence's error (migration 0032).
+FENCE_FAILED = "SD409"
+
+
+def _write_and_commit(segment: Sequence[Write]) -> bool:
+    """The segment and COMMIT in one message, the fences checked by the
+    server (``saga_fence`` fails the statement, so COMMIT never runs); False
+    where the backend cannot (the caller then writes as usual)."""
+    ctes, params = _ctes(segment)
+    fenced = [
+        f"(SELECT count(*) FROM w{i}) = 1"
+        for i, w in enumerate(segment)
+        if isinstance(w, FencedUpdate)
+    ]
+    sql = f"WITH {ctes} SELECT saga_fence({' AND '.join(fenced) or 'true'})"
+    with connection.cursor() as cursor:
+        commit = getattr(cursor.db, "commit_in_next_statement", None)
+        if commit is None or not commit():
+            return False
+        try:
+            execute(cursor, sql, params, then="COMMIT")
+        except DatabaseError as exc:
+            cursor.db.statement_failed()
+            if getattr(exc.__cause__, "pgcode", None) == FENCE_FAILED:
+                raise ConcurrentTransition("a row changed since it was read") from exc
+            raise
+    for w in segment:
+        w.check(1 if isinstance(w, FencedUpdate) else len(getattr(w, "objs", ())))
+    return True
 
 
 def insert(objs: Iterable[Model]) -> None:
@@ -761,34 +802,36 @@ def _numbered(sql: str) -> str:
     )
 
 
-def execute(cursor: Any, sql: str, params: Sequence[Any]) -> None:
+def execute(cursor: Any, sql: str, params: Sequence[Any], *, then: str = "") -> None:
     """``cursor.execute(sql, params)``, on PostgreSQL as a prepared statement:
     the first call in a session sends ``PREPARE`` and ``EXECUTE`` in one
     round trip, later ones only ``EXECUTE name(values)``. Parameter types are
     the server's inference from where each one stands (a column, a cast).
     Prepared statements outlive a rolled-back transaction; after any error the
     statement is prepared again under a new name, so a name is never
-    assumed to exist when it might not."""
+    assumed to exist when it might not. ``then``: a statement without
+    parameters sent after it in the same message (PostgreSQL)."""
     db = cursor.db
     if db.vendor != "postgresql":
         cursor.execute(sql, params)
         return
     begin = f"{_BEGIN}; " if _begins(cursor) else ""
+    end = f"; {then}" if then else ""
     if not settings.SAGA_PREPARED_STATEMENTS:
-        cursor.execute(f"{begin}{sql}", params)
+        cursor.execute(f"{begin}{sql}{end}", params)
         return
     known = _session_statements(cursor)
     name = known.get(sql)
     arguments = _arguments(params)
     if name is not None:
-        cursor.execute(f"{begin}EXECUTE {name}{arguments}", params)
+        cursor.execute(f"{begin}EXECUTE {name}{arguments}{end}", params)
         return
     if len(known) >= _MAX_PREPARED:
-        cursor.execute(f"{begin}{sql}", params)
+        cursor.execute(f"{begin}{sql}{end}", params)
         return
     name = f"saga_{next(_names)}"
     cursor.execute(
-        f"{begin}PREPARE {name} AS {_numbered(sql)}; EXECUTE {name}{arguments}",
+        f"{begin}PREPARE {name} AS {_numbered(sql)}; EXECUTE {name}{arguments}{end}",
         params,
     )
     known[sql] = name

@@ -295,9 +295,10 @@ class Change:
                 return step, direction
         return None
 
-    def save(self) -> None:
+    def save(self, *, last: bool = False) -> None:
         """Write everything changed in one batch, then queue the follow-ups
-        after commit."""
+        after commit. ``last``: the caller's transaction runs no statement
+        after this one, which may then carry its COMMIT (rows.write)."""
         instance = self.instance
         writes: list[rows.Write] = []
         if self._instance_dirty:
@@ -314,8 +315,15 @@ class Change:
         writes += self._writes
         if self._logs:
             writes.append(rows.Insert(self._logs))
+        # Webhook rows are written after the batch, by the ORM: then the
+        # batch is not the transaction's last statement.
+        deliveries = (
+            outbox.state_event_deliveries(instance, self._logs, self.now)
+            if self._logs
+            else []
+        )
         try:
-            rows.write(writes)
+            rows.write(writes, last=last and not deliveries)
         except ConcurrentTransition as exc:
             raise AlreadyChanged(CHANGED_MEANWHILE) from exc
         for write in writes:
@@ -323,7 +331,7 @@ class Change:
                 write.obj.written()  # type: ignore[attr-defined]
         if self._logs:
             transaction.on_commit(metrics.recorder(instance, self._logs), robust=True)
-            outbox.queue_state_events(instance, self._logs, self.now)
+        outbox.queue_state_events(deliveries)
         for step, direction, wait in self._dispatches:
             self._after_commit.append(
                 dispatch.attempt_sender(

@@ -1,9 +1,10 @@
 """Queueing webhooks: rows written in the caller's transaction, sent later.
 
-Nothing here makes a network call. ``queue_state_events`` runs inside the
-engine's unit of work, so an event exists exactly when the transition it
-reports committed; ``queue_alert_notifications`` runs when the alert sender
-claims due alerts, once per alert episode. ``delivery.deliver_due`` sends
+Nothing here makes a network call. ``state_event_deliveries`` and
+``queue_state_events`` run inside the engine's unit of work, so an event
+exists exactly when the transition it reports committed;
+``queue_alert_notifications`` runs when the alert sender claims due alerts,
+once per alert episode. ``delivery.deliver_due`` sends
 the rows after the commit.
 """
 
@@ -99,18 +100,25 @@ def queue_alert_notifications(
     return len(queued)
 
 
-def queue_state_events(
+def queue_state_events(rows: Sequence[WebhookDelivery]) -> None:
+    """Write the rows of :func:`state_event_deliveries`."""
+    if rows:
+        WebhookDelivery.objects.bulk_create(rows)
+
+
+def state_event_deliveries(
     instance: WorkflowInstance, logs: Sequence[TransitionLog], now: datetime
-) -> None:
-    """Called by the engine's unit of work as it saves: an outbox row per
-    subscribed URL for each state change it made into a subscribable state."""
+) -> list[WebhookDelivery]:
+    """Called by the engine's unit of work as it saves: the outbox rows (not
+    yet written) for each state change it made into a subscribable state,
+    one per subscribed URL."""
     reached = [
         log
         for log in logs
         if log.step_id is None and log.field == "state" and log.target in EVENTS
     ]
     if not reached:
-        return
+        return []
     subscriptions = parse_subscriptions(instance.definition.event_webhooks)[0]
     rows = []
     for log in reached:
@@ -130,8 +138,7 @@ def queue_state_events(
             for sub in subscriptions
             if log.target in sub.events
         ]
-    if rows:
-        WebhookDelivery.objects.bulk_create(rows)
+    return rows
 
 
 def _delivery(

@@ -77,10 +77,10 @@ def attempt_claim(
             reason=f"{direction} message ignored: {why_not}",
             data={"task_id": task_id, "direction": direction},
         )
-        change.save()
+        change.save(last=True)
         return None
     claim = _claim(change, step, direction, task_id)
-    change.save()
+    change.save(last=True)
     return claim
 
 
@@ -213,10 +213,10 @@ def attempt_record_and_continue(
         source="worker",
         save=False,
     ):
-        change.save()
+        change.save(last=True)
         return None
     next_claim = _continue_inline(change, fits, task_id)
-    change.save()
+    change.save(last=True)
     return next_claim
 
 
@@ -506,7 +506,7 @@ def instance_advance(
     change = Change.open(instance_id, actor)
     progress.advance(change)
     claim = _continue_inline(change, fits, task_id)
-    change.save()
+    change.save(last=True)
     return claim
 
 

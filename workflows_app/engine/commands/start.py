@@ -203,5 +203,5 @@ def instance_start(
         },
     )
     change.after_commit(dispatch.advance_sender(instance.id))
-    change.save()
+    change.save(last=True)
     return StartResult(instance, created=True)

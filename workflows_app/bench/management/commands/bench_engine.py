@@ -19,7 +19,8 @@ both systems:
 
 ``--rounds`` interleaved rounds (engine, chain, engine, chain, ...) each print
 workflows/s, steps/s, p50/p95 start-to-finish latency under load, one
-workflow alone (median of ``--single-runs``), and per workflow the
+workflow alone (median of ``--single-runs``, after an untimed batch that
+gives every worker process its database session again), and per workflow the
 transactions (``pg_stat_database`` xact_commit + xact_rollback), statements
 by kind (``pg_stat_statements`` calls) and new database sessions. Then the
 ratio to the chain, median over the rounds, and the compensating path: 5
@@ -529,6 +530,10 @@ class Benchmark:
         return value, delta
 
     # -- engine ---------------------------------------------------------------
+    # Before one workflow alone is timed, each system runs a batch of two per
+    # worker process, untimed: the counters' settle ends every idle database
+    # session, and a worker that has been running has its session (and its
+    # prepared statements) already. Both systems alike.
     def _start(self, key: str, business_key: str, data: dict[str, Any]) -> Any:
         return instance_start(
             key, business_key=business_key, input=data, actor=Actor.api("bench")
@@ -561,6 +566,15 @@ class Benchmark:
         state = "compensated" if data else "completed"
         observer = Observer(self.counters.statements)
         try:
+            stamp = time.time_ns()
+            self._wait_engine(
+                observer,
+                [
+                    self._start(key, f"warm-{stamp}-{i}", data)
+                    for i in range(2 * self.w)
+                ],
+                state,
+            )
             single = statistics.median(
                 self._wait_engine(
                     observer, [self._start(key, f"single-{i}", data)], state
@@ -623,6 +637,7 @@ class Benchmark:
     def _chain_round(self) -> dict[str, Any]:
         observer = Observer(self.counters.statements)
         try:
+            self._wait_chains(observer, self._start_chains(2 * self.w), 2 * self.w)
             single = statistics.median(
                 self._wait_chains(observer, self._start_chains(1), 1)[0]
                 for _ in range(self.single_runs)

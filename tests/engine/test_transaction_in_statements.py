@@ -1,7 +1,8 @@
-"""A unit of work sends BEGIN with its first statement (workflows_app/postgres):
-one round trip less per transaction, and the transaction is still Django's:
-it holds its locks, commits, rolls back, keeps savepoints and reports a
-failed commit."""
+"""A unit of work sends BEGIN with its first statement, and the worker's
+commands COMMIT with their last (workflows_app/postgres): two round trips
+less per transaction, and the transaction is still Django's: it holds its
+locks, commits, rolls back, keeps savepoints and reports a failed commit;
+the fences of a write that commits are checked by the server."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ from typing import Any
 import psycopg2
 import pytest
 from django.db import DataError, IntegrityError, connection, transaction
+from django.db.models import F
+from django.db.transaction import TransactionManagementError
 from django.test.utils import CaptureQueriesContext
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE, TRANSACTION_STATUS_INTRANS
 
 from tests.support import make_definition, start
+from workflows_app.engine import commands, progress
 from workflows_app.engine.actors import Actor
+from workflows_app.engine.errors import AlreadyChanged
 from workflows_app.engine.transitions import Change
 from workflows_app.models import TransitionLog, WorkflowInstance
 
@@ -153,3 +158,83 @@ def test_a_commit_that_fails_is_reported_and_keeps_nothing() -> None:
     assert business_key_seen_by_others(instance.id) == "order-1"
     assert TransitionLog.objects.count() == before
     assert connection.connection.info.transaction_status == TRANSACTION_STATUS_IDLE
+
+
+def state_seen_by_others(instance_id: Any) -> str:
+    conn = other_session()
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(
+                f"SELECT state FROM {WorkflowInstance._meta.db_table} WHERE id = %s",
+                [str(instance_id)],
+            )
+            state: str = cursor.fetchone()[0]
+            return state
+    finally:
+        conn.close()
+
+
+def test_a_workers_command_commits_with_its_last_statement() -> None:
+    make_definition()
+    instance = start()
+    with CaptureQueriesContext(connection) as queries:
+        claim = commands.instance_advance(
+            instance.id, actor=Actor.worker("w1"), fits=lambda timeout: True
+        )
+    assert claim is not None
+    # Django notes the transaction's start (BEGIN) without sending anything.
+    sent = [q["sql"] for q in queries if q["sql"] != "BEGIN"]
+    assert len(sent) == 2, sent  # the lock and read; the write
+    assert sent[0].startswith("BEGIN; ")
+    assert sent[-1].endswith("; COMMIT") and "saga_fence(" in sent[-1]
+    assert state_seen_by_others(instance.id) == "running"
+    assert connection.connection.info.transaction_status == TRANSACTION_STATUS_IDLE
+
+
+def test_a_fence_that_fails_on_the_server_keeps_nothing() -> None:
+    """The instance's version moves under the unit of work (here in its own
+    transaction, as a writer that skipped the lock would): the write that
+    was to commit fails, and nothing of the transaction stays."""
+    make_definition()
+    instance = start()
+    with pytest.raises(AlreadyChanged) as raised, transaction.atomic(durable=True):
+        change = open_change(instance.id)
+        rename(instance.id, "lost")
+        progress.advance(change)  # accepted -> running, fenced on the version
+        WorkflowInstance.objects.filter(pk=instance.id).update(version=F("version") + 1)
+        change.save(last=True)
+    causes, cause = [], raised.value.__cause__
+    while cause is not None:
+        causes.append(getattr(cause, "pgcode", None))
+        cause = cause.__cause__
+    assert "SD409" in causes  # saga_fence's error: the server checked
+    assert business_key_seen_by_others(instance.id) == "order-1"
+    assert state_seen_by_others(instance.id) == "accepted"
+    assert connection.connection.info.transaction_status == TRANSACTION_STATUS_IDLE
+    assert WorkflowInstance.objects.get(pk=instance.id).version == instance.version
+
+
+def test_nothing_may_run_after_the_statement_that_committed() -> None:
+    make_definition()
+    instance = start()
+    with pytest.raises(TransactionManagementError), transaction.atomic(durable=True):
+        change = open_change(instance.id)
+        progress.advance(change)
+        change.save(last=True)
+        WorkflowInstance.objects.count()
+    # What the last statement committed stays.
+    assert state_seen_by_others(instance.id) == "running"
+    assert WorkflowInstance.objects.count() == 1  # the session works again
+
+
+def test_inside_a_savepoint_the_commit_is_left_to_django() -> None:
+    make_definition()
+    instance = start()
+    with transaction.atomic(durable=True):
+        change = open_change(instance.id)
+        with transaction.atomic(), CaptureQueriesContext(connection) as queries:
+            progress.advance(change)
+            change.save(last=True)
+        assert not any("COMMIT" in q["sql"] for q in queries)
+        assert state_seen_by_others(instance.id) == "accepted"
+    assert state_seen_by_others(instance.id) == "running"
