@@ -635,18 +635,21 @@ def write(writes: Sequence[Write], *, last: bool = False) -> None:
         return
     segments = _segments(writes)
     for index, segment in enumerate(segments):
-        if last and index == len(segments) - 1 and _write_and_commit(segment):
-            continue
-        if len(segment) == 1:
+        if last and index == len(segments) - 1:
+            _write_last(segment)
+        elif len(segment) == 1:
             _write_alone(segment[0])
-            continue
-        ctes, params = _ctes(segment)
-        counts = ", ".join(f"(SELECT count(*) FROM w{i})" for i in range(len(segment)))
-        with connection.cursor() as cursor:
-            execute(cursor, f"WITH {ctes} SELECT {counts}", params)
-            matched = list(cursor.fetchone())
-        for w, count in zip(segment, matched, strict=True):
-            w.check(count)
+        else:
+            _write_together(segment, *_ctes(segment))
+
+
+def _write_together(segment: Sequence[Write], ctes: str, params: list[Any]) -> None:
+    counts = ", ".join(f"(SELECT count(*) FROM w{i})" for i in range(len(segment)))
+    with connection.cursor() as cursor:
+        execute(cursor, f"WITH {ctes} SELECT {counts}", params)
+        matched = list(cursor.fetchone())
+    for w, count in zip(segment, matched, strict=True):
+        w.check(count)
 
 
 def _ctes(segment: Sequence[Write]) -> tuple[str, list[Any]]:
@@ -662,10 +665,10 @@ def _ctes(segment: Sequence[Write]) -> tuple[str, list[Any]]:
 FENCE_FAILED = "SD409"
 
 
-def _write_and_commit(segment: Sequence[Write]) -> bool:
-    """The segment and COMMIT in one message, the fences checked by the
-    server (``saga_fence`` fails the statement, so COMMIT never runs); False
-    where the backend cannot (the caller then writes as usual)."""
+def _write_last(segment: Sequence[Write]) -> None:
+    """The transaction's last statement: with its COMMIT in the same
+    message where the backend allows, the fences then checked by the server
+    (``saga_fence`` fails the statement, so COMMIT never runs)."""
     ctes, params = _ctes(segment)
     fenced = [
         f"(SELECT count(*) FROM w{i}) = 1"
@@ -675,18 +678,22 @@ def _write_and_commit(segment: Sequence[Write]) -> bool:
     sql = f"WITH {ctes} SELECT saga_fence({' AND '.join(fenced) or 'true'})"
     with connection.cursor() as cursor:
         commit = getattr(cursor.db, "commit_in_next_statement", None)
-        if commit is None or not commit():
-            return False
-        try:
-            execute(cursor, sql, params, then="COMMIT")
-        except DatabaseError as exc:
-            cursor.db.statement_failed()
-            if getattr(exc.__cause__, "pgcode", None) == FENCE_FAILED:
-                raise ConcurrentTransition("a row changed since it was read") from exc
-            raise
+        committing = commit is not None and commit()
+        if committing:
+            try:
+                execute(cursor, sql, params, then="COMMIT")
+            except DatabaseError as exc:
+                cursor.db.statement_failed()
+                if getattr(exc.__cause__, "pgcode", None) == FENCE_FAILED:
+                    raise ConcurrentTransition(
+                        "a row changed since it was read"
+                    ) from exc
+                raise
+    if not committing:
+        _write_together(segment, ctes, params)
+        return
     for w in segment:
         w.check(1 if isinstance(w, FencedUpdate) else len(getattr(w, "objs", ())))
-    return True
 
 
 def insert(objs: Iterable[Model]) -> None:
