@@ -530,10 +530,6 @@ class Benchmark:
         return value, delta
 
     # -- engine ---------------------------------------------------------------
-    # Before one workflow alone is timed, each system runs a batch of two per
-    # worker process, untimed: the counters' settle ends every idle database
-    # session, and a worker that has been running has its session (and its
-    # prepared statements) already. Both systems alike.
     def _start(self, key: str, business_key: str, data: dict[str, Any]) -> Any:
         return instance_start(
             key, business_key=business_key, input=data, actor=Actor.api("bench")
@@ -566,6 +562,10 @@ class Benchmark:
         state = "compensated" if data else "completed"
         observer = Observer(self.counters.statements)
         try:
+            # Before one workflow alone is timed, an untimed batch of two per
+            # worker process (the chain's round does the same): the counters'
+            # settle ends every idle database session, and a worker that has
+            # been running has its session, and its prepared statements.
             stamp = time.time_ns()
             self._wait_engine(
                 observer,
@@ -637,6 +637,7 @@ class Benchmark:
     def _chain_round(self) -> dict[str, Any]:
         observer = Observer(self.counters.statements)
         try:
+            # Untimed, as in _engine_round: every process's session again.
             self._wait_chains(observer, self._start_chains(2 * self.w), 2 * self.w)
             single = statistics.median(
                 self._wait_chains(observer, self._start_chains(1), 1)[0]
