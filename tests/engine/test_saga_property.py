@@ -120,6 +120,7 @@ from workflows_app.models import (
     TransitionLog,
     WorkflowInstance,
 )
+from workflows_app.monitoring import metrics
 
 EXAMPLES = int(os.environ.get("SAGA_PROPERTY_EXAMPLES", "800"))
 STEPS_PER_EXAMPLE = int(os.environ.get("SAGA_PROPERTY_STEPS", "8"))
@@ -181,11 +182,52 @@ class WorkerCrash(BaseException):
 
 
 class WorkerStalled(BaseException):
-    """The worker hangs before calling the participant; the machine parks it."""
+    """The worker hangs before calling the participant; the machine parks it
+    with its claim, which holds what the worker kept of the transaction that
+    made it (engine.held): a resumed worker decides from that if the rows
+    are still as it left them."""
 
     def __init__(self, ctx: ActivityContext) -> None:
         super().__init__("worker stalled")
         self.ctx = ctx
+        self.claim: commands.Claim | None = None
+
+
+def _calling(call: Any) -> Any:
+    """tasks.call_activity, whose stalls carry the claim."""
+
+    def call_activity(claim: commands.Claim) -> Any:
+        try:
+            return call(claim)
+        except WorkerStalled as stalled:
+            stalled.claim = claim
+            raise
+
+    return call_activity
+
+
+def _keeping(record: Any) -> Any:
+    """commands.attempt_record_and_continue, with what the worker kept
+    dropped when the example says so."""
+
+    def attempt_record_and_continue(
+        claim: commands.Claim, outcome: Any, **options: Any
+    ) -> Any:
+        if not KEEP[0]:
+            claim = dataclasses.replace(claim, held=None)
+        return record(claim, outcome, **options)
+
+    return attempt_record_and_continue
+
+
+def _counting(record: Any) -> Any:
+    """metrics.worker_recorded, also counted in STATS."""
+
+    def worker_recorded(way: str) -> None:
+        STATS[f"worker recorded: {way}"] += 1
+        record(way)
+
+    return worker_recorded
 
 
 def _plans() -> collections.defaultdict[Any, collections.deque[str]]:
@@ -236,6 +278,8 @@ SCHEDULES: dict[str, FaultSchedule] = {}
 # What tasks._budget returns in this example: None (every attempt travels as
 # a message) or a budget that always fits (workers continue inline).
 INLINE: list[commands.InlineBudget | None] = [None]
+# Whether workers use what they kept of their last transaction (engine.held).
+KEEP: list[bool] = [True]
 
 
 def _applied(key: str) -> bool:
@@ -352,6 +396,9 @@ def definitions(draw: Any) -> dict[str, Any]:
         "pivot": pivot,
         "deadline": draw(st.sampled_from(DEADLINES)),
         "workers_continue_inline": draw(st.booleans()),
+        # Whether a worker decides its next step from what it kept of its
+        # last transaction (engine.held) or reads it again under the lock.
+        "workers_keep_rows": draw(st.booleans()),
         # What the operator does first about a hold after healing (then the
         # action that fits the hold); "close" also closes before the late
         # workers come back.
@@ -431,6 +478,7 @@ class SagaMachine(saga_waits.WaitActions, RuleBasedStateMachine):
         self.queue.clear()
         self.faults = FaultSchedule()
         self.stalled: list[ActivityContext] = []
+        self.stalled_claims: dict[str, commands.Claim] = {}
         self.callback_ids: list[str] = []
         self.event_ids: list[str] = []
         self.awaits: dict[str, str] = {}  # step name -> awaited event type
@@ -472,11 +520,13 @@ class SagaMachine(saga_waits.WaitActions, RuleBasedStateMachine):
                 self.queue.append(message)
         except WorkerStalled as stalled:
             self.stalled.append(stalled.ctx)
+            if stalled.claim is not None:
+                self.stalled_claims[stalled.ctx.task_token] = stalled.claim
 
     def _resume(self, ctx: ActivityContext) -> None:
         """A stalled worker goes on: it calls the participant, records the
         outcome and continues like any worker."""
-        claim = commands.Claim(
+        claim = self.stalled_claims.pop(ctx.task_token, None) or commands.Claim(
             instance_id=ctx.instance_id,
             step_id=self.step_ids[ctx.step_name],
             timeout=timedelta(seconds=5),
@@ -705,6 +755,7 @@ class SagaMachine(saga_waits.WaitActions, RuleBasedStateMachine):
         }
         SCHEDULES[self.instance_id] = self.faults
         INLINE[0] = always_fits if spec["workers_continue_inline"] else None
+        KEEP[0] = spec.get("workers_keep_rows", True)
         self.rescue = spec.get("rescue", "retry")
         self.has_deadline = bool(deadline)
         STATS["examples"] += 1
@@ -1305,6 +1356,15 @@ def machine_session() -> Iterator[None]:
     )
     DEFINITIONS.clear()  # a new test: a new (flushed) database
     budget = mock.patch.object(tasks, "_budget", lambda task: INLINE[0])
+    calls = mock.patch.object(tasks, "call_activity", _calling(tasks.call_activity))
+    records = mock.patch.object(
+        metrics, "worker_recorded", _counting(metrics.worker_recorded)
+    )
+    keeping = mock.patch.object(
+        commands,
+        "attempt_record_and_continue",
+        _keeping(commands.attempt_record_and_continue),
+    )
     # The sweeper's parts that serve nothing of this machine's (no bulk job,
     # no approval, hourly roll-ups and purges change no state) are left out:
     # about a tenth of its time.
@@ -1315,7 +1375,7 @@ def machine_session() -> Iterator[None]:
         mock.patch.object(sweeps.retention, "sweep", lambda now: 0),
     ]
     with LocalBroker() as broker, budget, contextlib.ExitStack() as stack:
-        for patch in unrelated:
+        for patch in [calls, records, keeping, *unrelated]:
             stack.enter_context(patch)
         SagaMachine.broker = broker
         yield
@@ -1357,6 +1417,13 @@ def coverage_gaps(
         return gaps
     if not stats["held: deadline"]:
         gaps.append("held: deadline")
+    # Both ways a worker records an outcome (engine.held); "changed", the
+    # kept rows out of date, is printed too and tested in test_held.
+    gaps += [
+        f"worker recorded: {way}"
+        for way in ("kept", "read")
+        if not stats[f"worker recorded: {way}"]
+    ]
     gaps += saga_waits.coverage_gaps(stats)
     gaps += [
         f"noted after the end: {note}"

@@ -186,7 +186,10 @@ def test_a_workers_command_commits_with_its_last_statement() -> None:
     sent = [q["sql"] for q in queries if q["sql"] != "BEGIN"]
     assert len(sent) == 2, sent  # the lock and read; the write
     assert sent[0].startswith("BEGIN; ")
-    assert sent[-1].endswith("; COMMIT") and "saga_fence(" in sent[-1]
+    # The write, its COMMIT, and the snapshot the worker keeps (engine.held).
+    write, snapshot = sent[-1].split("; COMMIT; ")
+    assert "saga_fence(" in write
+    assert "xmin" in snapshot and claim.held is not None
     assert state_seen_by_others(instance.id) == "running"
     assert connection.connection.info.transaction_status == TRANSACTION_STATUS_IDLE
 

@@ -104,6 +104,9 @@ class Claim:
     timeout: timedelta
     activity: str
     context: ActivityContext
+    # What the worker kept of the transaction that made the claim, for its
+    # next step (workflows_app.engine.held); the engine's alone.
+    held: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
 # Answers "may this worker still run an attempt with this timeout?"

@@ -621,18 +621,31 @@ def _insert_fields(model: type[Model]) -> list[Field[Any, Any]]:
     ]
 
 
-def write(writes: Sequence[Write], *, last: bool = False) -> None:
+def write(
+    writes: Sequence[Write],
+    *,
+    last: bool = False,
+    guard: tuple[str, Sequence[Any]] | None = None,
+    after: tuple[str, Sequence[Any]] | None = None,
+) -> Any:
     """Run the writes (on PostgreSQL as few statements as possible, usually
     one round trip) and check each: a fenced update that matched no row
     raises ConcurrentTransition, which rolls the caller's transaction back.
 
     ``last``: nothing else runs in the caller's transaction after these
     writes, so where the backend allows (``workflows_app.postgres``) the
-    final statement carries the COMMIT, and the server checks the fences."""
+    final statement carries the COMMIT, and the server checks the fences.
+
+    ``guard`` and ``after`` need all of that, in one message that begins
+    the transaction (else NotInOneMessage, before anything is sent): the
+    guard runs first (it fails with ``saga_fence`` when the rows it checks
+    changed), and ``after`` runs once COMMIT has, its row returned."""
+    if guard is not None or after is not None:
+        return _write_guarded(writes, guard, after)
     if connection.vendor != "postgresql":
         for w in writes:
             _write_alone(w)
-        return
+        return None
     segments = _segments(writes)
     for index, segment in enumerate(segments):
         if last and index == len(segments) - 1:
@@ -641,6 +654,71 @@ def write(writes: Sequence[Write], *, last: bool = False) -> None:
             _write_alone(segment[0])
         else:
             _write_together(segment, *_ctes(segment))
+    return None
+
+
+class NotInOneMessage(Exception):
+    """The guarded writes cannot go in one message that begins and commits
+    their transaction (another backend, a statement already sent, writes
+    that need more than one statement); nothing was sent."""
+
+
+def _write_guarded(
+    writes: Sequence[Write],
+    guard: tuple[str, Sequence[Any]] | None,
+    after: tuple[str, Sequence[Any]] | None,
+) -> Any:
+    segments = _segments(writes) if connection.vendor == "postgresql" else []
+    if len(segments) != 1:
+        raise NotInOneMessage("the writes need more than one statement")
+    with connection.cursor() as cursor:
+        # The guard must be the transaction's first statement.
+        begin = guard is not None
+        if begin and not _begins(cursor):
+            raise NotInOneMessage("the transaction has begun already")
+        commit = getattr(cursor.db, "commit_in_next_statement", None)
+        if commit is None or not commit():
+            # (A BEGIN promised above was not sent: the caller's rollback
+            # then only meets "no transaction in progress".)
+            raise NotInOneMessage("this transaction cannot commit in a statement")
+        statements: list[Statement] = [guard] if guard is not None else []
+        statements += [_last_statement(segments[0]), "COMMIT"]
+        if after is not None:
+            statements.append(after)
+        _send_committing(cursor, statements, begin=begin)
+        row = cursor.fetchone() if after is not None else None
+    _checked(segments[0])
+    return row
+
+
+def _last_statement(segment: Sequence[Write]) -> tuple[str, list[Any]]:
+    """The segment as one statement whose fences the server checks."""
+    ctes, params = _ctes(segment)
+    fenced = [
+        f"(SELECT count(*) FROM w{i}) = 1"
+        for i, w in enumerate(segment)
+        if isinstance(w, FencedUpdate)
+    ]
+    return f"WITH {ctes} SELECT saga_fence({' AND '.join(fenced) or 'true'})", params
+
+
+def _send_committing(
+    cursor: Any, statements: Sequence[Statement], *, begin: bool | None = None
+) -> None:
+    """Send a message that ends with (or after) COMMIT; a failure rolls back."""
+    try:
+        execute_all(cursor, statements, begin=begin)
+    except DatabaseError as exc:
+        cursor.db.statement_failed()
+        if getattr(exc.__cause__, "pgcode", None) == FENCE_FAILED:
+            raise ConcurrentTransition("a row changed since it was read") from exc
+        raise
+
+
+def _checked(segment: Sequence[Write]) -> None:
+    """The writes' own bookkeeping once the server checked their fences."""
+    for w in segment:
+        w.check(1 if isinstance(w, FencedUpdate) else len(getattr(w, "objs", ())))
 
 
 def _write_together(segment: Sequence[Write], ctes: str, params: list[Any]) -> None:
@@ -669,31 +747,16 @@ def _write_last(segment: Sequence[Write]) -> None:
     """The transaction's last statement: with its COMMIT in the same
     message where the backend allows, the fences then checked by the server
     (``saga_fence`` fails the statement, so COMMIT never runs)."""
-    ctes, params = _ctes(segment)
-    fenced = [
-        f"(SELECT count(*) FROM w{i}) = 1"
-        for i, w in enumerate(segment)
-        if isinstance(w, FencedUpdate)
-    ]
-    sql = f"WITH {ctes} SELECT saga_fence({' AND '.join(fenced) or 'true'})"
+    sql, params = _last_statement(segment)
     with connection.cursor() as cursor:
         commit = getattr(cursor.db, "commit_in_next_statement", None)
         committing = commit is not None and commit()
         if committing:
-            try:
-                execute(cursor, sql, params, then="COMMIT")
-            except DatabaseError as exc:
-                cursor.db.statement_failed()
-                if getattr(exc.__cause__, "pgcode", None) == FENCE_FAILED:
-                    raise ConcurrentTransition(
-                        "a row changed since it was read"
-                    ) from exc
-                raise
+            _send_committing(cursor, [(sql, params), "COMMIT"])
     if not committing:
-        _write_together(segment, ctes, params)
+        _write_together(segment, *_ctes(segment))
         return
-    for w in segment:
-        w.check(1 if isinstance(w, FencedUpdate) else len(getattr(w, "objs", ())))
+    _checked(segment)
 
 
 def insert(objs: Iterable[Model]) -> None:
@@ -757,23 +820,45 @@ def execute_after(
     """Run two statements in one round trip (PostgreSQL), ``then``'s rows
     the cursor's. Each is a statement of its own, with its own snapshot,
     and an error in the first stops the second."""
-    texts: list[str] = [_BEGIN] if _begins(cursor) else []
+    execute_all(cursor, [first, then])
+
+
+# A statement with its parameters, or one without any (COMMIT).
+Statement = tuple[str, Sequence[Any]] | str
+
+
+def execute_all(
+    cursor: Any, statements: Sequence[Statement], *, begin: bool | None = None
+) -> None:
+    """Run the statements in one message (PostgreSQL), each prepared as
+    :func:`execute` does; the last one's rows are the cursor's. Each is a
+    statement of its own, with its own snapshot, and an error in one stops
+    those after it. ``begin``: whether BEGIN goes first (None: where the
+    backend allows)."""
+    if begin is None:
+        begin = _begins(cursor)
+    texts: list[str] = [_BEGIN] if begin else []
+    params = [p for s in statements if not isinstance(s, str) for p in s[1]]
     if not settings.SAGA_PREPARED_STATEMENTS:
-        cursor.execute("; ".join([*texts, first[0], then[0]]), [*first[1], *then[1]])
+        texts += [s if isinstance(s, str) else s[0] for s in statements]
+        cursor.execute("; ".join(texts), params)
         return
     known = _session_statements(cursor)
-    new: list[tuple[str, str]] = []
-    for sql, params in (first, then):
-        name = known.get(sql)
+    new: dict[str, str] = {}
+    for statement in statements:
+        if isinstance(statement, str):
+            texts.append(statement)
+            continue
+        sql, values = statement
+        name = known.get(sql) or new.get(sql)
         if name is None:
             if len(known) + len(new) >= _MAX_PREPARED:
                 texts.append(sql)
                 continue
-            name = f"saga_{next(_names)}"
+            name = new[sql] = f"saga_{next(_names)}"
             texts.append(f"PREPARE {name} AS {_numbered(sql)}")
-            new.append((sql, name))
-        texts.append(f"EXECUTE {name}{_arguments(params)}")
-    cursor.execute("; ".join(texts), [*first[1], *then[1]])
+        texts.append(f"EXECUTE {name}{_arguments(values)}")
+    cursor.execute("; ".join(texts), params)
     known.update(new)
 
 
@@ -818,27 +903,7 @@ def execute(cursor: Any, sql: str, params: Sequence[Any], *, then: str = "") -> 
     statement is prepared again under a new name, so a name is never
     assumed to exist when it might not. ``then``: a statement without
     parameters sent after it in the same message (PostgreSQL)."""
-    db = cursor.db
-    if db.vendor != "postgresql":
+    if cursor.db.vendor != "postgresql":
         cursor.execute(sql, params)
         return
-    begin = f"{_BEGIN}; " if _begins(cursor) else ""
-    end = f"; {then}" if then else ""
-    if not settings.SAGA_PREPARED_STATEMENTS:
-        cursor.execute(f"{begin}{sql}{end}", params)
-        return
-    known = _session_statements(cursor)
-    name = known.get(sql)
-    arguments = _arguments(params)
-    if name is not None:
-        cursor.execute(f"{begin}EXECUTE {name}{arguments}{end}", params)
-        return
-    if len(known) >= _MAX_PREPARED:
-        cursor.execute(f"{begin}{sql}{end}", params)
-        return
-    name = f"saga_{next(_names)}"
-    cursor.execute(
-        f"{begin}PREPARE {name} AS {_numbered(sql)}; EXECUTE {name}{arguments}{end}",
-        params,
-    )
-    known[sql] = name
+    execute_all(cursor, [(sql, params), then] if then else [(sql, params)])

@@ -16,7 +16,7 @@ from django.conf import settings
 from django.db import transaction
 from django_fsm import ConcurrentTransition, can_proceed, has_transition_perm
 
-from workflows_app.engine import dispatch, rows, stuck
+from workflows_app.engine import dispatch, held, rows, stuck
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.errors import AlreadyChanged, NotPermitted, TransitionRejected
 from workflows_app.engine.locking import lock_instance_with_steps
@@ -144,12 +144,28 @@ class Change:
         self.tags: dict[str, Any] = {}
         # A stuck instance that moves on ends its alert episode in this change.
         self._stuck_at_open = instance.stuck
+        # The step rows' versions as read (engine.held), and what was held
+        # when the change was not read under the lock.
+        self._xmins: dict[int, str] = {}
+        self._held: held.Held | None = None
 
     @classmethod
     def open(cls, instance_id: Any, actor: Actor) -> Change:
-        instance, now, steps = lock_instance_with_steps(instance_id)
-        change = cls(instance, now, actor)
-        change._loaded_steps = steps
+        locked = lock_instance_with_steps(instance_id)
+        change = cls(locked.instance, locked.now, actor)
+        change._loaded_steps = locked.steps
+        change._xmins = locked.xmins
+        return change
+
+    @classmethod
+    def resume(cls, kept: held.Held, actor: Actor) -> Change:
+        """A change of what a worker kept from its last transaction, not read
+        again: its save checks first that the rows are still as kept
+        (engine.held), and fails with AlreadyChanged otherwise."""
+        change = cls(kept.instance, kept.now(), actor)
+        change._loaded_steps = kept.steps
+        change._xmins = kept.xmins
+        change._held = kept
         return change
 
     # -- reading ------------------------------------------------------------
@@ -295,10 +311,15 @@ class Change:
                 return step, direction
         return None
 
-    def save(self, *, last: bool = False) -> None:
+    def save(self, *, last: bool = False, keep: str | None = None) -> held.Held | None:
         """Write everything changed in one batch, then queue the follow-ups
         after commit. ``last``: the caller's transaction runs no statement
-        after this one, which may then carry its COMMIT (rows.write)."""
+        after this one, which may then carry its COMMIT (rows.write).
+
+        ``keep``: the task token of the attempt this change claimed for its
+        worker to run next;
+        returns what the worker may keep for the step after it (engine.held),
+        or None. A change made by :meth:`resume` must be ``last``."""
         instance = self.instance
         writes: list[rows.Write] = []
         if self._instance_dirty:
@@ -322,13 +343,32 @@ class Change:
             if self._logs
             else []
         )
+        last = last and not deliveries
+        guard = held.guard(self._held) if self._held is not None else None
+        after = None
+        if keep is not None and last and self._steps is not None:
+            after = held.snapshot(instance.id, keep)
+        if guard is not None and not last:
+            raise rows.NotInOneMessage("a resumed change must be the last write")
+        snapshot = None
         try:
-            rows.write(writes, last=last and not deliveries)
+            if guard is None and after is None:
+                rows.write(writes, last=last)
+            else:
+                try:
+                    snapshot = rows.write(writes, guard=guard, after=after)
+                except rows.NotInOneMessage:
+                    if guard is not None:
+                        raise
+                    rows.write(writes, last=last)
         except ConcurrentTransition as exc:
             raise AlreadyChanged(CHANGED_MEANWHILE) from exc
+        written = []
         for write in writes:
             if isinstance(write, rows.FencedUpdate):
                 write.obj.written()  # type: ignore[attr-defined]
+                if isinstance(write.obj, StepExecution):
+                    written.append(write.obj.pk)
         if self._logs:
             transaction.on_commit(metrics.recorder(instance, self._logs), robust=True)
         outbox.queue_state_events(deliveries)
@@ -350,6 +390,9 @@ class Change:
         self._instance_dirty = False
         self._extra_fields = set()
         self._stuck_at_open = instance.stuck
+        if snapshot is None or self._steps is None:
+            return None
+        return held.kept(instance, self._steps, self._xmins, written, snapshot)
 
     # -- internals ----------------------------------------------------------
     def _end_alert_episode(self) -> None:

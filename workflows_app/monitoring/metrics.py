@@ -92,6 +92,15 @@ ATTEMPTS = Counter(
     "(the instance was closed as failed while the attempt was in flight).",
     ["definition", "direction", "outcome"],
 )
+WORKER_RECORDS = Counter(
+    "saga_worker_records",
+    "Outcomes a worker recorded for the attempt it claimed, by the way it "
+    "wrote them: kept (one round trip, deciding from what it kept of its "
+    "last transaction), changed (the rows had changed meanwhile, so it "
+    "recorded under the lock after all), needs_read (the decision needed a "
+    "read first: under the lock), read (under the lock: nothing was kept).",
+    ["way"],
+)
 FINISHED = Counter(
     "saga_instances_finished",
     "Instances that reached a terminal state.",
@@ -249,6 +258,10 @@ def timed_sweep(
         return result
 
     return wrapper
+
+
+def worker_recorded(way: str) -> None:
+    _child(WORKER_RECORDS, way).inc()
 
 
 def alert_delivery_failed(channel: str, count: int = 1) -> None:

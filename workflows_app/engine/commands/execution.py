@@ -9,16 +9,20 @@ nothing and is only noted in the timeline.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 
 from workflows_app.activities.base import ActivityContext, Claim, InlineBudget, Outcome
 from workflows_app.engine import planning, progress, stuck
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.commands import waits
+from workflows_app.engine.errors import AlreadyChanged, TransitionRejected
+from workflows_app.engine.rows import NotInOneMessage
 from workflows_app.engine.transitions import Change
 from workflows_app.engine.waits import moment_in_words
 from workflows_app.models import (
@@ -31,6 +35,7 @@ from workflows_app.models import (
     StepState,
     StuckKind,
 )
+from workflows_app.monitoring import metrics
 
 ACTION = Attempt.Direction.ACTION
 COMPENSATION = Attempt.Direction.COMPENSATION
@@ -79,9 +84,17 @@ def attempt_claim(
         )
         change.save(last=True)
         return None
-    claim = _claim(change, step, direction, task_id)
-    change.save(last=True)
-    return claim
+    return _save_claiming(change, _claim(change, step, direction, task_id))
+
+
+def _save_claiming(change: Change, claim: Claim | None) -> Claim | None:
+    """Save the change as its transaction's last write; the claim, if any,
+    carries what the worker may keep for the step after it (engine.held)."""
+    if claim is None:
+        change.save(last=True)
+        return None
+    kept = change.save(last=True, keep=claim.context.task_token)
+    return dataclasses.replace(claim, held=kept)
 
 
 def _claim(change: Change, step: StepExecution, direction: str, task_id: str) -> Claim:
@@ -127,8 +140,10 @@ def _claim(change: Change, step: StepExecution, direction: str, task_id: str) ->
             instance_id=str(instance.id),
             business_key=instance.business_key,
             definition_key=instance.definition_key,
-            input=instance.input,
-            outputs=dict(instance.outputs),
+            # Copies: the worker may keep the instance for its next step
+            # (engine.held), which the activity must not change.
+            input=copy.deepcopy(instance.input),
+            outputs=copy.deepcopy(instance.outputs),
             step_name=step.name,
             # An attempt's direction is "action" or "compensation" (its choices).
             direction=direction,  # type: ignore[arg-type]
@@ -190,7 +205,6 @@ def attempt_record(
     return record_outcome(change, step_id, direction, number, outcome, source=source)
 
 
-@transaction.atomic(durable=True)
 def attempt_record_and_continue(
     claim: Claim,
     outcome: Outcome,
@@ -201,23 +215,70 @@ def attempt_record_and_continue(
 ) -> Claim | None:
     """The worker's path: record the outcome, advance, and if the next thing
     to do is an attempt due now, claim it in the same transaction (one commit
-    and no broker round trip per step)."""
+    and no broker round trip per step). From what the worker kept of its
+    last transaction where it can (one round trip, engine.held), else
+    under the lock, read again."""
+    way = "read"
+    if claim.held is not None:
+        try:
+            next_claim = _record_kept(
+                claim, outcome, actor=actor, fits=fits, task_id=task_id
+            )
+        except (AlreadyChanged, TransitionRejected):
+            way = "changed"  # rolled back: the rows changed meanwhile
+        except (NotInOneMessage, _NeedsRead):
+            way = "needs_read"  # rolled back before anything was sent
+        else:
+            metrics.worker_recorded("kept")
+            return next_claim
+    metrics.worker_recorded(way)
+    return _record_locked(claim, outcome, actor=actor, fits=fits, task_id=task_id)
+
+
+@transaction.atomic(durable=True)
+def _record_locked(
+    claim: Claim, outcome: Outcome, *, actor: Actor, fits: InlineBudget, task_id: str
+) -> Claim | None:
     change = Change.open(claim.instance_id, actor)
-    direction = claim.context.direction
-    if not record_outcome(
+    if not _record(change, claim, outcome):
+        change.save(last=True)
+        return None
+    return _save_claiming(change, _continue_inline(change, fits, task_id))
+
+
+@transaction.atomic(durable=True)
+def _record_kept(
+    claim: Claim, outcome: Outcome, *, actor: Actor, fits: InlineBudget, task_id: str
+) -> Claim | None:
+    """As _record_locked, deciding from what the worker kept. Whatever needs
+    a statement before the write (a late or stale outcome, an alert to
+    end...) raises _NeedsRead before anything is sent."""
+    change = Change.resume(claim.held, actor)
+    with connection.execute_wrapper(_refuse_statements):
+        if not _record(change, claim, outcome):
+            raise _NeedsRead("the outcome is not the live attempt's")
+        next_claim = _continue_inline(change, fits, task_id)
+    return _save_claiming(change, next_claim)
+
+
+class _NeedsRead(Exception):
+    """A decision from what the worker kept needed a statement first."""
+
+
+def _refuse_statements(*args: Any) -> Any:
+    raise _NeedsRead("a statement before the resumed change's write")
+
+
+def _record(change: Change, claim: Claim, outcome: Outcome) -> bool:
+    return record_outcome(
         change,
         claim.step_id,
-        direction,
+        claim.context.direction,
         claim.context.attempt,
         outcome,
         source="worker",
         save=False,
-    ):
-        change.save(last=True)
-        return None
-    next_claim = _continue_inline(change, fits, task_id)
-    change.save(last=True)
-    return next_claim
+    )
 
 
 def record_outcome(
@@ -505,9 +566,7 @@ def instance_advance(
     with ``fits``, claim the first attempt due now for the calling worker."""
     change = Change.open(instance_id, actor)
     progress.advance(change)
-    claim = _continue_inline(change, fits, task_id)
-    change.save(last=True)
-    return claim
+    return _save_claiming(change, _continue_inline(change, fits, task_id))
 
 
 @transaction.atomic(durable=True)
