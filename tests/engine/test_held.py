@@ -153,25 +153,23 @@ def test_a_step_row_changed_meanwhile_is_read_again(broker):
     assert StepExecution.objects.get(pk=other.pk).redispatches == 7
 
 
-def test_a_writer_holding_the_lock_is_waited_for_then_seen(broker):
-    """Another session holds the instance's lock and changes the row: the
-    guard waits for it (as the lock would), sees the new row version and
-    the worker goes the usual way."""
-    claim = first_claim(broker)
+def other_session() -> Any:
     db = connection.settings_dict
-    other = psycopg2.connect(
+    return psycopg2.connect(
         dbname=db["NAME"],
         user=db.get("USER") or "postgres",
         host=db.get("HOST") or "127.0.0.1",
         port=db.get("PORT") or 5432,
     )
-    table = WorkflowInstance._meta.db_table
+
+
+def record_while_locked(claim: Any, statements: list[tuple[str, list[Any]]]) -> Any:
+    """Another session runs ``statements`` and keeps its transaction (and
+    the instance's lock) open while the worker records; then commits."""
+    other = other_session()
     with other.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {table} SET attention_reason = 'looked at' WHERE id = %s",
-            [claim.instance_id],
-        )  # the driver began a transaction: the row stays locked
-    changed = recorded("changed")
+        for sql, params in statements:
+            cursor.execute(sql, params)
     result: list[Any] = []
 
     def worker() -> None:
@@ -188,10 +186,45 @@ def test_a_writer_holding_the_lock_is_waited_for_then_seen(broker):
     other.close()
     thread.join(30)
     assert not thread.is_alive()
+    return result[0]
+
+
+@pytest.mark.parametrize("changes", ["the instance", "a step alone"])
+def test_a_writer_holding_the_lock_is_waited_for_then_seen(broker, changes):
+    """Another session holds the instance's lock and changes its row, or
+    only a step's (as a unit of work that changes no instance column may):
+    the guard waits for the lock, then sees the change and the worker goes
+    the usual way."""
+    claim = first_claim(broker)
+    instances = WorkflowInstance._meta.db_table
+    steps = StepExecution._meta.db_table
+    lock = (f"SELECT 1 FROM {instances} WHERE id = %s FOR UPDATE", [claim.instance_id])
+    change = (
+        (
+            f"UPDATE {instances} SET attention_reason = 'seen' WHERE id = %s",
+            [claim.instance_id],
+        )
+        if changes == "the instance"
+        else (
+            f"UPDATE {steps} SET redispatches = 7 "
+            "WHERE instance_id = %s AND name = 'c'",
+            [claim.instance_id],
+        )
+    )
+    changed = recorded("changed")
+    following = record_while_locked(claim, [lock, change])
     assert recorded("changed") == changed + 1
-    assert result[0] is not None and result[0].context.step_name == "b"
-    instance = WorkflowInstance.objects.get(pk=claim.instance_id)
-    assert instance.attention_reason == "looked at"
+    assert following is not None and following.context.step_name == "b"
+
+
+def test_a_lock_holder_that_changes_nothing_is_waited_for(broker):
+    claim = first_claim(broker)
+    instances = WorkflowInstance._meta.db_table
+    kept = recorded("kept")
+    lock = (f"SELECT 1 FROM {instances} WHERE id = %s FOR UPDATE", [claim.instance_id])
+    following = record_while_locked(claim, [lock])
+    assert recorded("kept") == kept + 1
+    assert following is not None and following.context.step_name == "b"
 
 
 def test_an_instance_closed_meanwhile_stays_closed(broker):

@@ -11,7 +11,7 @@ decides from what it kept and sends one message::
     BEGIN; <guard>; <the writes, fences checked by the server>; COMMIT; <snapshot>
 
 The guard locks the instance row, as the usual way's first statement does,
-and fails with ``saga_fence`` unless the instance row and every step row
+then fails with ``saga_fence`` unless the instance row and every step row
 are still the versions the worker kept (PostgreSQL's ``xmin``: the
 transaction that wrote a row version last; any update makes a new one).
 That holds against every writer, including the sweepers' and alerts'
@@ -39,6 +39,7 @@ from typing import Any
 
 from django.db import connection
 
+from workflows_app.engine.locking import lock_statement
 from workflows_app.models import Attempt, StepExecution, WorkflowInstance
 
 
@@ -76,20 +77,26 @@ def _versions_text(xmins: dict[int, str]) -> str:
     return ",".join(f"{pk}:{xmins[pk]}" for pk in sorted(xmins))
 
 
-def guard(held: Held) -> tuple[str, list[Any]]:
-    """The message's first statement: lock the instance row if it is the
-    version held, then check the steps' (it fails the statement otherwise)."""
-    sql = (
-        f"SELECT saga_fence(EXISTS (SELECT 1 FROM {_table(WorkflowInstance)} "
-        "WHERE id = %s AND xmin = %s::xid FOR UPDATE) "
+def guard(held: Held) -> list[tuple[str, list[Any]]]:
+    """The message's first statements: lock the instance row, as the usual
+    way does, then check that it and the steps are the versions held (the
+    check fails the statement otherwise). Two statements, so that the check
+    reads with a snapshot taken once the lock is held: it sees whatever the
+    lock's previous holder committed, a step it changed alone too."""
+    instance_id = str(held.instance.id)
+    table = _table(WorkflowInstance)
+    lock = lock_statement(connection)
+    assert lock is not None  # PostgreSQL: a held change exists only there
+    check = (
+        f"SELECT saga_fence((SELECT xmin = %s::xid FROM {table} WHERE id = %s) "
         f"AND {_steps_versions('%s::uuid')} = %s)"
     )
-    instance_id = str(held.instance.id)
-    return sql, [
-        instance_id,
-        held.instance_xmin,
-        instance_id,
-        _versions_text(held.xmins),
+    return [
+        (lock, [instance_id]),
+        (
+            check,
+            [held.instance_xmin, instance_id, instance_id, _versions_text(held.xmins)],
+        ),
     ]
 
 

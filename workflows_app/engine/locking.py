@@ -38,7 +38,7 @@ _LOCKED_INSTANCE = CompiledSelect(
 )
 
 
-def _lock_statement(db: Any) -> str | None:
+def lock_statement(db: Any) -> str | None:
     """The instance row's lock alone (the same lock as _LOCKED_INSTANCE's);
     none on a database without row locks."""
     if not db.features.has_select_for_update:
@@ -68,7 +68,7 @@ _LOCKED_STEPS = CompiledSelect(
         .order_by("position")
     ),
     StepExecution._meta.get_field("instance"),
-    before=_lock_statement,
+    before=lock_statement,
     related_once=True,
 )
 

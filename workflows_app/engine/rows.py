@@ -625,7 +625,7 @@ def write(
     writes: Sequence[Write],
     *,
     last: bool = False,
-    guard: tuple[str, Sequence[Any]] | None = None,
+    guard: Sequence[tuple[str, Sequence[Any]]] = (),
     after: tuple[str, Sequence[Any]] | None = None,
 ) -> Any:
     """Run the writes (on PostgreSQL as few statements as possible, usually
@@ -638,9 +638,10 @@ def write(
 
     ``guard`` and ``after`` need all of that, in one message that begins
     the transaction (else NotInOneMessage, before anything is sent): the
-    guard runs first (it fails with ``saga_fence`` when the rows it checks
-    changed), and ``after`` runs once COMMIT has, its row returned."""
-    if guard is not None or after is not None:
+    guard's statements run first (one fails with ``saga_fence`` when the
+    rows it checks changed), and ``after`` runs once COMMIT has, its row
+    returned."""
+    if guard or after is not None:
         return _write_guarded(writes, guard, after)
     if connection.vendor != "postgresql":
         for w in writes:
@@ -665,7 +666,7 @@ class NotInOneMessage(Exception):
 
 def _write_guarded(
     writes: Sequence[Write],
-    guard: tuple[str, Sequence[Any]] | None,
+    guard: Sequence[tuple[str, Sequence[Any]]],
     after: tuple[str, Sequence[Any]] | None,
 ) -> Any:
     segments = _segments(writes) if connection.vendor == "postgresql" else []
@@ -673,7 +674,7 @@ def _write_guarded(
         raise NotInOneMessage("the writes need more than one statement")
     with connection.cursor() as cursor:
         # The guard must be the transaction's first statement.
-        begin = guard is not None
+        begin = bool(guard)
         if begin and not _begins(cursor):
             raise NotInOneMessage("the transaction has begun already")
         commit = getattr(cursor.db, "commit_in_next_statement", None)
@@ -681,8 +682,7 @@ def _write_guarded(
             # (A BEGIN promised above was not sent: the caller's rollback
             # then only meets "no transaction in progress".)
             raise NotInOneMessage("this transaction cannot commit in a statement")
-        statements: list[Statement] = [guard] if guard is not None else []
-        statements += [_last_statement(segments[0]), "COMMIT"]
+        statements: list[Statement] = [*guard, _last_statement(segments[0]), "COMMIT"]
         if after is not None:
             statements.append(after)
         _send_committing(cursor, statements, begin=begin)

@@ -344,21 +344,21 @@ class Change:
             else []
         )
         last = last and not deliveries
-        guard = held.guard(self._held) if self._held is not None else None
+        guard = held.guard(self._held) if self._held is not None else []
         after = None
         if keep is not None and last and self._steps is not None:
             after = held.snapshot(instance.id, keep)
-        if guard is not None and not last:
+        if guard and not last:
             raise rows.NotInOneMessage("a resumed change must be the last write")
         snapshot = None
         try:
-            if guard is None and after is None:
+            if not guard and after is None:
                 rows.write(writes, last=last)
             else:
                 try:
                     snapshot = rows.write(writes, guard=guard, after=after)
                 except rows.NotInOneMessage:
-                    if guard is not None:
+                    if guard:
                         raise
                     rows.write(writes, last=last)
         except ConcurrentTransition as exc:
