@@ -184,6 +184,9 @@ def test_gunicorn_workers_and_celery_pool_add_up(gunicorn, folder):
         count = "saga_instance_duration_seconds_count"
         assert total(samples, count, state="completed", **shop) == 8
         assert total(samples, "saga_attempts_total", outcome="failed_permanent") == 3
+        # The pool's children record their next steps from the rows they
+        # kept (engine.held), as the engine's own tests do in-process.
+        assert total(samples, "saga_worker_records_total", way="kept") > 0
 
     assert total(from_worker, "saga_instances_finished_total", **shop) == 11
     # The worker endpoint leaves the site-wide gauges to the web endpoint.
