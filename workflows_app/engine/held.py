@@ -27,6 +27,13 @@ the steps it wrote with its own transaction's xmin, the others as they were.
 The database's clock is not read either: the worker's ``now`` is the
 database clock as last read (at the snapshot) plus the worker's monotonic
 clock since, behind the database's by about one trip across the network.
+
+An xmin is a 32-bit transaction id, used again only after about four
+billion transactions; a worker keeps rows for one activity call. A
+decision that needs a statement before the write (a stale outcome's note,
+an alert episode to end) and a change whose write cannot be the last
+statement (webhook rows to queue) go the usual way, as does a database
+other than PostgreSQL.
 """
 
 from __future__ import annotations
