@@ -111,6 +111,23 @@ class LocalBroker:
         return delivered
 
 
+def other_session(*, autocommit: bool = True) -> Any:
+    """A connection of its own to the test database, as another process
+    would have (PostgreSQL)."""
+    import psycopg2
+    from django.db import connection
+
+    db = connection.settings_dict
+    conn = psycopg2.connect(
+        dbname=db["NAME"],
+        user=db.get("USER") or "postgres",
+        host=db.get("HOST") or "127.0.0.1",
+        port=db.get("PORT") or 5432,
+    )
+    conn.autocommit = autocommit
+    return conn
+
+
 def user_in(group: str, username: str | None = None) -> User:
     sync_roles()  # a transactional test's flush removes the migration's groups
     user = User.objects.create_user(username or group.replace(" ", "_"), password="pw")

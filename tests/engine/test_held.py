@@ -11,13 +11,18 @@ import types
 from datetime import timedelta
 from typing import Any
 
-import psycopg2
 import pytest
 from django.db import connection
 from django.db.models.functions import Now
 from django.test.utils import CaptureQueriesContext
 
-from tests.support import advance_clock, make_definition, start, user_in
+from tests.support import (
+    advance_clock,
+    make_definition,
+    other_session,
+    start,
+    user_in,
+)
 from workflows_app.activities.runner import call_activity
 from workflows_app.engine import commands, held
 from workflows_app.engine.actors import Actor
@@ -153,20 +158,10 @@ def test_a_step_row_changed_meanwhile_is_read_again(broker):
     assert StepExecution.objects.get(pk=other.pk).redispatches == 7
 
 
-def other_session() -> Any:
-    db = connection.settings_dict
-    return psycopg2.connect(
-        dbname=db["NAME"],
-        user=db.get("USER") or "postgres",
-        host=db.get("HOST") or "127.0.0.1",
-        port=db.get("PORT") or 5432,
-    )
-
-
 def record_while_locked(claim: Any, statements: list[tuple[str, list[Any]]]) -> Any:
     """Another session runs ``statements`` and keeps its transaction (and
     the instance's lock) open while the worker records; then commits."""
-    other = other_session()
+    other = other_session(autocommit=False)
     with other.cursor() as cursor:
         for sql, params in statements:
             cursor.execute(sql, params)

@@ -17,7 +17,7 @@ from django.db.transaction import TransactionManagementError
 from django.test.utils import CaptureQueriesContext
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE, TRANSACTION_STATUS_INTRANS
 
-from tests.support import make_definition, start
+from tests.support import make_definition, other_session, start
 from workflows_app.engine import commands, progress
 from workflows_app.engine.actors import Actor
 from workflows_app.engine.errors import AlreadyChanged
@@ -30,19 +30,6 @@ pytestmark = [
     ),
     pytest.mark.django_db(transaction=True),
 ]
-
-
-def other_session() -> Any:
-    """A connection of its own to the test database, as another process."""
-    db = connection.settings_dict
-    conn = psycopg2.connect(
-        dbname=db["NAME"],
-        user=db.get("USER") or "postgres",
-        host=db.get("HOST") or "127.0.0.1",
-        port=db.get("PORT") or 5432,
-    )
-    conn.autocommit = True
-    return conn
 
 
 def business_key_seen_by_others(instance_id: Any) -> str:
