@@ -99,7 +99,7 @@ def test_the_next_step_is_one_message_and_writes_what_the_lock_would(broker):
     sent = [q["sql"] for q in queries if q["sql"] != "BEGIN"]
     assert len(sent) == 1, sent
     # The guard, the write and COMMIT, then the snapshot the worker keeps.
-    assert sent[0].startswith("BEGIN; ") and "; COMMIT; EXECUTE " in sent[0]
+    assert sent[0].startswith("BEGIN; ") and "; COMMIT; " in sent[0]
     assert recorded("kept") == kept_before + 1
     assert following is not None and following.held is not None
     assert following.context.step_name == "b"
