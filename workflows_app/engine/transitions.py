@@ -317,9 +317,9 @@ class Change:
         after this one, which may then carry its COMMIT (rows.write).
 
         ``keep``: the task token of the attempt this change claimed for its
-        worker to run next;
-        returns what the worker may keep for the step after it (engine.held),
-        or None. A change made by :meth:`resume` must be ``last``."""
+        worker to run next. Returns what the worker may keep for the step
+        after it (engine.held), or None. A change made by :meth:`resume`
+        must be ``last``."""
         instance = self.instance
         writes: list[rows.Write] = []
         if self._instance_dirty:
