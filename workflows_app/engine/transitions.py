@@ -352,15 +352,12 @@ class Change:
             raise rows.NotInOneMessage("a resumed change must be the last write")
         snapshot = None
         try:
-            if not guard and after is None:
-                rows.write(writes, last=last)
-            else:
-                try:
-                    snapshot = rows.write(writes, guard=guard, after=after)
-                except rows.NotInOneMessage:
-                    if guard:
-                        raise
-                    rows.write(writes, last=last)
+            try:
+                snapshot = rows.write(writes, last=last, guard=guard, after=after)
+            except rows.NotInOneMessage:
+                if guard:
+                    raise
+                rows.write(writes, last=last)  # without the snapshot: keep nothing
         except ConcurrentTransition as exc:
             raise AlreadyChanged(CHANGED_MEANWHILE) from exc
         written = []
