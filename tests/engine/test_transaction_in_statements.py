@@ -6,7 +6,6 @@ the fences of a write that commits are checked by the server."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import psycopg2
@@ -139,8 +138,8 @@ def test_a_commit_that_fails_is_reported_and_keeps_nothing() -> None:
     with pytest.raises(IntegrityError), transaction.atomic(durable=True):
         open_change(instance.id)
         rename(instance.id, "lost")
-        TransitionLog.objects.create(
-            instance_id=uuid.uuid4(), field="state", source="a", target="b"
+        TransitionLog.objects.create(  # a user that does not exist
+            instance_id=instance.id, user_id=2**31 - 1, field="state", target="b"
         )
     assert business_key_seen_by_others(instance.id) == "order-1"
     assert TransitionLog.objects.count() == before

@@ -28,6 +28,12 @@ class TransitionLog(models.Model):
     Actor = ActorKind
 
     id = models.BigAutoField(primary_key=True)
+    # The instance and step keys carry no database constraint, as audit logs
+    # usually do not (Django's admin log, django-auditlog): the engine
+    # writes each row in the statement that writes the rows it names, so
+    # the constraint checked nothing, at two trigger queries per row (about
+    # 40 per workflow). Django's cascade, the admin and retention
+    # (engine/retention.py) still follow the relations.
     # Indexed by history_instance_seq, whose first column it is: a second
     # index of it alone would be one more entry to write per history row.
     instance = models.ForeignKey(
@@ -35,6 +41,7 @@ class TransitionLog(models.Model):
         on_delete=models.CASCADE,
         related_name="history",
         db_index=False,
+        db_constraint=False,
     )
     step = models.ForeignKey(
         StepExecution,
@@ -42,6 +49,7 @@ class TransitionLog(models.Model):
         null=True,
         blank=True,
         related_name="history",
+        db_constraint=False,
     )
     field = models.CharField(max_length=30, blank=True)
     source = models.CharField(max_length=30, blank=True)
