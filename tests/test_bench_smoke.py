@@ -235,7 +235,8 @@ def test_benchmarks_with_real_worker_and_server_processes() -> None:
         rf"{NUMBER}; and the server's own foreign-key checks {NUMBER}\), "
         rf"({NUMBER}) new sessions; CPU ms per workflow: worker ({NUMBER}), "
         rf"database ({NUMBER})(?:, broker {NUMBER})?, client {NUMBER}, total "
-        rf"{NUMBER} \(all \d+ CPUs on this alone: {NUMBER} workflows/s\)$"
+        rf"{NUMBER} \(all \d+ CPUs on this alone: {NUMBER} workflows/s\); "
+        rf"machine: steal \d+ %, idle \d+ %$"
     )
     saga = figure(rf"^\s*saga desk: +{rates}\n{per_workflow}", out)
     chain = figure(rf"^\s*bare celery chain: +{rates}\n{per_workflow}", out)

@@ -59,3 +59,21 @@ def tree_seconds(root: int) -> float:
 def parent_of(pid: int) -> int | None:
     found = _stat(pid)
     return None if found is None else found[0]
+
+
+def machine_ticks() -> dict[str, int]:
+    """The whole machine's CPU time so far, in clock ticks, from /proc/stat:
+    ``steal`` (time the hypervisor gave to other guests while this one
+    wanted to run), ``idle`` (with I/O wait) and ``all``. A share of steal
+    that changes between rounds says the machine's speed changed, whatever
+    the code did."""
+    try:
+        first = (PROC / "stat").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return {}
+    # cpu user nice system idle iowait irq softirq steal guest guest_nice;
+    # guest time is in user already.
+    ticks = [int(x) for x in first.split()[1:9]]
+    if len(ticks) < 8:
+        return {}
+    return {"steal": ticks[7], "idle": ticks[3] + ticks[4], "all": sum(ticks)}

@@ -103,6 +103,8 @@ class CpuCounters:
             return found
         times = os.times()
         found["cpu client"] = round((times.user + times.system) * 1000)
+        for kind, ticks in cpu.machine_ticks().items():
+            found[f"machine {kind}"] = ticks
         for part in ("worker", "database", "broker"):
             pid = getattr(self, part)
             if pid is not None and cpu.parent_of(pid) is not None:
@@ -119,7 +121,19 @@ class CpuCounters:
         return (
             f"; CPU ms per workflow: {each}, total {total / n:.1f} (all {cores} "
             f"CPUs on this alone: {cores * 1000 * n / total:.0f} workflows/s)"
+            + self._machine(counts)
         )
+
+    @staticmethod
+    def _machine(counts: Counter[str]) -> str:
+        """The machine's CPU time in the same span: how much of it the
+        hypervisor gave to other guests (steal) and how much was idle."""
+        ticks = counts["machine all"]
+        if ticks <= 0:
+            return ""
+        steal = 100 * counts["machine steal"] / ticks
+        idle = 100 * counts["machine idle"] / ticks
+        return f"; machine: steal {steal:.0f} %, idle {idle:.0f} %"
 
 
 class Observer:
