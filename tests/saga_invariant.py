@@ -1257,6 +1257,34 @@ def load(
     current = WorkflowInstance.objects.get(pk=pk)
     if steps is None:
         steps = pinned_steps(current.definition_id)
+    history = list(
+        TransitionLog.objects.filter(instance_id=pk)
+        .order_by("id")
+        .values(
+            "id",
+            "step_id",
+            "step__instance_id",
+            "step__position",
+            "field",
+            "source",
+            "target",
+            "transition",
+            "actor_kind",
+            "actor_label",
+            "user_id",
+            "data",
+            "reason",
+            "created_at",
+        )
+    )
+    # The timeline's key to its step has no database constraint (migration
+    # 0033): every row that names a step names one of this instance's.
+    strays = [
+        r["id"]
+        for r in history
+        if r["step_id"] is not None and r["step__instance_id"] != current.pk
+    ]
+    assert not strays, f"history rows {strays} name no step of instance {pk}"
     rows = [
         Row(
             seq=r["id"],
@@ -1272,22 +1300,7 @@ def load(
             reason=r["reason"],
             at=r["created_at"],
         )
-        for r in TransitionLog.objects.filter(instance_id=pk)
-        .order_by("id")
-        .values(
-            "id",
-            "step__position",
-            "field",
-            "source",
-            "target",
-            "transition",
-            "actor_kind",
-            "actor_label",
-            "user_id",
-            "data",
-            "reason",
-            "created_at",
-        )
+        for r in history
     ]
     ledger = [
         Effect(

@@ -537,3 +537,18 @@ def test_a_repaired_retry_of_a_declined_step_runs_at_once(broker):
     recorded.rows = [maybe if r is fail else r for r in recorded.rows]
     report = violations(recorded, quiescent=False)
     assert "S7" in report and "step 2 may have applied: a new run twice" in report
+
+
+def test_a_history_row_naming_another_instances_step_is_caught(broker):
+    """The timeline's step key has no database constraint (migration 0033):
+    the checker's reading of the history refuses a row whose step belongs
+    to another instance."""
+    make_definition()
+    first, second = start(business_key="first"), start(business_key="second")
+    broker.run()
+    load(first)
+    other_step = second.steps.order_by("position").first()
+    row = TransitionLog.objects.filter(instance=first, step__isnull=False).first()
+    TransitionLog.objects.filter(pk=row.pk).update(step=other_step)
+    with pytest.raises(AssertionError, match=f"history rows \\[{row.pk}\\] name no"):
+        load(first)
