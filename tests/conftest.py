@@ -17,6 +17,12 @@ MACHINE_WIDE_MODULES = {"tests.test_demo", "tests.test_embedded_default"}
 os.environ.setdefault("SAGA_DEMO", "1")
 
 
+# First, before pytest-xdist's own hook reads the groups to schedule by:
+# without tryfirst xdist's hook ran first and the group was never applied,
+# so real workers of two tests shared one broker queue and purged each
+# other's messages (a test then waited out its timeout). pyproject.toml
+# says which pytest the grouping also needs.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if (
