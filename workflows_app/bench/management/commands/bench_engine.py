@@ -17,7 +17,8 @@ both systems:
   a chain of ``--steps`` tasks, each one ``UPDATE`` plus one ``INSERT`` in one
   transaction on a persistent connection, ``acks_late`` like the engine's.
 
-``--rounds`` interleaved rounds (engine, chain, engine, chain, ...) each print
+``--rounds`` interleaved rounds (engine then chain, chain then engine, and
+so on: a drift of the machine's speed falls on both sides) each print
 workflows/s, steps/s, p50/p95 start-to-finish latency under load, one
 workflow alone (median of ``--single-runs``, after an untimed batch that
 gives every worker process its database session again), and per workflow the
@@ -67,6 +68,8 @@ STATEMENT_KINDS = ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH")
 TRANSACTION_CONTROL = {"BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE"}
 # A compensating workflow: s3 fails for good, s2 and s1 are undone.
 FAILING_STEP = 3
+# What each system is called in the output, by its key in the results.
+LABELS = {"saga desk": "saga desk", "chain": "bare celery chain"}
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -426,12 +429,15 @@ class Benchmark:
             self._warm_up(plain.key)
             for r in range(1, self.rounds + 1):
                 self.out.write(f"round {r}/{self.rounds}")
-                engine = self._measure(
-                    "saga desk", lambda: self._engine_round(plain.key, {})
-                )
-                results["saga desk"].append(engine)
-                chain_result = self._measure("bare celery chain", self._chain_round)
-                results["chain"].append(chain_result)
+                systems = [
+                    ("saga desk", lambda: self._engine_round(plain.key, {})),
+                    ("chain", self._chain_round),
+                ]
+                # Every other round the chain goes first, so that a slow
+                # drift of the machine (or the database's housekeeping
+                # after the round before) does not always fall on one side.
+                for key, run in systems if r % 2 else systems[::-1]:
+                    results[key].append(self._measure(LABELS[key], run))
             self._ratios(results)
             if self.compensating:
                 self._compensating(failing.key)
@@ -741,7 +747,7 @@ class Benchmark:
             e["single"] / c["single"]
             for e, c in zip(results["saga desk"], results["chain"], strict=True)
         ]
-        for name, key in (("saga desk", "saga desk"), ("bare celery chain", "chain")):
+        for key, name in LABELS.items():
             runs = results[key]
             self.out.write(
                 f"median of {len(runs)} rounds, {name}: "
