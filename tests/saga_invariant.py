@@ -258,6 +258,15 @@ class Row:
     at: datetime | None = None  # the database clock (``created_at``)
 
 
+# Each field of a Row, and the TransitionLog column (in ``values()``) it is read from.
+HISTORY_COLUMNS = {
+    field.name: {"seq": "id", "position": "step__position", "at": "created_at"}.get(
+        field.name, field.name
+    )
+    for field in dataclasses.fields(Row)
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Effect:
     """One ledger row of a participant, keyed by idempotency key."""
@@ -1260,22 +1269,7 @@ def load(
     history = list(
         TransitionLog.objects.filter(instance_id=pk)
         .order_by("id")
-        .values(
-            "id",
-            "step_id",
-            "step__instance_id",
-            "step__position",
-            "field",
-            "source",
-            "target",
-            "transition",
-            "actor_kind",
-            "actor_label",
-            "user_id",
-            "data",
-            "reason",
-            "created_at",
-        )
+        .values("step_id", "step__instance_id", *HISTORY_COLUMNS.values())
     )
     # The timeline's key to its step has no database constraint (migration
     # 0033): every row that names a step names one of this instance's.
@@ -1286,20 +1280,7 @@ def load(
     ]
     assert not strays, f"history rows {strays} name no step of instance {pk}"
     rows = [
-        Row(
-            seq=r["id"],
-            position=r["step__position"],
-            field=r["field"],
-            source=r["source"],
-            target=r["target"],
-            transition=r["transition"],
-            actor_kind=r["actor_kind"],
-            actor_label=r["actor_label"],
-            user_id=r["user_id"],
-            data=r["data"],
-            reason=r["reason"],
-            at=r["created_at"],
-        )
+        Row(**{name: r[column] for name, column in HISTORY_COLUMNS.items()})
         for r in history
     ]
     ledger = [

@@ -33,10 +33,10 @@ class TransitionLog(models.Model):
     # writes each row under the instance's lock (or with the new instance),
     # in the statement that writes the change it records, so there the
     # constraint checked nothing, at two trigger queries per row (about 40
-    # per workflow). The only other
-    # writer, alerts' notes, names instances whose alert rows (keyed with a
-    # constraint) it has just read. Django's cascade, the admin and
-    # retention (engine/retention.py) still follow the relations.
+    # per workflow). The only other writer, alerts' notes, names instances
+    # whose alert rows (keyed with a constraint) it has just read. Django's
+    # cascade, the admin and retention (engine/retention.py) still follow
+    # the relations.
     # Indexed by history_instance_seq, whose first column it is: a second
     # index of it alone would be one more entry to write per history row.
     instance = models.ForeignKey(
